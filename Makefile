@@ -1,0 +1,34 @@
+# Fresh machine to running pipeline in one command. torch is installed first and pinned so pip takes
+# the local CPU build instead of pulling a multi-GB CUDA build (override TORCH=... on GPU nodes).
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+OUT    ?= runs/digits
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,diffusers]'
+	touch $@
+
+demo: setup
+	$(BIN)/raydistill run --config configs/digits/pipeline.yaml --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check raydistill tests jobs benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,174 @@
+"""`raydistill VERB ...`: the command-line entry point.
+
+Exit codes: 0 success, 1 the work failed, 2 bad input (config key, file, flag), 3 a verb that is
+not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from raydistill.config import (
+    ClassifierJob,
+    ConfigError,
+    PairsJob,
+    SamplerConfig,
+    TeacherJob,
+    TrainJob,
+    from_dict,
+    load,
+)
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
+
+PLANNED = {
+    "pairs": "generate teacher pairs / targets into WebDataset shards on Ray actors",
+    "train": "distill a student with Ray Train + DeepSpeed ZeRO",
+    "eval": "FID and exact distances of students vs teacher",
+    "run": "the whole pipeline: teacher -> pairs -> students -> report",
+    "verify": "recompute shard checksums and counts against the manifest",
+    "submit": "submit a pipeline to a Ray cluster as a Ray job",
+}
+
+
+def _config_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.steps=200 model.unet.base_channels=64")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydistill",
+        description="Distill diffusion models into fast few-step students on Ray clusters.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("teacher", help="train a class-conditional teacher (CFG via label dropout)")
+    _config_args(p, "checkpoint directory to write")
+    p.set_defaults(handler=cmd_teacher)
+
+    p = verbs.add_parser("classifier", help="train the domain classifier (sample accuracy, FID "
+                                            "features)")
+    _config_args(p, "classifier directory to write")
+    p.set_defaults(handler=cmd_classifier)
+
+    p = verbs.add_parser("sample", help="write a PNG grid of class-conditional samples")
+    p.add_argument("--checkpoint", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--steps", type=int, default=64, help="solver steps (default 64)")
+    p.add_argument("--w", type=float, default=1.0, help="guidance strength, 0 = conditional")
+    p.add_argument("--solver", default="ddim", help="ddim | heun | dpmpp_2m")
+    p.add_argument("--spacing", default="uniform_t", help="uniform_t | uniform_logsnr")
+    p.add_argument("--stochastic", action="store_true",
+                   help="Meng et al.'s stochastic few-step sampler instead of an ODE solver")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class (one row each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier", help="classifier directory: report how many samples it "
+                                        "recognises as their intended class")
+    p.set_defaults(handler=cmd_sample)
+
+    for verb, job in (("pairs", PairsJob), ("train", TrainJob)):
+        p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
+        _config_args(p, "output location")
+        p.set_defaults(handler=_planned_with_config(verb, job))
+    for verb in ("eval", "run", "verify", "submit"):
+        p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(handler=_planned(verb))
+    return parser
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from raydistill.models.checkpoint import check_replaceable
+    from raydistill.pretrain.teacher import train_teacher
+
+    job = load(TeacherJob, args.config, args.overrides)
+    check_replaceable(args.out)
+    result = train_teacher(job, args.out, progress=not args.quiet)
+    print(f"teacher: wrote {args.out} (fingerprint {result.fingerprint[:12]}, held-out loss "
+          f"{result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}); preview "
+          f"{os.path.join(args.out, 'preview.png')}")
+    return 0
+
+
+def cmd_classifier(args: argparse.Namespace) -> int:
+    from raydistill.models.checkpoint import check_replaceable
+    from raydistill.pretrain.classifier import train_classifier
+
+    job = load(ClassifierJob, args.config, args.overrides)
+    check_replaceable(args.out)
+    result = train_classifier(job, args.out, progress=not args.quiet)
+    print(f"classifier: wrote {args.out} (held-out accuracy {result.test_accuracy:.2%}, "
+          f"train {result.train_accuracy:.2%})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from raydistill.models import load_checkpoint, load_classifier
+    from raydistill.sampling import sample_classes, save_grid
+
+    fields = {"steps": args.steps, "w": args.w, "solver": args.solver, "spacing": args.spacing,
+              "per_class": args.per_class}
+    try:
+        sampler = from_dict(SamplerConfig, fields)
+    except ConfigError as err:
+        raise ConfigError("--" + err.key.replace("_", "-"), err.message) from None
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError("--checkpoint", f"no such directory: {args.checkpoint}")
+    if args.classifier and not os.path.isdir(args.classifier):
+        raise ConfigError("--classifier", f"no such directory: {args.classifier}")
+    if not args.out.lower().endswith(".png"):
+        raise ConfigError("--out", f"must be a .png file, got {args.out}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    classifier = load_classifier(args.classifier)[0] if args.classifier else None
+    denoiser, model = checkpoint.denoiser, checkpoint.config
+    if model.kind != "unet":
+        raise ConfigError("--checkpoint", "sample grids need an image model (kind unet)")
+    shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
+    images, labels = sample_classes(denoiser, denoiser.schedule, shape=shape,
+                                    num_classes=model.unet.num_classes, sampler=sampler,
+                                    seed=args.seed, stochastic=args.stochastic)
+    save_grid(images, model.unet.num_classes, args.out)
+    how = "stochastic" if args.stochastic else sampler.solver
+    line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
+           f"w={sampler.w:g})"
+    if classifier is not None:
+        line += f"; classifier recognises {classifier.accuracy(images, labels):.1%} as intended"
+    print(line)
+    return 0
+
+
+def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"raydistill {verb}: not built yet ({PLANNED[verb]})", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    return handler
+
+
+def _planned_with_config(verb: str, job: type) -> Callable[[argparse.Namespace], int]:
+    """Validate the verb's config (so configs can be checked today), then say it is not built."""
+    def handler(args: argparse.Namespace) -> int:
+        load(job, args.config, args.overrides)
+        return _planned(verb)(args)
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"raydistill {args.verb}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"raydistill {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Typed configuration: one dataclass per component, YAML files that compose them, `key=value`
+overrides, and invariants checked at load time so bad input fails before any work starts.
+
+Every error is a ConfigError whose message starts with the dotted key (or file) at fault; the CLI
+prints it on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, tagged with the dotted key (or the file) it came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.message = key, message
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def require_file(path: str, key: str) -> None:
+    require(bool(path), key, "is required")
+    require(os.path.exists(path), key, f"no such file or directory: {path}")
+
+
+# ----------------------------------------------------------------------------------- components
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "linear", "scaled_linear"] = "cosine"
+    logsnr_min: float = -20.0        # cosine only: log-SNR clipping at t = 1
+    logsnr_max: float = 20.0         # cosine only: log-SNR clipping at t = 0
+    num_timesteps: int = 1000        # discrete (linear / scaled_linear) teachers only
+
+    def validate(self) -> None:
+        require(self.logsnr_min < self.logsnr_max, "logsnr_min", "must be below logsnr_max")
+        require(self.num_timesteps >= 2, "num_timesteps", "must be at least 2")
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 1
+    resolution: int = 16
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    num_classes: int = 10            # the null class for CFG is added on top
+    w_embedding: bool = False        # Meng et al. stage-1 students take w as an input
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        for key in ("in_channels", "resolution", "base_channels", "num_res_blocks", "num_classes"):
+            require(getattr(self, key) > 0, key, "must be positive")
+        require(bool(self.channel_mult) and min(self.channel_mult) > 0, "channel_mult",
+                "must be a non-empty list of positive integers")
+        levels = len(self.channel_mult) - 1
+        require(self.resolution % (2**levels) == 0, "resolution",
+                f"must be divisible by 2^{levels} for {len(self.channel_mult)} levels")
+        require(self.base_channels % 8 == 0, "base_channels", "must be a multiple of 8")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class MixtureConfig:
+    num_classes: int = 4
+    components_per_class: int = 2
+    dim: int = 2
+    seed: int = 0
+    spread: float = 2.0
+    shape: list[int] = field(default_factory=list)   # optional image shape, e.g. [1, 4, 4]
+
+    def validate(self) -> None:
+        for key in ("num_classes", "components_per_class", "dim"):
+            require(getattr(self, key) > 0, key, "must be positive")
+        if self.shape:
+            size = 1
+            for n in self.shape:
+                size *= n
+            require(size == self.dim, "shape", f"{self.shape} does not hold dim={self.dim} values")
+
+
+@dataclass
+class ModelConfig:
+    """A denoiser: a network (or the analytic mixture), its parameterization and its schedule."""
+
+    kind: Literal["unet", "gmm"] = "unet"
+    prediction: Literal["eps", "x", "v"] = "v"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    gmm: MixtureConfig = field(default_factory=MixtureConfig)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits"] = "digits"
+    resolution: int = 16             # digits are 8x8, bilinearly resized to this size
+    holdout_fraction: float = 0.15   # held-out split for the classifier's test accuracy
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.resolution >= 8, "resolution", "must be at least 8")
+        require(0.0 < self.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "lr"):
+            require(getattr(self, key) > 0, key, "must be positive")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be non-negative")
+        require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 64
+    solver: Literal["ddim", "heun", "dpmpp_2m"] = "ddim"
+    spacing: Literal["uniform_t", "uniform_logsnr"] = "uniform_t"
+    w: float = 1.0                   # classifier-free guidance strength (0 = conditional)
+    per_class: int = 8
+
+    def validate(self) -> None:
+        require(self.steps > 0, "steps", "must be positive")
+        require(self.per_class > 0, "per_class", "must be positive")
+        require(self.w >= -1.0, "w", "must be at least -1 (the unconditional model)")
+
+
+@dataclass
+class GuidanceRange:
+    """Guidance strengths w ~ U[w_min, w_max] a w-conditioned student is trained on (Meng et al.)."""
+
+    w_min: float = 0.0
+    w_max: float = 4.0
+
+    def validate(self) -> None:
+        require(self.w_min >= -1.0, "w_min", "must be at least -1")
+        require(self.w_min <= self.w_max, "w_min",
+                f"must not exceed w_max ({self.w_min} > {self.w_max})")
+
+
+@dataclass
+class HalvingConfig:
+    """Progressive distillation N -> N/2 rounds from start_steps down to end_steps."""
+
+    start_steps: int = 64
+    end_steps: int = 1
+
+    def validate(self) -> None:
+        for key in ("start_steps", "end_steps"):
+            value = getattr(self, key)
+            require(value > 0, key, f"must be positive, got {value}")
+            require(_is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
+        require(self.end_steps <= self.start_steps, "end_steps", "must not exceed start_steps")
+
+
+# ------------------------------------------------------------------------------- verb configs
+
+
+@dataclass
+class TeacherJob:
+    """`raydistill teacher`: train a class-conditional teacher with label dropout for CFG."""
+
+    seed: int = 0
+    threads: int = 0                 # torch intra-op threads; 0 = all cores
+    label_dropout: float = 0.1       # probability of training on the null class
+    loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "snr_plus_one"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preview: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def validate(self) -> None:
+        require(0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)")
+        require(self.model.kind == "unet", "model.kind", "a trained teacher must be a unet")
+        require(self.model.unet.resolution == self.data.resolution, "model.unet.resolution",
+                f"is {self.model.unet.resolution} but data.resolution is {self.data.resolution}")
+        require(self.threads >= 0, "threads", "must be non-negative")
+
+
+@dataclass
+class ClassifierJob:
+    """The digit classifier whose features score samples (accuracy) and FID."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "lr", "width"):
+            require(getattr(self, key) > 0, key, "must be positive")
+
+
+@dataclass
+class PairsJob:
+    """`raydistill pairs`: the teacher's work, written to shards (configuration only so far)."""
+
+    teacher: str = ""                # checkpoint directory
+    mode: Literal["ode", "guided", "progressive"] = "ode"
+    solver: SamplerConfig = field(default_factory=SamplerConfig)
+    guidance: GuidanceRange = field(default_factory=GuidanceRange)
+    halving: HalvingConfig = field(default_factory=HalvingConfig)
+    num_shards: int = 8
+    samples_per_shard: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_file(self.teacher, "teacher")
+        require(self.num_shards > 0, "num_shards", "must be positive")
+        require(self.samples_per_shard > 0, "samples_per_shard", "must be positive")
+
+
+@dataclass
+class TrainJob:
+    """`raydistill train`: distill a student (configuration only so far)."""
+
+    method: Literal["guided", "progressive", "kd", "dmd"] = "guided"
+    teacher: str = ""
+    guidance: GuidanceRange = field(default_factory=GuidanceRange)
+    halving: HalvingConfig = field(default_factory=HalvingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_file(self.teacher, "teacher")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
+    """Build a `cls` config from a YAML file (optional) and `key=value` overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError("--config", f"no such file: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must hold a mapping of config keys")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(cls, data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set a dotted `key=value` (value parsed as YAML) in a nested dict."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(item, "overrides must look like key=value")
+    node = data
+    *parents, leaf = key.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"{name} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Type-check and build a dataclass from a mapping; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_join(prefix, key), f"unknown key (expected one of {sorted(fields)})")
+    values = {key: _convert(hints[key], value, _join(prefix, key)) for key, value in data.items()}
+    config = cls(**values)
+    if hasattr(config, "validate"):
+        try:
+            config.validate()
+        except ConfigError as err:
+            raise (err.under(prefix) if prefix else err) from None
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(key, f"must be one of {list(get_args(hint))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        (inner,) = get_args(hint)
+        return [_convert(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)          # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has unsupported type {hint}")

@@ -1,0 +1,86 @@
+"""Diffusion math in pure torch: schedules, parameterizations, guidance, solvers, PD targets.
+
+One convention throughout: continuous t in [0, 1], VP schedule, x_hat = denoiser(z_t, t, cond).
+"""
+
+from raydistill.diffusion.guidance import (
+    NULL_CLASS,
+    Cond,
+    Denoiser,
+    Guided,
+    cfg_combine,
+    fourier_embedding,
+    guided_x,
+    null_cond,
+)
+from raydistill.diffusion.parameterization import (
+    PREDICTIONS,
+    WEIGHTINGS,
+    broadcast_like,
+    eps_from_v,
+    eps_from_x,
+    loss_weight,
+    prediction_from_x,
+    prediction_target,
+    v_from_eps,
+    v_from_x,
+    x_from_eps,
+    x_from_prediction,
+    x_from_v,
+    x_jacobian,
+)
+from raydistill.diffusion.progressive import progressive_target, stochastic_sample, two_step_target
+from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Schedule
+from raydistill.diffusion.solvers import (
+    SOLVERS,
+    SPACINGS,
+    ddim,
+    ddim_step,
+    ddim_update,
+    dpmpp_2m,
+    heun,
+    sample,
+    solve,
+    time_grid,
+)
+
+__all__ = [
+    "Cond",
+    "CosineSchedule",
+    "Denoiser",
+    "DiscreteSchedule",
+    "Guided",
+    "NULL_CLASS",
+    "PREDICTIONS",
+    "SOLVERS",
+    "SPACINGS",
+    "Schedule",
+    "WEIGHTINGS",
+    "broadcast_like",
+    "cfg_combine",
+    "ddim",
+    "ddim_step",
+    "ddim_update",
+    "dpmpp_2m",
+    "eps_from_v",
+    "eps_from_x",
+    "fourier_embedding",
+    "guided_x",
+    "heun",
+    "loss_weight",
+    "null_cond",
+    "prediction_from_x",
+    "prediction_target",
+    "progressive_target",
+    "sample",
+    "solve",
+    "stochastic_sample",
+    "time_grid",
+    "two_step_target",
+    "v_from_eps",
+    "v_from_x",
+    "x_from_eps",
+    "x_from_prediction",
+    "x_from_v",
+    "x_jacobian",
+]

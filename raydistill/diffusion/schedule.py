@@ -1,0 +1,110 @@
+"""Noise schedules in one convention: continuous t in [0, 1], variance preserving.
+
+    alpha_t^2 + sigma_t^2 = 1,   lambda_t = log(alpha_t^2 / sigma_t^2)  (log-SNR, decreasing in t)
+
+so alpha_t^2 = sigmoid(lambda_t) and sigma_t^2 = sigmoid(-lambda_t). Every schedule only has to say
+lambda(t) and its inverse t(lambda); alpha and sigma follow. Discrete DDPM teachers (1000 steps) are
+mapped onto the same t so solvers never see native timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+class Schedule(ABC):
+    """A VP schedule given by its log-SNR lambda(t) on t in [0, 1]."""
+
+    @abstractmethod
+    def logsnr(self, t: Tensor) -> Tensor:
+        """lambda(t), elementwise."""
+
+    @abstractmethod
+    def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
+        """The inverse t(lambda), elementwise."""
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        logsnr = self.logsnr(t)
+        return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.alpha_sigma(t)[0]
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.alpha_sigma(t)[1]
+
+
+class CosineSchedule(Schedule):
+    """Cosine VP schedule with log-SNR clipped to [logsnr_min, logsnr_max].
+
+    lambda(t) = -2 log tan(a t + b), with b, a chosen so lambda(0) = logsnr_max and
+    lambda(1) = logsnr_min (Nichol & Dhariwal 2021; the clipped form of Salimans & Ho 2022).
+    """
+
+    def __init__(self, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        if not logsnr_min < logsnr_max:
+            raise ValueError(f"logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})")
+        self.logsnr_min, self.logsnr_max = logsnr_min, logsnr_max
+        self._b = math.atan(math.exp(-0.5 * logsnr_max))
+        self._a = math.atan(math.exp(-0.5 * logsnr_min)) - self._b
+
+    def logsnr(self, t: Tensor) -> Tensor:
+        return -2.0 * torch.log(torch.tan(self._a * t + self._b))
+
+    def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
+        return (torch.atan(torch.exp(-0.5 * logsnr)) - self._b) / self._a
+
+
+class DiscreteSchedule(Schedule):
+    """The N-step DDPM schedule of a discrete teacher, made continuous.
+
+    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t maps
+    to the fractional index n = t (N - 1) and lambda is linearly interpolated between indices, so
+    t = 0 is the teacher's first timestep and t = 1 its last (alpha_1 is small but not zero).
+    """
+
+    def __init__(self, betas: Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a 1-D sequence of at least 2 values in (0, 1)")
+        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        self.num_timesteps = len(betas)
+        self.logsnr_table = torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        """Ho et al. (2020) linear betas."""
+        return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def scaled_linear(
+        cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ):
+        """Stable Diffusion's betas: linear in sqrt(beta)."""
+        root = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64)
+        return cls(root**2)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """Fractional native timestep n(t) = t (N - 1), for adapters that feed the teacher."""
+        return t * (self.num_timesteps - 1)
+
+    def logsnr(self, t: Tensor) -> Tensor:
+        table = self.logsnr_table.to(device=t.device)
+        n = self.timestep(t.to(torch.float64)).clamp(0, self.num_timesteps - 1)
+        lo = n.floor().long().clamp(max=self.num_timesteps - 2)
+        frac = n - lo
+        out = table[lo] * (1 - frac) + table[lo + 1] * frac
+        return out.to(t.dtype)
+
+    def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
+        # lambda is strictly decreasing in n: search the negated (increasing) table.
+        table = (-self.logsnr_table).to(device=logsnr.device)
+        x = (-logsnr.to(torch.float64)).clamp(table[0], table[-1])
+        hi = torch.searchsorted(table, x).clamp(1, self.num_timesteps - 1)
+        lo = hi - 1
+        frac = (x - table[lo]) / (table[hi] - table[lo])
+        return ((lo + frac) / (self.num_timesteps - 1)).to(logsnr.dtype)

@@ -1,0 +1,132 @@
+"""Teacher/student checkpoints: a directory with `model.safetensors` and `config.json`.
+
+config.json holds the ModelConfig (enough to rebuild the network, its parameterization and its
+schedule) plus a fingerprint: the sha256 of the config and of every tensor, in name order. Pair
+shards record the fingerprint of the teacher that made them, so a mismatch is caught up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raydistill.config import ConfigError, ModelConfig, from_dict, to_dict
+from raydistill.diffusion.guidance import Denoiser
+from raydistill.models.denoiser import ModelDenoiser, make_schedule
+from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
+from raydistill.models.unet import UNet
+
+FORMAT = "raydistill-model/1"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    """The trainable (or analytic) module a ModelConfig describes, freshly initialised."""
+    if config.kind == "unet":
+        return UNet(config.unet)
+    gmm = config.gmm
+    return GaussianMixture.random(
+        num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
+        seed=gmm.seed, spread=gmm.spread, shape=tuple(gmm.shape) or None)
+
+
+def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
+    """The Denoiser (x_hat = d(z_t, t, cond)) of a network built from `config`."""
+    schedule = make_schedule(config.schedule)
+    if config.kind == "gmm":
+        return AnalyticTeacher(network, schedule)
+    return ModelDenoiser(network, schedule, config.prediction)
+
+
+def fingerprint(network: nn.Module, config: ModelConfig) -> str:
+    """sha256 over the config JSON and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode())
+    for name, tensor in sorted(network.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    network: nn.Module
+    config: ModelConfig
+    fingerprint: str
+    extra: dict[str, Any]
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return as_denoiser(self.network, self.config)
+
+
+def check_replaceable(directory: str) -> None:
+    """Refuse an output directory that holds something other than a checkpoint."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(directory, "exists and is not a directory")
+    if os.path.isdir(directory) and os.listdir(directory):
+        if not os.path.isfile(os.path.join(directory, CONFIG)):
+            raise ConfigError(directory, "exists and is not a checkpoint; refusing to replace it")
+
+
+def write_weights_dir(directory: str, module: nn.Module, meta: dict[str, Any]) -> None:
+    """Write `model.safetensors` + `config.json` atomically: a temp dir renamed into place, so a
+    directory that exists is always complete."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, os.path.join(tmp, WEIGHTS))
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.isdir(directory):
+            check_replaceable(directory)
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_weights_dir(directory: str, expected_format: str) -> tuple[dict[str, Any], dict]:
+    """The metadata and tensors of a directory written by write_weights_dir."""
+    config_path, weights_path = os.path.join(directory, CONFIG), os.path.join(directory, WEIGHTS)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise ConfigError(directory, f"not a {expected_format} checkpoint: missing {path}")
+    with open(config_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != expected_format:
+        raise ConfigError(config_path, f"format {meta.get('format')!r} is not {expected_format!r}")
+    return meta, load_file(weights_path)
+
+
+def save_checkpoint(directory: str, network: nn.Module, config: ModelConfig,
+                    extra: dict[str, Any] | None = None) -> str:
+    """Save a teacher or student; returns its fingerprint."""
+    digest = fingerprint(network, config)
+    meta = {"format": FORMAT, "model": to_dict(config), "fingerprint": digest, "extra": extra or {}}
+    write_weights_dir(directory, network, meta)
+    return digest
+
+
+def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
+    """Rebuild the network from `directory`; with verify, check the stored fingerprint."""
+    meta, tensors = read_weights_dir(directory, FORMAT)
+    config = from_dict(ModelConfig, meta["model"])
+    network = build_network(config)
+    network.load_state_dict(tensors)
+    digest = fingerprint(network, config)
+    if verify and digest != meta["fingerprint"]:
+        raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
+    return Checkpoint(network.eval(), config, digest, meta.get("extra", {}))

@@ -1,0 +1,33 @@
+"""Adapters from networks to the Denoiser contract x_hat = denoiser(z_t, t, cond)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from raydistill.config import ScheduleConfig
+from raydistill.diffusion.guidance import Cond
+from raydistill.diffusion.parameterization import Prediction, broadcast_like, x_from_prediction
+from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Schedule
+
+
+def make_schedule(config: ScheduleConfig) -> Schedule:
+    if config.kind == "cosine":
+        return CosineSchedule(config.logsnr_min, config.logsnr_max)
+    if config.kind == "linear":
+        return DiscreteSchedule.linear(config.num_timesteps)
+    if config.kind == "scaled_linear":
+        return DiscreteSchedule.scaled_linear(config.num_timesteps)
+    raise ValueError(f"unknown schedule kind {config.kind!r}")
+
+
+class ModelDenoiser(nn.Module):
+    """Wraps a network net(z_t, t, cond) predicting eps, x or v so that it returns x_hat."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule, prediction: Prediction):
+        super().__init__()
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+
+    def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        out = self.net(z_t, t, cond).to(z_t.dtype)
+        alpha, sigma = (broadcast_like(v.to(z_t.dtype), z_t) for v in self.schedule.alpha_sigma(t))
+        return x_from_prediction(self.prediction, z=z_t, out=out, alpha=alpha, sigma=sigma)

@@ -1,0 +1,1 @@
+"""Single-process training of the models distillation starts from: the teacher and the classifier."""

@@ -1,0 +1,141 @@
+"""Train a class-conditional diffusion teacher with label dropout, so it supports classifier-free
+guidance (Ho & Salimans 2021): with probability p the label is replaced by the null class.
+
+Per step: x ~ data, t ~ U[0, 1], eps ~ N(0, I), z_t = alpha_t x + sigma_t eps; the network output is
+regressed on its own parameterization's target with the x-space weighting of Salimans & Ho (2022),
+weight(lambda) ||x_hat - x||^2 = weight(lambda) J^2 ||out - target||^2. The EMA of the weights is
+the teacher that gets saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from raydistill.config import ConfigError, TeacherJob
+from raydistill.data import LabelledImages, load_digits
+from raydistill.diffusion.guidance import NULL_CLASS
+from raydistill.diffusion.parameterization import (
+    broadcast_like,
+    loss_weight,
+    prediction_target,
+    x_jacobian,
+)
+from raydistill.diffusion.schedule import Schedule
+from raydistill.models.checkpoint import save_checkpoint
+from raydistill.models.denoiser import ModelDenoiser, make_schedule
+from raydistill.models.unet import UNet
+from raydistill.sampling import sample_classes, save_grid
+
+
+@dataclass
+class TeacherResult:
+    fingerprint: str
+    eval_loss_start: float             # held-out diffusion loss of the initial network
+    eval_loss_end: float               # ... and of the saved EMA network
+    log: list[dict] = field(default_factory=list)
+
+
+def diffusion_loss(
+    net: nn.Module, schedule: Schedule, prediction: str, weighting: str,
+    x: Tensor, c: Tensor, t: Tensor, eps: Tensor,
+) -> Tensor:
+    """Mean weighted denoising loss of `net` on given (x, c, t, eps)."""
+    alpha, sigma = (broadcast_like(v, x) for v in schedule.alpha_sigma(t))
+    z_t = alpha * x + sigma * eps
+    out = net(z_t, t, {"c": c})
+    target = prediction_target(prediction, x=x, eps=eps, alpha=alpha, sigma=sigma)
+    weight = loss_weight(weighting, schedule.logsnr(t)) * x_jacobian(
+        prediction, alpha=alpha, sigma=sigma).flatten() ** 2
+    return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
+def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> TeacherResult:
+    """Train the teacher `job` describes and save it (EMA weights) as a checkpoint in `out`."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    split = load_digits(job.data)
+    unet = job.model.unet
+    if unet.num_classes != split.num_classes:
+        raise ConfigError("model.unet.num_classes", f"is {unet.num_classes} but the data has "
+                                                    f"{split.num_classes} classes")
+    schedule, prediction, weighting = make_schedule(job.model.schedule), job.model.prediction, \
+        job.loss_weighting
+    net = UNet(unet)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optim = torch.optim.AdamW(net.parameters(), lr=job.optim.lr,
+                              weight_decay=job.optim.weight_decay)
+    g = torch.Generator().manual_seed(job.seed)
+    held_out = _fixed_batch(split.test, job.seed + 1)
+
+    def eval_loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(diffusion_loss(model, schedule, prediction, weighting, *held_out))
+
+    result = TeacherResult("", eval_loss(net), math.nan)
+    train = split.train
+    bar = tqdm(range(job.optim.steps), desc="teacher", disable=not progress, mininterval=1.0)
+    running = 0.0
+    for step in bar:
+        idx = torch.randint(0, len(train), (job.optim.batch_size,), generator=g)
+        x, c = train.images[idx], train.labels[idx]
+        drop = torch.rand(len(c), generator=g) < job.label_dropout
+        c = torch.where(drop, NULL_CLASS, c)
+        t = torch.rand(len(c), generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        for group in optim.param_groups:
+            group["lr"] = job.optim.lr * lr_factor(step, job.optim.warmup_steps, job.optim.steps)
+        loss = diffusion_loss(net, schedule, prediction, weighting, x, c, t, eps)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if job.optim.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), job.optim.grad_clip)
+        optim.step()
+        ema_update(ema, net, min(job.optim.ema_decay, (1 + step) / (10 + step)))
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == job.optim.steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}")
+            result.log.append({"step": step, "loss": loss.item(), "loss_smooth": running,
+                               "lr": optim.param_groups[0]["lr"]})
+
+    result.eval_loss_end = eval_loss(ema)
+    extra = {"trained_on": job.data.source, "steps": job.optim.steps,
+             "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
+    result.fingerprint = save_checkpoint(out, ema, job.model, extra)
+    with open(os.path.join(out, "train_log.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in result.log)
+    images, _ = sample_classes(ModelDenoiser(ema, schedule, prediction), schedule,
+                               shape=(unet.in_channels, unet.resolution, unet.resolution),
+                               num_classes=unet.num_classes, sampler=job.preview, seed=job.seed)
+    save_grid(images, unet.num_classes, os.path.join(out, "preview.png"))
+    return result
+
+
+def _fixed_batch(data: LabelledImages, seed: int, size: int = 256) -> tuple[Tensor, ...]:
+    """A fixed (x, c, t, eps) batch from held-out data: the same loss before and after training."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (size,), generator=g)
+    x = data.images[idx]
+    return x, data.labels[idx], torch.rand(size, generator=g), torch.randn(x.shape, generator=g)

@@ -1,0 +1,55 @@
+"""Class-conditional sample grids: one row per class, written as PNG."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from raydistill.config import SamplerConfig
+from raydistill.diffusion.guidance import Denoiser, Guided
+from raydistill.diffusion.progressive import stochastic_sample
+from raydistill.diffusion.schedule import Schedule
+from raydistill.diffusion.solvers import sample
+
+
+@torch.no_grad()
+def sample_classes(
+    denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
+    sampler: SamplerConfig, seed: int = 0, stochastic: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """sampler.per_class samples of every class, class-major; returns (images, labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(sampler.per_class)
+    noise = torch.randn(len(labels), *shape, generator=generator)
+    cond = {"c": labels}
+    if stochastic:
+        if sampler.w:
+            denoiser = Guided(denoiser)
+            cond["w"] = torch.full((len(labels),), float(sampler.w))
+        images = stochastic_sample(denoiser, noise, cond, schedule, steps=sampler.steps,
+                                   generator=generator)
+    else:
+        images = sample(denoiser, noise, cond, schedule, steps=sampler.steps,
+                        solver=sampler.solver, w=sampler.w or None, spacing=sampler.spacing)
+    return images.clamp(-1, 1), labels
+
+
+def save_grid(images: Tensor, rows: int, path: str, *, scale: int = 4) -> None:
+    """Tile images [N, C, H, W] in [-1, 1] into `rows` rows and write a PNG (nearest upscaling)."""
+    from matplotlib.image import imsave
+
+    n, c, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = torch.full((c, rows * (h + 1) + 1, cols * (w + 1) + 1), 1.0)
+    for i, image in enumerate(images.detach().float().cpu()):
+        r, col = divmod(i, cols)
+        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
+    pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if c == 1:
+        imsave(path, pixels[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        imsave(path, pixels)

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from raydistill.diffusion import CosineSchedule
+from raydistill.models import AnalyticTeacher, GaussianMixture
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def schedule():
+    return CosineSchedule()
+
+
+@pytest.fixture(scope="session")
+def mixture():
+    """3 classes x 2 components in 4 dimensions, float64: the oracle for the math tests."""
+    return GaussianMixture.random(num_classes=3, components_per_class=2, dim=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher(mixture, schedule):
+    return AnalyticTeacher(mixture, schedule)
+
+
+@pytest.fixture
+def batch(mixture):
+    """Noise and class labels for 128 samples."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(128, mixture.dim, generator=g, dtype=torch.float64)
+    return noise, {"c": torch.randint(0, mixture.num_classes, (128,), generator=g)}

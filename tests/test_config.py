@@ -1,0 +1,122 @@
+"""Bad configs fail before any work, with exit code 2 and a one-line message naming the key."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydistill.cli import main
+from raydistill.config import HalvingConfig, TeacherJob, from_dict, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_TEACHER = os.path.join(ROOT, "configs", "smoke", "teacher.yaml")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def train_yaml(tmp_path):
+    """A train config whose teacher exists, plus a writer for variants of it."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+
+    def write(**sections):
+        data = {"method": "progressive", "teacher": str(teacher), **sections}
+        path = tmp_path / "train.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+    return write
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.stepz=3", "optim.stepz"),        # unknown key
+    ("bogus=1", "bogus"),
+    ("optim.steps=abc", "optim.steps"),      # wrong type
+    ("optim.lr=[1]", "optim.lr"),
+    ("model.unet.w_embedding=3", "model.unet.w_embedding"),
+    ("optim.steps=0", "optim.steps"),        # non-positive steps
+    ("preview.steps=-4", "preview.steps"),
+    ("model.prediction=score", "model.prediction"),
+    ("model.unet.resolution=12", "model.unet.resolution"),
+])
+def test_teacher_config_errors(capsys, tmp_path, override, key):
+    out = tmp_path / "out"
+    code, err = run(capsys, "teacher", "--config", SMOKE_TEACHER, "--out", str(out), override)
+    assert code == 2
+    assert err.count("\n") == 0 and f"error: {key}:" in err, err
+    assert not out.exists()                   # no work started, nothing written
+
+
+def test_unknown_key_in_yaml_file(capsys, tmp_path):
+    path = tmp_path / "t.yaml"
+    shutil.copy(SMOKE_TEACHER, path)
+    with open(path, "a") as f:
+        f.write("optim_typo:\n  steps: 3\n")
+    code, err = run(capsys, "teacher", "--config", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "optim_typo: unknown key" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = run(capsys, "teacher", "--config", str(tmp_path / "nope.yaml"), "--out", "x")
+    assert code == 2 and "--config: no such file" in err
+
+
+def test_w_min_above_w_max(capsys, train_yaml):
+    path = train_yaml(guidance={"w_min": 3.0, "w_max": 1.0})
+    code, err = run(capsys, "train", "--config", path, "--out", "x")
+    assert code == 2 and "guidance.w_min:" in err and "w_max" in err
+
+
+@pytest.mark.parametrize("halving, key", [
+    ({"start_steps": 12}, "halving.start_steps"),
+    ({"start_steps": 16, "end_steps": 3}, "halving.end_steps"),
+    ({"start_steps": 0}, "halving.start_steps"),
+])
+def test_halving_needs_powers_of_two(capsys, train_yaml, halving, key):
+    code, err = run(capsys, "train", "--config", train_yaml(halving=halving), "--out", "x")
+    assert code == 2 and f"error: {key}:" in err
+
+
+def test_missing_teacher_file(capsys, train_yaml, tmp_path):
+    path = train_yaml()
+    code, err = run(capsys, "train", "--config", path, "--out", "x",
+                    f"teacher={tmp_path / 'missing'}")
+    assert code == 2 and "error: teacher: no such file" in err
+
+
+def test_sample_flag_errors(capsys, tmp_path):
+    code, err = run(capsys, "sample", "--checkpoint", str(tmp_path), "--steps", "0",
+                    "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "--steps: must be positive" in err
+    code, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "nope"),
+                    "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "--checkpoint: no such directory" in err
+    code, err = run(capsys, "sample", "--checkpoint", str(tmp_path), "--solver", "euler",
+                    "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "--solver: must be one of" in err
+
+
+def test_overrides_and_types():
+    job = load(TeacherJob, SMOKE_TEACHER, ["optim.lr=1e-3", "model.unet.channel_mult=[1,2]",
+                                           "optim.steps=7"])
+    assert job.optim.lr == 1e-3 and job.optim.steps == 7 and job.model.unet.channel_mult == [1, 2]
+    assert from_dict(HalvingConfig, {"start_steps": 64, "end_steps": 2}).end_steps == 2
+
+
+def test_console_script_help_and_unbuilt_verbs():
+    exe = os.path.join(os.path.dirname(sys.executable), "raydistill")
+    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for verb in ("teacher", "pairs", "train", "sample", "eval", "run", "verify", "submit"):
+        assert verb in help_text
+    done = subprocess.run([exe, "verify", "somewhere"], capture_output=True, text=True)
+    assert done.returncode == 3 and "not built yet" in done.stderr
+    bad = subprocess.run([exe, "teacher", "--config", SMOKE_TEACHER, "--out", "x", "a.b=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: a: unknown key" in bad.stderr

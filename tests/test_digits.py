@@ -1,0 +1,90 @@
+"""The digits pipeline of this issue: data, smoke teacher and classifier, the sample verb, and
+(slow) the full teacher whose guided samples a trained classifier must recognise."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from raydistill.cli import main
+from raydistill.config import DataConfig, SamplerConfig
+from raydistill.data import load_digits
+from raydistill.models import load_checkpoint, load_classifier
+from raydistill.sampling import sample_classes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def test_digits_data():
+    split = load_digits(DataConfig(resolution=16, holdout_fraction=0.2, seed=0))
+    assert split.train.images.shape[1:] == (1, 16, 16) and split.num_classes == 10
+    assert len(split.train) + len(split.test) == 1797
+    assert abs(len(split.test) - 0.2 * 1797) < 2
+    for part in (split.train, split.test):
+        assert part.images.min() >= -1 and part.images.max() <= 1
+        assert part.images.min() == -1 and part.images.max() > 0.9
+        assert torch.bincount(part.labels, minlength=10).min() > 0.09 * len(part) - 2
+    native = load_digits(DataConfig(resolution=8))
+    assert native.train.images.shape[1:] == (1, 8, 8)
+    assert set(native.train.images.unique().mul(8).add(8).round().tolist()) <= set(range(17))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    teacher, classifier = str(out / "teacher"), str(out / "classifier")
+    assert main(["teacher", "--config", f"{CONFIGS}/smoke/teacher.yaml", "--out", teacher,
+                 "--quiet"]) == 0
+    assert main(["classifier", "--config", f"{CONFIGS}/smoke/classifier.yaml", "--out",
+                 classifier, "--quiet"]) == 0
+    return out, teacher, classifier
+
+
+def test_smoke_teacher_learns(smoke_run):
+    _, teacher, _ = smoke_run
+    checkpoint = load_checkpoint(teacher)
+    extra = checkpoint.extra
+    print(f"smoke teacher held-out loss {extra['eval_loss_start']:.4f} -> "
+          f"{extra['eval_loss_end']:.4f}")
+    assert extra["eval_loss_end"] < 0.6 * extra["eval_loss_start"]
+    log = [json.loads(line) for line in open(os.path.join(teacher, "train_log.jsonl"))]
+    assert log[-1]["loss_smooth"] < log[0]["loss_smooth"]
+    assert os.path.getsize(os.path.join(teacher, "preview.png")) > 0
+
+
+def test_sample_verb_writes_a_grid(smoke_run, capsys):
+    out, teacher, classifier = smoke_run
+    grid = str(out / "grid.png")
+    code = main(["sample", "--checkpoint", teacher, "--steps", "4", "--w", "2", "--solver",
+                 "dpmpp_2m", "--per-class", "3", "--out", grid, "--classifier", classifier])
+    assert code == 0
+    assert "classifier recognises" in capsys.readouterr().out
+    from matplotlib.image import imread
+    image = imread(grid)
+    assert image.shape[0] == 4 * (10 * 17 + 1)          # one row per class, 4x upscaled
+    stochastic = str(out / "stochastic.png")
+    assert main(["sample", "--checkpoint", teacher, "--steps", "4", "--stochastic",
+                 "--per-class", "1", "--out", stochastic]) == 0
+
+
+@pytest.mark.slow
+def test_full_digits_teacher_samples_are_recognised(tmp_path):
+    """The full teacher's CFG 64-step DDIM samples show the intended digit (>= 80%)."""
+    teacher, classifier = str(tmp_path / "teacher"), str(tmp_path / "classifier")
+    assert main(["teacher", "--config", f"{CONFIGS}/digits/teacher.yaml", "--out", teacher,
+                 "--quiet"]) == 0
+    assert main(["classifier", "--config", f"{CONFIGS}/digits/classifier.yaml", "--out",
+                 classifier, "--quiet"]) == 0
+    model, meta = load_classifier(classifier)
+    checkpoint = load_checkpoint(teacher)
+    denoiser = checkpoint.denoiser
+    images, labels = sample_classes(denoiser, denoiser.schedule, shape=(1, 16, 16),
+                                    num_classes=10, sampler=SamplerConfig(steps=64, w=1.0,
+                                                                          per_class=50))
+    accuracy = model.accuracy(images, labels)
+    print(f"classifier held-out accuracy {meta['test_accuracy']:.1%}; it recognises "
+          f"{accuracy:.1%} of 500 CFG (w=1) 64-step DDIM teacher samples as their class")
+    assert meta["test_accuracy"] >= 0.95
+    assert accuracy >= 0.80

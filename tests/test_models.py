@@ -1,0 +1,105 @@
+import json
+import os
+
+import pytest
+import torch
+
+from raydistill.config import ConfigError, ModelConfig, UNetConfig
+from raydistill.diffusion import NULL_CLASS, CosineSchedule, broadcast_like, x_from_v
+from raydistill.models import (
+    ModelDenoiser,
+    UNet,
+    as_denoiser,
+    build_network,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+SMALL = UNetConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[4], resolution=8,
+                   num_classes=3)
+
+
+def _inputs(n=4, res=8):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 1, res, res, generator=g), torch.rand(n, generator=g),
+            {"c": torch.tensor([0, 1, 2, NULL_CLASS])[:n], "w": torch.linspace(0, 3, n)})
+
+
+def test_unet_shapes_and_conditioning():
+    net = UNet(SMALL)
+    for p in net.parameters():        # zero-initialised output layers would hide conditioning
+        torch.nn.init.normal_(p, std=0.05)
+    z, t, cond = _inputs()
+    out = net(z, t, cond)
+    assert out.shape == z.shape
+    other = net(z, t, {**cond, "c": torch.tensor([1, 2, 0, 0])})
+    assert (out - other).flatten(1).abs().amax(1).min() > 0   # the class (and null) matters
+
+
+def test_w_embedding_starts_equal_to_the_teacher():
+    teacher = UNet(SMALL)
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    student = UNet(UNetConfig(**{**vars(SMALL), "w_embedding": True}))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert all(k.startswith("w_mlp.") for k in missing) and not unexpected
+    z, t, cond = _inputs()
+    torch.testing.assert_close(student(z, t, cond), teacher(z, t, cond))
+    torch.nn.init.normal_(student.w_mlp[-1].weight)
+    assert not torch.allclose(student(z, t, cond), teacher(z, t, cond))
+
+
+def test_model_denoiser_converts_v_to_x():
+    net = UNet(SMALL)
+    schedule = CosineSchedule()
+    z, t, cond = _inputs()
+    x_hat = ModelDenoiser(net, schedule, "v")(z, t, cond)
+    alpha, sigma = (broadcast_like(v, z) for v in schedule.alpha_sigma(t))
+    torch.testing.assert_close(x_hat, x_from_v(z=z, v=net(z, t, cond), alpha=alpha, sigma=sigma))
+
+
+def test_checkpoint_round_trip_and_fingerprint(tmp_path):
+    config = ModelConfig(unet=SMALL)
+    net = build_network(config)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    digest = save_checkpoint(str(tmp_path / "ckpt"), net, config)
+    loaded = load_checkpoint(str(tmp_path / "ckpt"))
+    assert loaded.fingerprint == digest and len(digest) == 64
+    z, t, cond = _inputs()
+    torch.testing.assert_close(loaded.network(z, t, cond), net(z, t, cond))
+    with torch.no_grad():
+        next(net.parameters())[0].add_(1e-3)
+    assert save_checkpoint(str(tmp_path / "other"), net, config) != digest
+
+
+def test_tampered_checkpoint_is_refused(tmp_path):
+    config = ModelConfig(unet=SMALL)
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(path, build_network(config), config)
+    meta_path = os.path.join(path, "config.json")
+    meta = json.load(open(meta_path))
+    meta["model"]["prediction"] = "eps"
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ConfigError, match="fingerprint mismatch"):
+        load_checkpoint(path)
+
+
+def test_gmm_checkpoint_round_trip(tmp_path, batch):
+    config = ModelConfig(kind="gmm")
+    config.gmm.num_classes, config.gmm.dim = 3, 4
+    network = build_network(config)
+    save_checkpoint(str(tmp_path / "gmm"), network, config)
+    loaded = load_checkpoint(str(tmp_path / "gmm"))
+    noise, cond = batch
+    t = torch.full((len(noise),), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(loaded.denoiser(noise, t, cond),
+                               as_denoiser(network, config)(noise, t, cond), rtol=0, atol=0)
+
+
+def test_checkpoint_does_not_replace_unrelated_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    config = ModelConfig(unet=SMALL)
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        save_checkpoint(str(tmp_path), build_network(config), config)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
