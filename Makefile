@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/raydistill run --config configs/digits/pipeline.yaml --out $(OUT)
+	$(BIN)/raydistill teacher --config configs/digits/teacher.yaml --out $(OUT)/teacher
+	$(BIN)/raydistill classifier --config configs/digits/classifier.yaml --out $(OUT)/classifier
+	$(BIN)/raydistill sample --checkpoint $(OUT)/teacher --steps 64 --w 1 --solver ddim \
+		--per-class 10 --out $(OUT)/samples.png --classifier $(OUT)/classifier
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

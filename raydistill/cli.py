@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Meng et al.'s stochastic few-step sampler instead of an ODE solver")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (one row each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--classifier", help="classifier directory: report how many samples it "
                                         "recognises as their intended class")
     p.set_defaults(handler=cmd_sample)
@@ -109,6 +110,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from raydistill.devices import resolve_device
     from raydistill.models import load_checkpoint, load_classifier
     from raydistill.sampling import sample_classes, save_grid
 
@@ -124,7 +126,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--classifier", f"no such directory: {args.classifier}")
     if not args.out.lower().endswith(".png"):
         raise ConfigError("--out", f"must be a .png file, got {args.out}")
+    device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint.network.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
     if model.kind != "unet":
@@ -132,7 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
     images, labels = sample_classes(denoiser, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
-                                    seed=args.seed, stochastic=args.stochastic)
+                                    seed=args.seed, stochastic=args.stochastic, device=device)
     save_grid(images, model.unet.num_classes, args.out)
     how = "stochastic" if args.stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \

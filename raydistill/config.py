@@ -193,6 +193,7 @@ class TeacherJob:
     """`raydistill teacher`: train a class-conditional teacher with label dropout for CFG."""
 
     seed: int = 0
+    device: str = "auto"             # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
     threads: int = 0                 # torch intra-op threads; 0 = all cores
     label_dropout: float = 0.1       # probability of training on the null class
     loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "snr_plus_one"
@@ -214,6 +215,7 @@ class ClassifierJob:
     """The digit classifier whose features score samples (accuracy) and FID."""
 
     seed: int = 0
+    device: str = "auto"
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3

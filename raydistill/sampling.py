@@ -18,22 +18,27 @@ from raydistill.diffusion.solvers import sample
 def sample_classes(
     denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
     sampler: SamplerConfig, seed: int = 0, stochastic: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """sampler.per_class samples of every class, class-major; returns (images, labels)."""
+    """sampler.per_class samples of every class, class-major; returns (images, labels) on the CPU.
+
+    The noise is drawn on the CPU from `seed`, so a grid is the same on every device.
+    """
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(sampler.per_class)
-    noise = torch.randn(len(labels), *shape, generator=generator)
+    noise = torch.randn(len(labels), *shape, generator=generator).to(device)
+    labels = labels.to(device)
     cond = {"c": labels}
     if stochastic:
         if sampler.w:
             denoiser = Guided(denoiser)
-            cond["w"] = torch.full((len(labels),), float(sampler.w))
+            cond["w"] = torch.full((len(labels),), float(sampler.w), device=device)
         images = stochastic_sample(denoiser, noise, cond, schedule, steps=sampler.steps,
-                                   generator=generator)
+                                   generator=torch.Generator(device).manual_seed(seed + 1))
     else:
         images = sample(denoiser, noise, cond, schedule, steps=sampler.steps,
                         solver=sampler.solver, w=sampler.w or None, spacing=sampler.spacing)
-    return images.clamp(-1, 1), labels
+    return images.clamp(-1, 1).cpu(), labels.cpu()
 
 
 def save_grid(images: Tensor, rows: int, path: str, *, scale: int = 4) -> None:

@@ -120,3 +120,19 @@ def test_console_script_help_and_unbuilt_verbs():
     bad = subprocess.run([exe, "teacher", "--config", SMOKE_TEACHER, "--out", "x", "a.b=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error: a: unknown key" in bad.stderr
+
+
+def test_device_selection_never_falls_back_silently(capsys, tmp_path):
+    import torch
+
+    from raydistill.config import ConfigError
+    from raydistill.devices import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device: unknown device"):
+        resolve_device("tpu-ish")
+    if not torch.cuda.is_available():
+        code, err = run(capsys, "teacher", "--config", SMOKE_TEACHER, "--out",
+                        str(tmp_path / "o"), "device=cuda")
+        assert code == 2 and "error: device: cuda requested but no CUDA device" in err

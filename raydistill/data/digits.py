@@ -28,12 +28,18 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> LabelledImages:
+        return LabelledImages(self.images.to(device), self.labels.to(device))
+
 
 @dataclass
 class Split:
     train: LabelledImages
     test: LabelledImages
     num_classes: int
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.train.to(device), self.test.to(device), self.num_classes)
 
 
 def load_digits(config: DataConfig) -> Split:
