@@ -73,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "recognises as their intended class")
     p.set_defaults(handler=cmd_sample)
 
-    for verb, job in (("pairs", PairsJob), ("train", TrainJob)):
-        p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
-        _config_args(p, "output location")
-        p.set_defaults(handler=_planned_with_config(verb, job))
-    for verb in ("eval", "run", "verify", "submit"):
+    p = verbs.add_parser("pairs", help=PLANNED["pairs"])
+    _config_args(p, "output location: a path or a URI (file://, s3://, ...)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(handler=cmd_pairs)
+
+    p = verbs.add_parser("verify", help=PLANNED["verify"])
+    p.add_argument("uri", help="pairs location written by `raydistill pairs`")
+    p.set_defaults(handler=cmd_verify)
+
+    p = verbs.add_parser("train", help=f"{PLANNED['train']} (not built yet)")
+    _config_args(p, "output location")
+    p.set_defaults(handler=_planned_with_config("train", TrainJob))
+    for verb in ("eval", "run", "submit"):
         p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(handler=_planned(verb))
@@ -134,7 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if model.kind != "unet":
         raise ConfigError("--checkpoint", "sample grids need an image model (kind unet)")
     shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
-    images, labels = sample_classes(denoiser, denoiser.schedule, shape=shape,
+    images, labels = sample_classes(checkpoint.guided, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
                                     seed=args.seed, stochastic=args.stochastic, device=device)
     save_grid(images, model.unet.num_classes, args.out)
@@ -145,6 +153,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
         line += f"; classifier recognises {classifier.accuracy(images, labels):.1%} as intended"
     print(line)
     return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from raydistill.cluster import init_ray
+    from raydistill.pairs.pool import plan_pairs, run_pairs
+
+    job = load(PairsJob, args.config, args.overrides)
+    plan = plan_pairs(job, args.out)
+    if plan.todo:
+        init_ray(args.address)
+    result = run_pairs(plan, progress=not args.quiet)
+    print(f"pairs: {result.generated} shards generated in {result.seconds:.1f} s "
+          f"({result.pairs_per_second:.1f} pairs/s); {args.out} holds {result.total} shards")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from raydistill.pairs.verify import verify_pairs
+
+    report = verify_pairs(args.uri)
+    if report.ok:
+        print(f"verify: ok: {report.summary()}")
+        return 0
+    for problem in report.problems:
+        print(f"verify: {problem}", file=sys.stderr)
+    print(f"verify: {len(report.problems)} bad or missing shards; {report.summary()}",
+          file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _planned(verb: str) -> Callable[[argparse.Namespace], int]:

@@ -8,6 +8,7 @@ prints it on one line and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -115,7 +116,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits"] = "digits"
+    source: Literal["digits", "mixture"] = "digits"   # mixture: exact draws from an analytic teacher
     resolution: int = 16             # digits are 8x8, bilinearly resized to this size
     holdout_fraction: float = 0.15   # held-out split for the classifier's test accuracy
     seed: int = 0
@@ -144,15 +145,22 @@ class OptimConfig:
 
 
 @dataclass
-class SamplerConfig:
+class SolverConfig:
     steps: int = 64
     solver: Literal["ddim", "heun", "dpmpp_2m"] = "ddim"
     spacing: Literal["uniform_t", "uniform_logsnr"] = "uniform_t"
+
+    def validate(self) -> None:
+        require(self.steps > 0, "steps", f"must be positive, got {self.steps}")
+
+
+@dataclass
+class SamplerConfig(SolverConfig):
     w: float = 1.0                   # classifier-free guidance strength (0 = conditional)
     per_class: int = 8
 
     def validate(self) -> None:
-        require(self.steps > 0, "steps", "must be positive")
+        super().validate()
         require(self.per_class > 0, "per_class", "must be positive")
         require(self.w >= -1.0, "w", "must be at least -1 (the unconditional model)")
 
@@ -207,6 +215,10 @@ class TeacherJob:
         require(self.model.kind == "unet", "model.kind", "a trained teacher must be a unet")
         require(self.model.unet.resolution == self.data.resolution, "model.unet.resolution",
                 f"is {self.model.unet.resolution} but data.resolution is {self.data.resolution}")
+        require(self.model.unet.in_channels == 1, "model.unet.in_channels",
+                "must be 1 for the digits (grayscale)")
+        require(not self.model.unet.w_embedding, "model.unet.w_embedding",
+                "a teacher is guided by CFG, not conditioned on w")
         require(self.threads >= 0, "threads", "must be non-negative")
 
 
@@ -225,25 +237,66 @@ class ClassifierJob:
     def validate(self) -> None:
         for key in ("steps", "batch_size", "lr", "width"):
             require(getattr(self, key) > 0, key, "must be positive")
+        require(self.width % 8 == 0, "width", "must be a multiple of 8 (group norm)")
+
+
+@dataclass
+class TeacherRef:
+    """A teacher checkpoint, or an analytic mixture teacher described inline (exactly one)."""
+
+    checkpoint: str = ""             # teacher checkpoint directory
+    analytic: MixtureConfig | None = None
+    fingerprint: str = ""            # optional pin: refuse a teacher with another fingerprint
+
+    def validate(self) -> None:
+        if self.analytic is None:
+            require_file(self.checkpoint, "checkpoint")
+        else:
+            require(not self.checkpoint, "analytic", "give either checkpoint or analytic, not both")
+
+
+@dataclass
+class WorkersConfig:
+    """The elastic actor pool: it grows with the cluster up to `max` (0 = no bound)."""
+
+    min: int = 1
+    max: int = 0
+    cpus: float = 1.0                # CPUs reserved per worker
+    gpus: float = 0.0                # GPUs per worker; > 0 runs the teacher on CUDA
+    threads: int = 1                 # torch threads per worker
+
+    def validate(self) -> None:
+        require(self.min >= 1, "min", "must be at least 1")
+        require(self.max == 0 or self.max >= self.min, "max", "must be 0 (unbounded) or >= min")
+        require(self.cpus > 0, "cpus", "must be positive")
+        require(self.gpus >= 0, "gpus", "must be non-negative")
+        require(self.threads >= 1, "threads", "must be at least 1")
 
 
 @dataclass
 class PairsJob:
-    """`raydistill pairs`: the teacher's work, written to shards (configuration only so far)."""
+    """`raydistill pairs`: the teacher's work, written to WebDataset shards with a manifest."""
 
-    teacher: str = ""                # checkpoint directory
     mode: Literal["ode", "guided", "progressive"] = "ode"
-    solver: SamplerConfig = field(default_factory=SamplerConfig)
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    data: DataConfig = field(default_factory=DataConfig)      # real x for guided / progressive
+    solver: SolverConfig = field(default_factory=SolverConfig)   # ode mode
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
-    halving: HalvingConfig = field(default_factory=HalvingConfig)
+    student_steps: int = 0           # progressive mode: targets for an N-step student
     num_shards: int = 8
     samples_per_shard: int = 256
+    batch_size: int = 256            # teacher batch per forward
     seed: int = 0
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self) -> None:
-        require_file(self.teacher, "teacher")
-        require(self.num_shards > 0, "num_shards", "must be positive")
-        require(self.samples_per_shard > 0, "samples_per_shard", "must be positive")
+        for key in ("num_shards", "samples_per_shard", "batch_size"):
+            require(getattr(self, key) > 0, key, "must be positive")
+        if self.mode == "progressive":
+            require(self.student_steps > 0, "student_steps",
+                    f"must be positive in progressive mode, got {self.student_steps}")
+            require(_is_power_of_two(self.student_steps), "student_steps",
+                    f"must be a power of two for halving, got {self.student_steps}")
 
 
 @dataclass
@@ -293,7 +346,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
             raise ConfigError(key, f"{name} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise ConfigError(key, f"cannot parse value {raw!r}") from None
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -352,11 +408,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):
             try:
-                return float(value)          # YAML reads 1e-3 (no dot) as a string
+                value = float(value)         # YAML reads 1e-3 (no dot) as a string
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be finite, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
 from torch import Tensor
 
 from raydistill.config import SamplerConfig
-from raydistill.diffusion.guidance import Denoiser, Guided
+from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.schedule import Schedule
 from raydistill.diffusion.solvers import sample
@@ -16,33 +17,31 @@ from raydistill.diffusion.solvers import sample
 
 @torch.no_grad()
 def sample_classes(
-    denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
+    guided: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
     sampler: SamplerConfig, seed: int = 0, stochastic: bool = False,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """sampler.per_class samples of every class, class-major; returns (images, labels) on the CPU.
 
-    The noise is drawn on the CPU from `seed`, so a grid is the same on every device.
+    `guided` reads the guidance strength from cond["w"] (Checkpoint.guided). The noise is drawn on
+    the CPU from `seed`, so a grid is the same on every device.
     """
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(sampler.per_class)
     noise = torch.randn(len(labels), *shape, generator=generator).to(device)
     labels = labels.to(device)
-    cond = {"c": labels}
+    cond = {"c": labels, "w": torch.full((len(labels),), float(sampler.w), device=device)}
     if stochastic:
-        if sampler.w:
-            denoiser = Guided(denoiser)
-            cond["w"] = torch.full((len(labels),), float(sampler.w), device=device)
-        images = stochastic_sample(denoiser, noise, cond, schedule, steps=sampler.steps,
+        images = stochastic_sample(guided, noise, cond, schedule, steps=sampler.steps,
                                    generator=torch.Generator(device).manual_seed(seed + 1))
     else:
-        images = sample(denoiser, noise, cond, schedule, steps=sampler.steps,
-                        solver=sampler.solver, w=sampler.w or None, spacing=sampler.spacing)
+        images = sample(guided, noise, cond, schedule, steps=sampler.steps,
+                        solver=sampler.solver, spacing=sampler.spacing)
     return images.clamp(-1, 1).cpu(), labels.cpu()
 
 
-def save_grid(images: Tensor, rows: int, path: str, *, scale: int = 4) -> None:
-    """Tile images [N, C, H, W] in [-1, 1] into `rows` rows and write a PNG (nearest upscaling)."""
+def grid_png(images: Tensor, rows: int, *, scale: int = 4) -> bytes:
+    """PNG bytes of images [N, C, H, W] in [-1, 1] tiled into `rows` rows (nearest upscaling)."""
     from matplotlib.image import imsave
 
     n, c, h, w = images.shape
@@ -50,11 +49,19 @@ def save_grid(images: Tensor, rows: int, path: str, *, scale: int = 4) -> None:
     canvas = torch.full((c, rows * (h + 1) + 1, cols * (w + 1) + 1), 1.0)
     for i, image in enumerate(images.detach().float().cpu()):
         r, col = divmod(i, cols)
-        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
+        top, left = 1 + r * (h + 1), 1 + col * (w + 1)
+        canvas[:, top:top + h, left:left + w] = image
     pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buffer = io.BytesIO()
     if c == 1:
-        imsave(path, pixels[..., 0], cmap="gray", vmin=0, vmax=255)
+        imsave(buffer, pixels[..., 0], cmap="gray", vmin=0, vmax=255, format="png")
     else:
-        imsave(path, pixels)
+        imsave(buffer, pixels, format="png")
+    return buffer.getvalue()
+
+
+def save_grid(images: Tensor, rows: int, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(grid_png(images, rows))

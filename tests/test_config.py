@@ -41,6 +41,10 @@ def train_yaml(tmp_path):
     ("optim.steps=abc", "optim.steps"),      # wrong type
     ("optim.lr=[1]", "optim.lr"),
     ("model.unet.w_embedding=3", "model.unet.w_embedding"),
+    ("optim.steps=true", "optim.steps"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("model.unet.channel_mult=[1,", "model.unet.channel_mult"),
+    ("model.unet.w_embedding=true", "model.unet.w_embedding"),
     ("optim.steps=0", "optim.steps"),        # non-positive steps
     ("preview.steps=-4", "preview.steps"),
     ("model.prediction=score", "model.prediction"),
@@ -115,7 +119,7 @@ def test_console_script_help_and_unbuilt_verbs():
     help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for verb in ("teacher", "pairs", "train", "sample", "eval", "run", "verify", "submit"):
         assert verb in help_text
-    done = subprocess.run([exe, "verify", "somewhere"], capture_output=True, text=True)
+    done = subprocess.run([exe, "eval", "somewhere"], capture_output=True, text=True)
     assert done.returncode == 3 and "not built yet" in done.stderr
     bad = subprocess.run([exe, "teacher", "--config", SMOKE_TEACHER, "--out", "x", "a.b=1"],
                          capture_output=True, text=True)

@@ -69,6 +69,28 @@ def test_sample_verb_writes_a_grid(smoke_run, capsys):
                  "--per-class", "1", "--out", stochastic]) == 0
 
 
+def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
+    """A stage-1 student takes w as an input (one call), not classifier-free guidance."""
+    from raydistill.config import ModelConfig, UNetConfig
+    from raydistill.diffusion import Guided
+    from raydistill.models import build_network, save_checkpoint
+
+    config = ModelConfig(unet=UNetConfig(base_channels=8, w_embedding=True, attention_resolutions=[]))
+    network = build_network(config)
+    for p in network.parameters():          # zero-initialised output and w layers would hide w
+        torch.nn.init.normal_(p, std=0.1)
+    save_checkpoint(str(tmp_path / "student"), network, config)
+    checkpoint = load_checkpoint(str(tmp_path / "student"))
+    assert not isinstance(checkpoint.guided, Guided)
+    grids = []
+    for w in ("0", "3"):
+        path = str(tmp_path / f"w{w}.png")
+        assert main(["sample", "--checkpoint", str(tmp_path / "student"), "--steps", "2",
+                     "--w", w, "--per-class", "1", "--out", path]) == 0
+        grids.append(open(path, "rb").read())
+    assert grids[0] != grids[1]
+
+
 @pytest.mark.slow
 def test_full_digits_teacher_samples_are_recognised(tmp_path):
     """The full teacher's CFG 64-step DDIM samples show the intended digit (>= 80%)."""
@@ -79,8 +101,8 @@ def test_full_digits_teacher_samples_are_recognised(tmp_path):
                  classifier, "--quiet"]) == 0
     model, meta = load_classifier(classifier)
     checkpoint = load_checkpoint(teacher)
-    denoiser = checkpoint.denoiser
-    images, labels = sample_classes(denoiser, denoiser.schedule, shape=(1, 16, 16),
+    images, labels = sample_classes(checkpoint.guided, checkpoint.denoiser.schedule,
+                                    shape=(1, 16, 16),
                                     num_classes=10, sampler=SamplerConfig(steps=64, w=1.0,
                                                                           per_class=50))
     accuracy = model.accuracy(images, labels)

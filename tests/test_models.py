@@ -51,11 +51,16 @@ def test_w_embedding_starts_equal_to_the_teacher():
 
 def test_model_denoiser_converts_v_to_x():
     net = UNet(SMALL)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
     schedule = CosineSchedule()
     z, t, cond = _inputs()
     x_hat = ModelDenoiser(net, schedule, "v")(z, t, cond)
     alpha, sigma = (broadcast_like(v, z) for v in schedule.alpha_sigma(t))
-    torch.testing.assert_close(x_hat, x_from_v(z=z, v=net(z, t, cond), alpha=alpha, sigma=sigma))
+    v = net(z, t, cond)
+    assert v.abs().mean() > 0.01
+    torch.testing.assert_close(x_hat, alpha * z - sigma * v)
+    torch.testing.assert_close(x_hat, x_from_v(z=z, v=v, alpha=alpha, sigma=sigma))
 
 
 def test_checkpoint_round_trip_and_fingerprint(tmp_path):
@@ -71,6 +76,17 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
     with torch.no_grad():
         next(net.parameters())[0].add_(1e-3)
     assert save_checkpoint(str(tmp_path / "other"), net, config) != digest
+
+
+def test_fingerprint_is_canonical_for_configs_built_in_python(tmp_path):
+    """Ints in float fields (spread=3) hash like the floats they load back as; 0-dim buffers hash."""
+    config = ModelConfig(kind="gmm")
+    config.gmm.spread, config.schedule.logsnr_min = 3, -15
+    network = build_network(config)
+    network.register_buffer("step", torch.tensor(7))
+    digest = save_checkpoint(str(tmp_path / "gmm"), network, config)
+    meta = json.load(open(tmp_path / "gmm" / "config.json"))
+    assert meta["fingerprint"] == digest
 
 
 def test_tampered_checkpoint_is_refused(tmp_path):

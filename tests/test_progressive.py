@@ -27,13 +27,6 @@ def test_one_step_to_the_target_equals_two_teacher_steps(teacher, schedule, batc
     torch.testing.assert_close(one_step, two_steps, rtol=0, atol=1e-8)
 
 
-def test_stochastic_sampler_one_step_is_ddim(teacher, schedule, batch):
-    noise, cond = batch
-    ones = torch.ones(len(noise), dtype=noise.dtype)
-    expected = ddim_step(teacher, noise, ones, torch.zeros_like(ones), cond, schedule)
-    torch.testing.assert_close(stochastic_sample(teacher, noise, cond, schedule, steps=1), expected)
-
-
 def test_stochastic_sampler_with_exact_denoiser_samples_the_data(teacher, schedule):
     """With the exact x_hat, the 2/N-back, 1/N-forward sampler draws from p(x | c)."""
     mix = teacher.mixture

@@ -18,21 +18,34 @@ def problem(teacher, schedule):
     return noise, cond, reference
 
 
-def error(problem, teacher, schedule, solver, steps, spacing):
+def error(problem, teacher, schedule, solver, steps, spacing, reduce=torch.mean):
     noise, cond, reference = problem
     x = sample(teacher, noise, cond, schedule, steps=steps, solver=solver, w=W, spacing=spacing)
-    return (x - reference).norm(dim=1).mean().item()
+    return reduce((x - reference).norm(dim=1)).item()
 
 
 @pytest.mark.parametrize("solver, order", [("ddim", 1), ("heun", 2), ("dpmpp_2m", 2)])
 def test_order_of_convergence(problem, teacher, schedule, solver, order):
-    """Doubling the steps divides the error by about 2^order (uniform log-SNR grid)."""
-    errors = [error(problem, teacher, schedule, solver, n, "uniform_logsnr") for n in (32, 64, 128)]
+    """Doubling the steps divides the error by about 2^order (uniform log-SNR grid).
+
+    The median over samples: trajectories that pass near a class boundary under guidance stay
+    pre-asymptotic for longer and would make the mean's ratios depend on which noise was drawn.
+    """
+    errors = [error(problem, teacher, schedule, solver, n, "uniform_logsnr", torch.median)
+              for n in (64, 128, 256)]
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     print(f"{solver}: errors {['%.2e' % e for e in errors]} ratios {['%.2f' % r for r in ratios]}")
     for ratio in ratios:
-        assert 2**order * 0.8 < ratio < 2**order * 1.6
-    assert errors[-1] < 0.05
+        assert 2**order * 0.8 < ratio < 2**order * 1.3
+    assert errors[-1] < 0.02
+
+
+@pytest.mark.parametrize("steps", [4, 8, 16])
+def test_second_order_solvers_are_stable_at_few_uniform_t_steps(problem, teacher, schedule, steps):
+    """The clipped cosine schedule starts at sigma / alpha = e^10: no blow-up at few steps."""
+    ddim_err = error(problem, teacher, schedule, "ddim", steps, "uniform_t")
+    for solver in ("heun", "dpmpp_2m"):
+        assert error(problem, teacher, schedule, solver, steps, "uniform_t") < ddim_err
 
 
 @pytest.mark.parametrize("spacing", ["uniform_t", "uniform_logsnr"])

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydistill.config import ConfigError, ModelConfig, from_dict, to_dict
-from raydistill.diffusion.guidance import Denoiser
+from raydistill.diffusion.guidance import Denoiser, Guided
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.unet import UNet
@@ -49,11 +49,12 @@ def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
 
 def fingerprint(network: nn.Module, config: ModelConfig) -> str:
     """sha256 over the config JSON and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode())
+    canonical = to_dict(from_dict(ModelConfig, to_dict(config)))   # e.g. 3 -> 3.0 in float fields
+    h = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode())
     for name, tensor in sorted(network.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -68,6 +69,14 @@ class Checkpoint:
     def denoiser(self) -> Denoiser:
         return as_denoiser(self.network, self.config)
 
+    @property
+    def guided(self) -> Denoiser:
+        """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, any
+        other model gets classifier-free guidance (both branches in one batched call)."""
+        if self.config.kind == "unet" and self.config.unet.w_embedding:
+            return self.denoiser
+        return Guided(self.denoiser)
+
 
 def check_replaceable(directory: str) -> None:
     """Refuse an output directory that holds something other than a checkpoint."""
@@ -78,24 +87,39 @@ def check_replaceable(directory: str) -> None:
             raise ConfigError(directory, "exists and is not a checkpoint; refusing to replace it")
 
 
-def write_weights_dir(directory: str, module: nn.Module, meta: dict[str, Any]) -> None:
-    """Write `model.safetensors` + `config.json` atomically: a temp dir renamed into place, so a
-    directory that exists is always complete."""
-    parent = os.path.dirname(os.path.abspath(directory))
+def write_weights_dir(directory: str, module: nn.Module, meta: dict[str, Any],
+                      extra_files: dict[str, bytes] | None = None) -> None:
+    """Write `model.safetensors`, `config.json` and any extra files into a temp dir, then move it
+    into place, so a directory under that name is always complete. An existing checkpoint is moved
+    aside first and deleted only once the new one is in place."""
+    directory = os.path.abspath(directory)
+    check_replaceable(directory)
+    parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    old = None
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS))
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump(meta, f, indent=2)
+        files = {CONFIG: json.dumps(meta, indent=2).encode(), **(extra_files or {})}
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if os.path.isdir(directory):
-            check_replaceable(directory)
-            shutil.rmtree(directory)
+            old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
+            os.replace(directory, os.path.join(old, "checkpoint"))
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(directory):
+            os.replace(os.path.join(old, "checkpoint"), directory)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_weights_dir(directory: str, expected_format: str) -> tuple[dict[str, Any], dict]:
@@ -112,11 +136,12 @@ def read_weights_dir(directory: str, expected_format: str) -> tuple[dict[str, An
 
 
 def save_checkpoint(directory: str, network: nn.Module, config: ModelConfig,
-                    extra: dict[str, Any] | None = None) -> str:
-    """Save a teacher or student; returns its fingerprint."""
+                    extra: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> str:
+    """Save a teacher or student (plus extra files such as logs); returns its fingerprint."""
     digest = fingerprint(network, config)
     meta = {"format": FORMAT, "model": to_dict(config), "fingerprint": digest, "extra": extra or {}}
-    write_weights_dir(directory, network, meta)
+    write_weights_dir(directory, network, meta, extra_files)
     return digest
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from raydistill.config import ConfigError, TeacherJob
 from raydistill.data import LabelledImages, load_digits
 from raydistill.devices import resolve_device
-from raydistill.diffusion.guidance import NULL_CLASS
+from raydistill.diffusion.guidance import NULL_CLASS, Guided
 from raydistill.diffusion.parameterization import (
     broadcast_like,
     loss_weight,
@@ -33,7 +32,7 @@ from raydistill.diffusion.schedule import Schedule
 from raydistill.models.checkpoint import save_checkpoint
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.unet import UNet
-from raydistill.sampling import sample_classes, save_grid
+from raydistill.sampling import grid_png, sample_classes
 
 
 @dataclass
@@ -89,7 +88,7 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
     schedule = make_schedule(job.model.schedule)
     prediction, weighting = job.model.prediction, job.loss_weighting
     net = UNet(unet).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
     optim = torch.optim.AdamW(net.parameters(), lr=job.optim.lr,
                               weight_decay=job.optim.weight_decay)
     g = torch.Generator().manual_seed(job.seed)
@@ -128,14 +127,13 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
     result.eval_loss_end = eval_loss(ema)
     extra = {"trained_on": job.data.source, "steps": job.optim.steps,
              "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
-    result.fingerprint = save_checkpoint(out, ema, job.model, extra)
-    with open(os.path.join(out, "train_log.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in result.log)
-    images, _ = sample_classes(ModelDenoiser(ema, schedule, prediction), schedule,
+    images, _ = sample_classes(Guided(ModelDenoiser(ema, schedule, prediction)), schedule,
                                shape=(unet.in_channels, unet.resolution, unet.resolution),
                                num_classes=unet.num_classes, sampler=job.preview, seed=job.seed,
                                device=device)
-    save_grid(images, unet.num_classes, os.path.join(out, "preview.png"))
+    files = {"train_log.jsonl": "".join(json.dumps(row) + "\n" for row in result.log).encode(),
+             "preview.png": grid_png(images, unet.num_classes)}
+    result.fingerprint = save_checkpoint(out, ema, job.model, extra, files)
     return result
 
 

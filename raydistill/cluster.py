@@ -1,0 +1,22 @@
+"""Connecting to Ray: a cluster by address, or a local instance started on the spot."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to `address` (e.g. `auto`, `ray://host:10001`) or to $RAY_ADDRESS (set inside a
+    submitted Ray job), else start Ray locally without a dashboard. A process that already
+    initialised Ray keeps its connection."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)

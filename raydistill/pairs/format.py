@@ -1,0 +1,119 @@
+"""The shard format: a WebDataset tar per shard, one sample per key, never pickle.
+
+Per sample `<key>` (`s<shard:06d>_<i:05d>`), members `<key>.<array>.npy` (float32, np.save without
+pickle) and `<key>.json` (scalars). Schemas per mode:
+
+| mode          | arrays            | json fields            |
+| ------------- | ----------------- | ---------------------- |
+| `ode`         | `noise`, `image`  | `c`, `w`, `seed`       |
+| `guided`      | `z_t`, `target`   | `c`, `w`, `t`, `seed`  |
+| `progressive` | `z_t`, `target`   | `c`, `w`, `t`, `N`, `seed` |
+
+`ode`: image = the teacher's ODE solution from noise z_1 under guidance w (class c). `guided`:
+target = x_hat_w(z_t, c), the guided teacher's prediction (Meng stage 1). `progressive`: target =
+x_tilde, the x for which one DDIM step of 1/N from z_t equals two teacher steps of 1/(2N). `c = -1`
+is the null class. Tar members carry fixed metadata, so regenerating a shard gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+
+import numpy as np
+
+SCHEMAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ode": (("noise", "image"), ("c", "w", "seed")),
+    "guided": (("z_t", "target"), ("c", "w", "t", "seed")),
+    "progressive": (("z_t", "target"), ("c", "w", "t", "N", "seed")),
+}
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated, altered or malformed; the message names it."""
+
+    def __init__(self, shard: str, problem: str):
+        super().__init__(f"shard {shard}: {problem}")
+        self.shard, self.problem = shard, problem
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(index: int, i: int) -> str:
+    return f"s{index:06d}_{i:05d}"
+
+
+def encode_shard(index: int, mode: str, columns: dict[str, np.ndarray]) -> bytes:
+    """A tar (bytes) of the samples in `columns` (arrays [n, ...] and scalar columns [n])."""
+    arrays, fields = SCHEMAS[mode]
+    count = len(columns[arrays[0]])
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(count):
+            key = sample_key(index, i)
+            for name in arrays:
+                npy = io.BytesIO()
+                np.save(npy, np.ascontiguousarray(columns[name][i], dtype=np.float32),
+                        allow_pickle=False)
+                _add(tar, f"{key}.{name}.npy", npy.getvalue())
+            meta = {name: columns[name][i].item() for name in fields}
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
+    """The samples of a shard as dicts of numpy arrays and scalars (plus `__key__`)."""
+    arrays, fields = SCHEMAS[mode]
+    expected = {f"{name}.npy" for name in arrays} | {"json"}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            sample: dict = {}
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                if sample and key != sample["__key__"]:
+                    yield _finish(sample, expected, shard)
+                    sample = {}
+                sample["__key__"] = key
+                payload = tar.extractfile(member)
+                if payload is None:
+                    raise ShardError(shard, f"member {member.name} is not a file")
+                if member.offset_data + member.size > len(data):
+                    raise ShardError(shard, f"truncated inside member {member.name}")
+                raw = payload.read()
+                if suffix == "json":
+                    meta = json.loads(raw)
+                    missing = set(fields) - set(meta)
+                    if missing:
+                        raise ShardError(shard, f"sample {key} lacks fields {sorted(missing)}")
+                    sample.update(meta)
+                elif suffix in expected:
+                    sample[suffix[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+                else:
+                    raise ShardError(shard, f"unexpected member {member.name} for mode {mode}")
+                sample.setdefault("__members__", set()).add(suffix)
+            if sample:
+                yield _finish(sample, expected, shard)
+            if data[tar.offset:tar.offset + 1024] != bytes(1024):
+                raise ShardError(shard, "truncated (no end-of-archive marker)")
+    except (tarfile.TarError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, ShardError):
+            raise
+        raise ShardError(shard, f"unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _finish(sample: dict, expected: set[str], shard: str) -> dict:
+    members = sample.pop("__members__")
+    if members != expected:
+        raise ShardError(shard, f"sample {sample['__key__']} is incomplete "
+                                f"(has {sorted(members)}, needs {sorted(expected)})")
+    return sample

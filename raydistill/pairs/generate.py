@@ -1,0 +1,128 @@
+"""The teacher's work for one shard, in pure torch (Ray workers and the bare benchmark both call it).
+
+Shard k has seed shard_seed(run_seed, k); its sample i draws its inputs from its own generator
+seeded with derive_seed(shard_seed, i) (recorded as the sample's `seed`), so a shard, and each
+sample in it, can be regenerated and checked independently of batching.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raydistill.config import ConfigError, PairsJob
+from raydistill.data import load_digits
+from raydistill.diffusion.parameterization import broadcast_like
+from raydistill.diffusion.progressive import two_step_target
+from raydistill.diffusion.solvers import sample
+from raydistill.models.checkpoint import Checkpoint
+from raydistill.models.gmm import GaussianMixture
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed from integers (numpy SeedSequence: independent streams for distinct inputs)."""
+    words = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
+    return int(words[0]) << 31 ^ int(words[1])
+
+
+def shard_seed(run_seed: int, shard: int) -> int:
+    """The seed of shard k; its samples use derive_seed(shard_seed, i)."""
+    return derive_seed(run_seed, shard)
+
+
+def data_shape(checkpoint: Checkpoint) -> tuple[int, ...]:
+    config = checkpoint.config
+    if config.kind == "gmm":
+        return checkpoint.network.shape
+    return (config.unet.in_channels, config.unet.resolution, config.unet.resolution)
+
+
+def num_classes(checkpoint: Checkpoint) -> int:
+    config = checkpoint.config
+    return config.gmm.num_classes if config.kind == "gmm" else config.unet.num_classes
+
+
+class ShardMaker:
+    """Computes the columns of shard k for a PairsJob and a loaded teacher."""
+
+    def __init__(self, job: PairsJob, teacher: Checkpoint, device: torch.device | str = "cpu"):
+        self.job, self.device = job, torch.device(device)
+        teacher.network.to(self.device)
+        self.teacher = teacher.guided
+        self.schedule = teacher.denoiser.schedule
+        self.shape, self.num_classes = data_shape(teacher), num_classes(teacher)
+        self.data = self._real_data(teacher) if job.mode != "ode" else None
+
+    def _real_data(self, teacher: Checkpoint) -> Tensor | GaussianMixture:
+        source = self.job.data.source
+        if source == "mixture":
+            if teacher.config.kind != "gmm":
+                raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
+            return teacher.network
+        images = load_digits(self.job.data).train.images
+        if tuple(images.shape[1:]) != self.shape:
+            raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
+                                                 f"match the teacher's {self.shape}")
+        return images
+
+    def inputs(self, shard: int) -> dict[str, Tensor]:
+        """The per-sample random inputs of shard k (CPU), each from its own seeded generator."""
+        job, rows = self.job, []
+        base = shard_seed(job.seed, shard)
+        for i in range(job.samples_per_shard):
+            seed = derive_seed(base, i)
+            g = torch.Generator().manual_seed(seed)
+            row = {"seed": torch.tensor(seed),
+                   "c": torch.randint(0, self.num_classes, (), generator=g),
+                   "w": job.guidance.w_min + (job.guidance.w_max - job.guidance.w_min)
+                   * torch.rand((), generator=g)}
+            if job.mode == "ode":
+                row["noise"] = torch.randn(self.shape, generator=g)
+            else:
+                row["x"] = self._draw_x(row["c"], g)
+                row["eps"] = torch.randn(self.shape, generator=g)
+                if job.mode == "guided":
+                    row["t"] = torch.rand((), generator=g)
+                else:
+                    n = job.student_steps
+                    row["t"] = torch.randint(1, n + 1, (), generator=g).float() / n
+            rows.append(row)
+        return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def _draw_x(self, c: Tensor, g: torch.Generator) -> Tensor:
+        if isinstance(self.data, GaussianMixture):
+            return self.data.sample(c.reshape(1), generator=g)[0].float()
+        return self.data[torch.randint(0, len(self.data), (), generator=g)]
+
+    @torch.no_grad()
+    def make(self, shard: int) -> dict[str, np.ndarray]:
+        """The columns of shard k (see raydistill.pairs.format for the schema per mode)."""
+        inputs = self.inputs(shard)
+        columns: dict[str, list[Tensor]] = {}
+        for start in range(0, self.job.samples_per_shard, self.job.batch_size):
+            batch = {k: v[start:start + self.job.batch_size].to(self.device) for k, v in inputs.items()}
+            for key, value in self._compute(batch).items():
+                columns.setdefault(key, []).append(value.cpu())
+        out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
+        out.update(c=inputs["c"].numpy(), w=inputs["w"].numpy(), seed=inputs["seed"].numpy())
+        return out
+
+    def _compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        job = self.job
+        cond = {"c": batch["c"], "w": batch["w"]}
+        if job.mode == "ode":
+            image = sample(self.teacher, batch["noise"], cond, self.schedule, steps=job.solver.steps,
+                           solver=job.solver.solver, spacing=job.solver.spacing)
+            return {"noise": batch["noise"], "image": image}
+        t = batch["t"]
+        alpha, sigma = (broadcast_like(v, batch["x"]) for v in self.schedule.alpha_sigma(t))
+        z_t = alpha * batch["x"] + sigma * batch["eps"]
+        if job.mode == "guided":
+            target = self.teacher(z_t, t, cond)
+        else:
+            target = two_step_target(self.teacher, z_t, t, cond, self.schedule, job.student_steps)
+        out = {"z_t": z_t, "target": target, "t": batch["t"]}
+        if job.mode == "progressive":
+            out["N"] = torch.full((len(t),), job.student_steps)
+        return out

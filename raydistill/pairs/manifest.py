@@ -1,0 +1,114 @@
+"""The manifest (`manifest.parquet`): one row per committed shard, rewritten atomically after each
+commit, plus `pairs.json`: the run's identity (teacher fingerprint, mode, solver, ...) that every
+later run on the same location must match.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydistill.config import ConfigError, PairsJob
+from raydistill.pairs.store import Location
+
+MANIFEST, RUN = "manifest.parquet", "pairs.json"
+
+SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("index", pa.int64()),
+    ("count", pa.int64()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("seed", pa.int64()),
+    ("mode", pa.string()),
+    ("teacher_fingerprint", pa.string()),
+    ("solver", pa.string()),
+    ("steps", pa.int64()),
+    ("w_min", pa.float64()),
+    ("w_max", pa.float64()),
+    ("created_at", pa.timestamp("ms", tz="UTC")),
+    ("node", pa.string()),
+    ("worker", pa.string()),
+])
+COLUMNS = SCHEMA.names
+
+
+def run_identity(job: PairsJob, fingerprint: str) -> dict:
+    """What makes two runs' shards interchangeable: all of it must match to add to a location."""
+    identity = {"mode": job.mode, "teacher_fingerprint": fingerprint,
+                "samples_per_shard": job.samples_per_shard, "seed": job.seed,
+                "guidance": asdict(job.guidance)}
+    if job.mode == "ode":
+        identity["solver"] = asdict(job.solver)
+    else:
+        identity["data"] = asdict(job.data)
+    if job.mode == "progressive":
+        identity["student_steps"] = job.student_steps
+    return identity
+
+
+class Manifest:
+    def __init__(self, rows: dict[str, dict] | None = None):
+        self.rows = rows or {}
+
+    @classmethod
+    def read(cls, location: Location) -> Manifest:
+        if not location.exists(MANIFEST):
+            return cls()
+        try:
+            table = pq.read_table(io.BytesIO(location.read(MANIFEST)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ConfigError(location.uri, f"{MANIFEST} is unreadable ({exc})") from None
+        return cls({row["shard"]: row for row in table.to_pylist()})
+
+    def add(self, row: dict) -> None:
+        self.rows[row["shard"]] = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+
+    def write(self, location: Location) -> None:
+        rows = [self.rows[name] for name in sorted(self.rows)]
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        location.write_atomic(MANIFEST, buffer.getvalue())
+
+    def __contains__(self, shard: str) -> bool:
+        return shard in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_run(location: Location) -> dict | None:
+    if not location.exists(RUN):
+        return None
+    return json.loads(location.read(RUN))
+
+
+def claim_location(location: Location, job: PairsJob, fingerprint: str) -> dict:
+    """Check that `location` is empty or holds shards of this same run; record the run there.
+
+    Raises ConfigError naming the first difference, before any worker starts.
+    """
+    identity = run_identity(job, fingerprint)
+    previous = read_run(location)
+    if previous is None:
+        if location.list():
+            stray = [n for n in location.list() if n.endswith(".tar")]
+            if stray:
+                raise ConfigError(location.uri, f"holds shards ({stray[0]}, ...) but no {RUN}; "
+                                                "refusing to mix runs")
+    else:
+        others = sorted((set(identity) | set(previous["identity"])) - {"mode", "teacher_fingerprint"})
+        for key in ["mode", "teacher_fingerprint", *others]:
+            mine, theirs = identity.get(key), previous["identity"].get(key)
+            if mine != theirs:
+                raise ConfigError(location.uri, f"holds shards with {key}={theirs!r}, "
+                                                f"this job has {key}={mine!r}")
+    num_shards = max(job.num_shards, previous["num_shards"] if previous else 0)
+    run = {"identity": identity, "num_shards": num_shards}
+    location.write_atomic(RUN, json.dumps(run, indent=2, sort_keys=True).encode())
+    return run

@@ -1,0 +1,91 @@
+"""Elasticity on a multi-node Ray cluster on one machine (ray.cluster_utils.Cluster): a node added
+mid-run receives work; a node removed mid-run loses none."""
+
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from raydistill.cli import main
+from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
+from raydistill.models import build_network, save_checkpoint
+from raydistill.pairs.format import shard_name
+from raydistill.pairs.manifest import Manifest
+from raydistill.pairs.pool import generate_pairs
+from raydistill.pairs.store import Location
+
+SHARDS = 14
+
+
+@pytest.fixture
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A UNet teacher slow enough (about a second per shard) for nodes to come and go mid-run."""
+    config = ModelConfig(unet=UNetConfig(base_channels=16, resolution=8, num_classes=3,
+                                         attention_resolutions=[]))
+    path = str(tmp_path_factory.mktemp("unet") / "teacher")
+    save_checkpoint(path, build_network(config), config)
+    return from_dict(PairsJob, {
+        "teacher": {"checkpoint": path}, "num_shards": SHARDS, "samples_per_shard": 32,
+        "batch_size": 32, "solver": {"steps": 24}, "workers": {"min": 1, "max": 4}})
+
+
+def run_in_background(job, out):
+    errors = []
+
+    def target():
+        try:
+            generate_pairs(job, out, progress=False)
+        except BaseException as exc:           # surfaced by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, errors
+
+
+def wait_for_shards(out, n, timeout=120):
+    deadline = time.time() + timeout
+    while len(Manifest.read(Location.parse(out))) < n:
+        assert time.time() < deadline, f"fewer than {n} shards after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_added_node_receives_work(cluster, job, tmp_path):
+    out = str(tmp_path / "pairs")
+    thread, errors = run_in_background(job, out)
+    wait_for_shards(out, 1)
+    new_node = cluster.add_node(num_cpus=1)
+    thread.join(timeout=300)
+    assert not errors and not thread.is_alive()
+    rows = Manifest.read(Location.parse(out)).rows
+    assert sorted(rows) == [shard_name(k) for k in range(SHARDS)]
+    on_new = [name for name, row in rows.items() if row["node"] == new_node.node_id]
+    print(f"{len(on_new)} of {SHARDS} shards made on the node added mid-run")
+    assert on_new
+    assert main(["verify", out]) == 0
+
+
+def test_removed_node_loses_nothing(cluster, job, tmp_path):
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = str(tmp_path / "pairs")
+    thread, errors = run_in_background(job, out)
+    wait_for_shards(out, 3)
+    rows = Manifest.read(Location.parse(out)).rows
+    cluster.remove_node(doomed, allow_graceful=False)
+    thread.join(timeout=300)
+    assert not errors and not thread.is_alive()
+    rows = Manifest.read(Location.parse(out)).rows
+    assert sorted(rows) == [shard_name(k) for k in range(SHARDS)]
+    assert main(["verify", out]) == 0

@@ -1,0 +1,144 @@
+"""Shards, storage, manifest and generation without Ray."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.config import ConfigError, PairsJob, from_dict
+from raydistill.diffusion import Guided, guided_x, sample, two_step_target
+from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
+from raydistill.pairs.generate import ShardMaker
+from raydistill.pairs.manifest import Manifest, claim_location
+from raydistill.pairs.pool import load_teacher
+from raydistill.pairs.store import Location
+
+ANALYTIC = {"num_classes": 3, "components_per_class": 2, "dim": 8, "shape": [2, 2, 2], "seed": 1}
+
+
+def job(mode="ode", **overrides) -> PairsJob:
+    data = {"mode": mode, "teacher": {"analytic": ANALYTIC}, "samples_per_shard": 12,
+            "batch_size": 5, "solver": {"solver": "ddim", "steps": 8},
+            "guidance": {"w_min": 0.0, "w_max": 3.0}, "data": {"source": "mixture"}}
+    if mode == "progressive":
+        data["student_steps"] = 4
+    data.update(overrides)
+    return from_dict(PairsJob, data)
+
+
+def columns(mode, n=3):
+    arrays, fields = SCHEMAS[mode]
+    out = {name: np.random.default_rng(0).normal(size=(n, 2, 3)).astype(np.float32)
+           for name in arrays}
+    for name in fields:
+        out[name] = np.arange(n) * (1.5 if name in ("w", "t") else 1)
+    return out
+
+
+@pytest.mark.parametrize("mode", SCHEMAS)
+def test_encode_decode_round_trip_and_determinism(mode):
+    cols = columns(mode)
+    data = encode_shard(7, mode, cols)
+    assert data == encode_shard(7, mode, cols)          # fixed tar metadata: same bytes
+    samples = list(decode_shard(data, "x.tar", mode))
+    assert [s["__key__"] for s in samples] == ["s000007_00000", "s000007_00001", "s000007_00002"]
+    for i, s in enumerate(samples):
+        for name in SCHEMAS[mode][0]:
+            np.testing.assert_array_equal(s[name], cols[name][i])
+        for name in SCHEMAS[mode][1]:
+            assert s[name] == cols[name][i]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert not [m for m in tar if m.name.endswith((".pickle", ".pyd", ".pth"))]
+
+
+def test_decode_errors_name_the_shard():
+    data = encode_shard(0, "ode", columns("ode"))
+    for cut in (len(data) // 3 + 100, len(data) // 3 // 512 * 512, len(data) - 1024):
+        with pytest.raises(ShardError, match="shard bad.tar: (truncated|unreadable)"):
+            list(decode_shard(data[:cut], "bad.tar", "ode"))
+    with pytest.raises(ShardError, match="sample s000000_00001 is incomplete"):
+        list(decode_shard(_without(data, "s000000_00001.image.npy"), "bad.tar", "ode"))
+
+
+def _without(data: bytes, member_name: str) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src:
+            if member.name != member_name:
+                dst.addfile(member, src.extractfile(member))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("uri_kind", ["path", "file", "memory"])
+def test_location_atomic_writes(tmp_path, uri_kind):
+    uri = {"path": str(tmp_path / "d"), "file": f"file://{tmp_path}/d",
+           "memory": f"memory://raydistill-test-{tmp_path.name}/d"}[uri_kind]
+    location = Location.parse(uri)
+    assert location.list() == []
+    location.write_atomic("a.bin", b"abc")
+    location.write_atomic("a.bin", b"abcd")
+    assert location.read("a.bin") == b"abcd" and location.list() == ["a.bin"]
+    assert location.exists("a.bin") and not location.exists("b.bin")
+
+
+def test_claim_location_refuses_other_runs(tmp_path):
+    location = Location.parse(str(tmp_path / "pairs"))
+    teacher = load_teacher(job())
+    claim_location(location, job(), teacher.fingerprint)
+    claim_location(location, job(num_shards=20), teacher.fingerprint)     # growing is fine
+    with pytest.raises(ConfigError, match="teacher_fingerprint="):
+        claim_location(location, job(), "0" * 64)
+    with pytest.raises(ConfigError, match="mode='ode', this job has mode='guided'"):
+        claim_location(location, job("guided"), teacher.fingerprint)
+    stray = Location.parse(str(tmp_path / "stray"))
+    stray.write_atomic("shard-000000.tar", b"x")
+    with pytest.raises(ConfigError, match="no pairs.json"):
+        claim_location(stray, job(), teacher.fingerprint)
+    assert len(Manifest.read(location)) == 0
+
+
+def test_fingerprint_pin():
+    teacher = load_teacher(job())
+    load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": teacher.fingerprint[:12]}))
+    with pytest.raises(ConfigError, match="teacher.fingerprint"):
+        load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": "deadbeef"}))
+
+
+def test_shards_regenerate_identically_and_independently_of_batching():
+    teacher = load_teacher(job())
+    a = ShardMaker(job(), teacher).make(3)
+    b = ShardMaker(job(batch_size=12), teacher).make(3)
+    assert encode_shard(3, "ode", a) == encode_shard(3, "ode", ShardMaker(job(), teacher).make(3))
+    np.testing.assert_allclose(a["image"], b["image"], rtol=0, atol=1e-6)
+    assert len(set(a["seed"].tolist())) == 12
+    other = ShardMaker(job(), teacher).make(4)
+    assert not np.allclose(a["noise"], other["noise"])
+
+
+def test_each_mode_matches_the_diffusion_functions():
+    """ode = the solver on the stored noise; guided = x_hat_w; progressive = the two-step target."""
+    for mode in ("ode", "guided", "progressive"):
+        spec = job(mode)
+        teacher = load_teacher(spec)
+        maker = ShardMaker(spec, teacher)
+        cols = {k: torch.as_tensor(v) for k, v in maker.make(0).items()}
+        cond = {"c": cols["c"]}
+        denoiser, schedule = teacher.denoiser, teacher.denoiser.schedule
+        with torch.no_grad():
+            if mode == "ode":
+                want = torch.stack([
+                    sample(denoiser, cols["noise"][i:i + 1], {"c": cols["c"][i:i + 1]}, schedule,
+                           steps=8, solver="ddim", w=float(cols["w"][i]))[0]
+                    for i in range(12)])
+                got = cols["image"]
+            else:
+                z_t, t, w = cols["z_t"], cols["t"].float(), cols["w"].float()
+                if mode == "guided":
+                    want = guided_x(denoiser, z_t, t, cond, w)
+                else:
+                    want = two_step_target(Guided(denoiser), z_t, t, {**cond, "w": w}, schedule, 4)
+                    assert set((t * 4).round().tolist()) <= {1.0, 2.0, 3.0, 4.0}
+                got = cols["target"]
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)

@@ -1,0 +1,225 @@
+"""Pair generation on a local Ray (2 CPUs, loopback): smoke configs, numbers, resume, verify,
+failures of workers and of the driver, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+
+from raydistill.cli import main
+from raydistill.config import ModelConfig, PairsJob, UNetConfig, load
+from raydistill.diffusion import Guided, sample, two_step_target
+from raydistill.models import build_network, save_checkpoint
+from raydistill.pairs.format import shard_name
+from raydistill.pairs.manifest import Manifest
+from raydistill.pairs.pool import load_teacher
+from raydistill.pairs.reader import PairReader
+from raydistill.pairs.store import Location
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def pairs(*argv):
+    return main(["pairs", *argv, "--quiet"])
+
+
+def read_all(uri):
+    return list(PairReader(uri))
+
+
+@pytest.fixture(scope="module")
+def smoke_ode(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ode") / "pairs")
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out) == 0
+    return out
+
+
+def test_smoke_ode_pairs_are_the_solver_output(smoke_ode, capsys):
+    assert main(["verify", smoke_ode]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+    job = load(PairsJob, f"{SMOKE}/pairs.yaml")
+    teacher = load_teacher(job)
+    samples = read_all(smoke_ode)
+    assert len(samples) == job.num_shards * job.samples_per_shard
+    noise = torch.stack([s["noise"] for s in samples])
+    cond = {"c": torch.stack([s["c"] for s in samples])}
+    w = torch.stack([s["w"] for s in samples]).float()
+    with torch.no_grad():
+        x = sample(Guided(teacher.denoiser), noise, {**cond, "w": w}, teacher.denoiser.schedule,
+                   steps=job.solver.steps, solver=job.solver.solver)
+    images = torch.stack([s["image"] for s in samples])
+    torch.testing.assert_close(images, x, rtol=0, atol=1e-4)
+    assert w.min() >= 0 and w.max() <= 2 and w.std() > 0.3      # w ~ U[w_min, w_max]
+    assert len({int(s["seed"]) for s in samples}) == len(samples)
+
+
+def test_smoke_progressive_targets(tmp_path):
+    out = str(tmp_path / "prog")
+    assert pairs("--config", f"{SMOKE}/pairs_progressive.yaml", "--out", out) == 0
+    assert main(["verify", out]) == 0
+    job = load(PairsJob, f"{SMOKE}/pairs_progressive.yaml")
+    teacher = load_teacher(job)
+    samples = read_all(out)
+    z_t = torch.stack([s["z_t"] for s in samples])
+    t = torch.stack([s["t"] for s in samples]).float()
+    cond = {"c": torch.stack([s["c"] for s in samples]),
+            "w": torch.stack([s["w"] for s in samples]).float()}
+    assert {int(s["N"]) for s in samples} == {4}
+    with torch.no_grad():
+        want = two_step_target(Guided(teacher.denoiser), z_t, t, cond, teacher.denoiser.schedule, 4)
+    torch.testing.assert_close(torch.stack([s["target"] for s in samples]), want, rtol=0, atol=1e-4)
+
+
+def test_resume_generates_only_missing_shards(smoke_ode, tmp_path, capsys):
+    out = str(tmp_path / "copy")
+    subprocess.run(["cp", "-r", smoke_ode, out], check=True)
+    before = Manifest.read(Location.parse(out)).rows
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out) == 0
+    assert "0 shards generated" in capsys.readouterr().out
+    # Lose one shard's record and add two more shards to the run: exactly three are generated.
+    manifest = Manifest.read(Location.parse(out))
+    del manifest.rows[shard_name(1)]
+    manifest.write(Location.parse(out))
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out, "num_shards=6") == 0
+    assert "3 shards generated" in capsys.readouterr().out
+    after = Manifest.read(Location.parse(out)).rows
+    assert len(after) == 6
+    for name in (shard_name(0), shard_name(2), shard_name(3)):
+        assert after[name]["created_at"] == before[name]["created_at"]
+    assert after[shard_name(1)]["sha256"] == before[shard_name(1)]["sha256"]   # deterministic
+    assert main(["verify", out]) == 0
+
+
+def test_verify_and_reader_catch_bad_shards(smoke_ode, tmp_path, capsys):
+    out = str(tmp_path / "bad")
+    subprocess.run(["cp", "-r", smoke_ode, out], check=True)
+    truncated, altered = os.path.join(out, shard_name(0)), os.path.join(out, shard_name(2))
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    with open(altered, "r+b") as f:
+        f.seek(3000)
+        byte = f.read(1)
+        f.seek(3000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.remove(os.path.join(out, shard_name(3)))
+    capsys.readouterr()
+    assert main(["verify", out]) == 1
+    err = capsys.readouterr().err
+    assert f"shard {shard_name(0)}: has" in err and "truncated" in err
+    assert f"shard {shard_name(2)}: sha256 differs" in err
+    assert f"shard {shard_name(3)}: listed in the manifest but missing" in err
+    assert shard_name(1) not in err
+    from raydistill.pairs.format import ShardError
+    with pytest.raises(ShardError, match=shard_name(0)):
+        read_all(out)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.fingerprint=abc123"], "teacher.fingerprint: the teacher has fingerprint"),
+    (["mode=guided", "data.source=mixture"],
+     "holds shards with mode='ode', this job has mode='guided'"),
+    (["mode=guided"], "data.resolution: data shape (1, 16, 16) does not match the teacher's"),
+    (["teacher.analytic.seed=5"], "holds shards with teacher_fingerprint="),
+    (["mode=progressive", "student_steps=3"], "student_steps: must be a power of two"),
+    (["solver.steps=0"], "solver.steps: must be positive"),
+])
+def test_bad_input_fails_before_workers(smoke_ode, tmp_path, capsys, overrides, message):
+    out = str(tmp_path / "copy")
+    subprocess.run(["cp", "-r", smoke_ode, out], check=True)
+    capsys.readouterr()
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out, *overrides) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert len(Manifest.read(Location.parse(out))) == 4
+
+
+def test_missing_teacher_checkpoint(tmp_path, capsys):
+    code = pairs("--config", f"{SMOKE}/pairs.yaml", "--out", str(tmp_path / "o"),
+                 "teacher.analytic=null", f"teacher.checkpoint={tmp_path}/nope")
+    assert code == 2
+    assert "teacher.checkpoint: no such file or directory" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def slow_teacher(tmp_path_factory):
+    """A small UNet teacher whose shards take about a second each: long enough to kill mid-shard."""
+    config = ModelConfig(unet=UNetConfig(base_channels=16, resolution=8, num_classes=3,
+                                         attention_resolutions=[]))
+    path = str(tmp_path_factory.mktemp("unet") / "teacher")
+    save_checkpoint(path, build_network(config), config)
+    return path
+
+
+def unet_args(teacher, out, shards=8):
+    return ["--config", f"{SMOKE}/pairs.yaml", "--out", out, "teacher.analytic=null",
+            f"teacher.checkpoint={teacher}", f"num_shards={shards}", "samples_per_shard=32",
+            "batch_size=32", "solver.steps=24", "workers.max=2"]
+
+
+def test_worker_killed_mid_shard_loses_nothing(slow_teacher, tmp_path):
+    out = str(tmp_path / "pairs")
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if len(Location.parse(out).list()) >= 4:      # pairs.json, manifest, >= 2 shards
+                for proc in psutil.process_iter(["name", "cmdline"]):
+                    if "ShardWorker" in " ".join(proc.info["cmdline"] or [proc.info["name"]]):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    assert pairs(*unet_args(slow_teacher, out)) == 0
+    thread.join()
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    manifest = Manifest.read(Location.parse(out))
+    assert sorted(manifest.rows) == [shard_name(k) for k in range(8)]
+    assert sorted(n for n in Location.parse(out).list() if n.endswith(".tar")) == \
+        [shard_name(k) for k in range(8)]
+    assert main(["verify", out]) == 0
+    assert len(read_all(out)) == 8 * 32
+
+
+def test_driver_killed_mid_run_resumes(slow_teacher, tmp_path):
+    out = str(tmp_path / "pairs")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "pairs", "--quiet",
+                               *unet_args(slow_teacher, out, shards=10)],
+                              start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    location = Location.parse(out)
+    deadline = time.time() + 180
+    while len(Manifest.read(location)) < 3 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = Manifest.read(location).rows
+    assert 3 <= len(committed) < 10, len(committed)
+    assert pairs(*unet_args(slow_teacher, out, shards=10)) == 0
+    after = Manifest.read(location).rows
+    assert len(after) == 10
+    for name, row in committed.items():            # nothing committed was redone
+        assert after[name]["created_at"] == row["created_at"]
+    assert main(["verify", out]) == 0
+    np.testing.assert_equal(len(read_all(out)), 10 * 32)
