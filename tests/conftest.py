@@ -1,3 +1,9 @@
+import os
+
+# Ray Data re-requests cluster resources for a running dataset at most every 10 s by default; tests
+# that add a node mid-run would otherwise need minute-long runs. Must be set before Ray Data loads.
+os.environ.setdefault("RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS", "1")
+
 import pytest
 import torch
 

@@ -16,7 +16,7 @@ from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
 from raydistill.pairs.store import Location
 
-SHARDS = 14
+SHARDS = 40
 
 
 @pytest.fixture
