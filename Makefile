@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 OUT    ?= runs/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/pairs_throughput.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks
