@@ -30,9 +30,9 @@ import torch
 
 from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
 from raydistill.models import build_network, save_checkpoint
-from raydistill.pairs.generate import ShardMaker
+from raydistill.pairs.generate import ShardMaker, load_teacher
 from raydistill.pairs.manifest import Manifest
-from raydistill.pairs.pool import generate_pairs, load_teacher
+from raydistill.pairs.pool import generate_pairs
 from raydistill.pairs.store import Location
 
 

@@ -7,8 +7,9 @@ os.environ.setdefault("RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS", "1")
 import pytest
 import torch
 
+from raydistill.config import ModelConfig, UNetConfig
 from raydistill.diffusion import CosineSchedule
-from raydistill.models import AnalyticTeacher, GaussianMixture
+from raydistill.models import AnalyticTeacher, GaussianMixture, build_network, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +39,14 @@ def batch(mixture):
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(128, mixture.dim, generator=g, dtype=torch.float64)
     return noise, {"c": torch.randint(0, mixture.num_classes, (128,), generator=g)}
+
+
+@pytest.fixture(scope="session")
+def slow_teacher(tmp_path_factory):
+    """A small random UNet teacher whose shards take about a second each: long enough to kill a
+    worker mid-shard or add and remove nodes mid-run."""
+    config = ModelConfig(unet=UNetConfig(base_channels=16, resolution=8, num_classes=3,
+                                         attention_resolutions=[]))
+    path = str(tmp_path_factory.mktemp("unet") / "teacher")
+    save_checkpoint(path, build_network(config), config)
+    return path

@@ -9,8 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from raydistill.cli import main
-from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
-from raydistill.models import build_network, save_checkpoint
+from raydistill.config import PairsJob, from_dict
 from raydistill.pairs.format import shard_name
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
@@ -28,15 +27,10 @@ def cluster():
     cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """A UNet teacher slow enough (about a second per shard) for nodes to come and go mid-run."""
-    config = ModelConfig(unet=UNetConfig(base_channels=16, resolution=8, num_classes=3,
-                                         attention_resolutions=[]))
-    path = str(tmp_path_factory.mktemp("unet") / "teacher")
-    save_checkpoint(path, build_network(config), config)
+@pytest.fixture
+def job(slow_teacher):
     return from_dict(PairsJob, {
-        "teacher": {"checkpoint": path}, "num_shards": SHARDS, "samples_per_shard": 32,
+        "teacher": {"checkpoint": slow_teacher}, "num_shards": SHARDS, "samples_per_shard": 32,
         "batch_size": 32, "solver": {"steps": 24}, "workers": {"min": 1, "max": 4}})
 
 

@@ -15,12 +15,11 @@ import ray
 import torch
 
 from raydistill.cli import main
-from raydistill.config import ModelConfig, PairsJob, UNetConfig, load
+from raydistill.config import PairsJob, load
 from raydistill.diffusion import Guided, sample, two_step_target
-from raydistill.models import build_network, save_checkpoint
 from raydistill.pairs.format import shard_name
+from raydistill.pairs.generate import load_teacher
 from raydistill.pairs.manifest import Manifest
-from raydistill.pairs.pool import load_teacher
 from raydistill.pairs.reader import PairReader
 from raydistill.pairs.store import Location
 
@@ -155,16 +154,6 @@ def test_missing_teacher_checkpoint(tmp_path, capsys):
     assert code == 2
     assert "teacher.checkpoint: no such file or directory" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
-
-
-@pytest.fixture(scope="module")
-def slow_teacher(tmp_path_factory):
-    """A small UNet teacher whose shards take about a second each: long enough to kill mid-shard."""
-    config = ModelConfig(unet=UNetConfig(base_channels=16, resolution=8, num_classes=3,
-                                         attention_resolutions=[]))
-    path = str(tmp_path_factory.mktemp("unet") / "teacher")
-    save_checkpoint(path, build_network(config), config)
-    return path
 
 
 def unet_args(teacher, out, shards=8):

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydistill.config import ConfigError, PairsJob
+from raydistill.config import ConfigError, ModelConfig, PairsJob
 from raydistill.data import load_digits
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import two_step_target
 from raydistill.diffusion.solvers import sample
-from raydistill.models.checkpoint import Checkpoint
+from raydistill.models.checkpoint import Checkpoint, build_network, fingerprint, load_checkpoint
 from raydistill.models.gmm import GaussianMixture
 
 
@@ -41,6 +41,22 @@ def data_shape(checkpoint: Checkpoint) -> tuple[int, ...]:
 def num_classes(checkpoint: Checkpoint) -> int:
     config = checkpoint.config
     return config.gmm.num_classes if config.kind == "gmm" else config.unet.num_classes
+
+
+def load_teacher(job: PairsJob) -> Checkpoint:
+    """The configured teacher (a checkpoint, or the analytic mixture the config describes); a
+    fingerprint pin in the config must match."""
+    if job.teacher.analytic is not None:
+        config = ModelConfig(kind="gmm", gmm=job.teacher.analytic)
+        network = build_network(config)
+        checkpoint = Checkpoint(network, config, fingerprint(network, config), {})
+    else:
+        checkpoint = load_checkpoint(job.teacher.checkpoint)
+    pin = job.teacher.fingerprint
+    if pin and not checkpoint.fingerprint.startswith(pin):
+        raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
+                                                 f"{checkpoint.fingerprint[:16]}, config pins {pin}")
+    return checkpoint
 
 
 class ShardMaker:

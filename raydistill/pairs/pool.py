@@ -24,10 +24,9 @@ import ray
 import torch
 from tqdm import tqdm
 
-from raydistill.config import ConfigError, ModelConfig, PairsJob, from_dict
-from raydistill.models.checkpoint import Checkpoint, build_network, fingerprint, load_checkpoint
+from raydistill.config import PairsJob, from_dict
 from raydistill.pairs.format import encode_shard, shard_name
-from raydistill.pairs.generate import ShardMaker, shard_seed
+from raydistill.pairs.generate import ShardMaker, load_teacher, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
 from raydistill.pairs.store import Location
 
@@ -41,30 +40,23 @@ def worker_device(job: PairsJob) -> torch.device:
     return torch.device("cpu")
 
 
-def load_teacher(job: PairsJob) -> Checkpoint:
-    """The configured teacher (a checkpoint, or the analytic mixture the config describes); a
-    fingerprint pin in the config must match."""
-    if job.teacher.analytic is not None:
-        config = ModelConfig(kind="gmm", gmm=job.teacher.analytic)
-        network = build_network(config)
-        checkpoint = Checkpoint(network, config, fingerprint(network, config), {})
-    else:
-        checkpoint = load_checkpoint(job.teacher.checkpoint)
-    pin = job.teacher.fingerprint
-    if pin and not checkpoint.fingerprint.startswith(pin):
-        raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
-                                                 f"{checkpoint.fingerprint[:16]}, config pins {pin}")
-    return checkpoint
+def teacher_work(job: PairsJob) -> tuple[str, int]:
+    """(solver, teacher steps) behind each target, for the manifest."""
+    if job.mode == "ode":
+        return job.solver.solver, job.solver.steps
+    if job.mode == "progressive":
+        return "ddim", 2                        # two teacher DDIM steps per target
+    return "x_hat", 1                           # one guided teacher prediction
 
 
-def shard_row(job: PairsJob, fingerprint: str, index: int, data: bytes, count: int) -> dict:
+def shard_row(job: PairsJob, teacher_fingerprint: str, index: int, data: bytes,
+              count: int) -> dict:
+    solver, steps = teacher_work(job)
     return {
         "shard": shard_name(index), "index": index, "count": count, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "seed": shard_seed(job.seed, index),
-        "mode": job.mode,
-        "teacher_fingerprint": fingerprint, "solver": job.solver.solver if job.mode == "ode"
-        else "ddim", "steps": job.solver.steps if job.mode == "ode" else 2,
-        "w_min": job.guidance.w_min, "w_max": job.guidance.w_max,
+        "mode": job.mode, "teacher_fingerprint": teacher_fingerprint, "solver": solver,
+        "steps": steps, "w_min": job.guidance.w_min, "w_max": job.guidance.w_max,
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None),   # naive UTC for numpy
         "node": ray.get_runtime_context().get_node_id(),
         "worker": f"{socket.gethostname()}:{os.getpid()}",

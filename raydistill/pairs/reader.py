@@ -82,8 +82,9 @@ def ray_dataset(uri: str):
     """A Ray Dataset of verified samples (columns per the mode's schema), decoded on Ray workers."""
     import ray
 
-    location, manifest, mode = open_pairs(uri)
-    rows = [manifest.rows[name] for name in sorted(manifest.rows)]
+    _, manifest, mode = open_pairs(uri)
+    checked = ("shard", "bytes", "sha256", "count")          # what read_shard verifies against
+    rows = [{k: manifest.rows[name][k] for k in checked} for name in sorted(manifest.rows)]
 
     def expand(row: dict) -> list[dict]:
         return [{k: np.asarray(v) for k, v in sample.items() if k != "__key__"}
