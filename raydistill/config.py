@@ -116,14 +116,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "mixture"] = "digits"   # mixture: exact draws from an analytic teacher
-    resolution: int = 16             # digits are 8x8, bilinearly resized to this size
-    holdout_fraction: float = 0.15   # held-out split for the classifier's test accuracy
+    """Real images x in [-1, 1] (and class labels) for teachers, stage-1 targets and classifiers.
+
+    digits: scikit-learn's 8x8 digits; npz: arrays `images` ([N,H,W] or [N,C,H,W], uint8 in
+    0..255 or float in [0, 1] / [-1, 1]) and optional integer `labels`; mixture: exact draws from
+    an analytic teacher (pairs only).
+    """
+
+    source: Literal["digits", "npz", "mixture"] = "digits"
+    path: str = ""                   # npz: the file
+    resolution: int = 16             # images are center-cropped to square and resized to this
+    resize: bool = True              # false: every image must already be resolution^2
+    channels: int = 0                # 0: as stored; 1 or 3: convert (grayscale <-> RGB)
+    holdout_fraction: float = 0.15   # held-out split (stratified by class when labelled)
     seed: int = 0
 
     def validate(self) -> None:
         require(self.resolution >= 8, "resolution", "must be at least 8")
         require(0.0 < self.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
+        require(self.channels in (0, 1, 3), "channels", "must be 0 (as stored), 1 or 3")
+        if self.source == "npz":
+            require(bool(self.path), "path", "is required for source npz")
+            require(os.path.isfile(self.path), "path", f"no such file: {self.path}")
 
 
 @dataclass
@@ -213,10 +227,8 @@ class TeacherJob:
     def validate(self) -> None:
         require(0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)")
         require(self.model.kind == "unet", "model.kind", "a trained teacher must be a unet")
-        require(self.model.unet.resolution == self.data.resolution, "model.unet.resolution",
-                f"is {self.model.unet.resolution} but data.resolution is {self.data.resolution}")
-        require(self.model.unet.in_channels == 1, "model.unet.in_channels",
-                "must be 1 for the digits (grayscale)")
+        require(self.data.source != "mixture", "data.source",
+                "a teacher trains on images (digits or npz), not on an analytic mixture")
         require(not self.model.unet.w_embedding, "model.unet.w_embedding",
                 "a teacher is guided by CFG, not conditioned on w")
         require(self.threads >= 0, "threads", "must be non-negative")

@@ -48,7 +48,9 @@ def train_yaml(tmp_path):
     ("optim.steps=0", "optim.steps"),        # non-positive steps
     ("preview.steps=-4", "preview.steps"),
     ("model.prediction=score", "model.prediction"),
-    ("model.unet.resolution=12", "model.unet.resolution"),
+    ("data.channels=2", "data.channels"),
+    ("data.source=npz", "data.path"),
+    ("data.source=mixture", "data.source"),
 ])
 def test_teacher_config_errors(capsys, tmp_path, override, key):
     out = tmp_path / "out"

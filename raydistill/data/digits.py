@@ -17,8 +17,6 @@ from torch import Tensor
 
 from raydistill.config import DataConfig
 
-NUM_CLASSES = 10
-
 
 @dataclass
 class LabelledImages:
@@ -45,17 +43,31 @@ class Split:
 def load_digits(config: DataConfig) -> Split:
     """Digits scaled to [-1, 1] at config.resolution, split into train and held-out parts."""
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32))[:, None] / 8.0 - 1.0
     if config.resolution != images.shape[-1]:
         images = F.interpolate(images, size=(config.resolution, config.resolution),
                                mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if config.channels == 3:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return split_labelled(images, bunch.target.astype(np.int64), config)
+
+
+def split_labelled(images: Tensor, labels: np.ndarray | None, config: DataConfig) -> Split:
+    """A seeded train / held-out split, stratified by class; unlabelled data is class 0."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.zeros(len(images), np.int64) if labels is None else labels.astype(np.int64)
+    counts = np.bincount(labels)
+    classes = int((counts > 0).sum())
+    n_test = int(np.ceil(config.holdout_fraction * len(labels)))
+    stratifiable = counts[counts > 0].min() >= 2 and min(n_test, len(labels) - n_test) >= classes
+    stratify = labels if stratifiable else None
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=config.holdout_fraction, random_state=config.seed,
-        stratify=labels.numpy())
+        stratify=stratify)
+    labels_t = torch.from_numpy(labels)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return Split(LabelledImages(images[train_idx], labels[train_idx]),
-                 LabelledImages(images[test_idx], labels[test_idx]), NUM_CLASSES)
+    return Split(LabelledImages(images[train_idx], labels_t[train_idx]),
+                 LabelledImages(images[test_idx], labels_t[test_idx]), int(labels.max()) + 1)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from raydistill.config import ConfigError, ModelConfig, PairsJob
-from raydistill.data import load_digits
+from raydistill.data import load_images
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import two_step_target
 from raydistill.diffusion.solvers import sample
@@ -76,7 +76,7 @@ class ShardMaker:
             if teacher.config.kind != "gmm":
                 raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
             return teacher.network
-        images = load_digits(self.job.data).train.images
+        images = load_images(self.job.data).train.images
         if tuple(images.shape[1:]) != self.shape:
             raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
                                                  f"match the teacher's {self.shape}")

@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from raydistill.config import ClassifierJob
-from raydistill.data import load_digits
+from raydistill.data import load_images
 from raydistill.devices import resolve_device
 from raydistill.models.classifier import Classifier, save_classifier
 
@@ -34,7 +34,7 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tenso
 def train_classifier(job: ClassifierJob, out: str, *, progress: bool = True) -> ClassifierResult:
     torch.manual_seed(job.seed)
     device = resolve_device(job.device)
-    split = load_digits(job.data).to(device)
+    split = load_images(job.data).to(device)
     model = Classifier(split.train.images.shape[1], split.num_classes, job.width).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=job.lr, total_steps=job.steps)
@@ -54,5 +54,6 @@ def train_classifier(job: ClassifierJob, out: str, *, progress: bool = True) -> 
                               model.accuracy(train.images, train.labels))
     save_classifier(out, model.cpu(), {"test_accuracy": result.test_accuracy,
                                  "train_accuracy": result.train_accuracy,
-                                 "data": job.data.source, "resolution": job.data.resolution})
+                                 "data": job.data.source, "resolution": job.data.resolution,
+                                 "num_classes": split.num_classes})
     return result

@@ -10,6 +10,7 @@ the teacher that gets saved.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from raydistill.config import ConfigError, TeacherJob
-from raydistill.data import LabelledImages, load_digits
+from raydistill.data import LabelledImages, load_images
 from raydistill.devices import resolve_device
 from raydistill.diffusion.guidance import NULL_CLASS, Guided
 from raydistill.diffusion.parameterization import (
@@ -80,11 +81,16 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
     torch.set_flush_denormal(True)
     torch.manual_seed(job.seed)
     device = resolve_device(job.device)
-    split = load_digits(job.data).to(device)
-    unet = job.model.unet
-    if unet.num_classes != split.num_classes:
-        raise ConfigError("model.unet.num_classes", f"is {unet.num_classes} but the data has "
-                                                    f"{split.num_classes} classes")
+    split = load_images(job.data).to(device)
+    # The data decides the shape and the class count (the null class for CFG is added on top).
+    channels, resolution = split.train.images.shape[1], split.train.images.shape[-1]
+    unet = dataclasses.replace(job.model.unet, in_channels=channels, resolution=resolution,
+                               num_classes=split.num_classes)
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, unet=unet))
+    try:
+        unet.validate()
+    except ConfigError as err:
+        raise err.under("model.unet") from None
     schedule = make_schedule(job.model.schedule)
     prediction, weighting = job.model.prediction, job.loss_weighting
     net = UNet(unet).to(device)

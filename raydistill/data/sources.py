@@ -1,0 +1,98 @@
+"""Image sources: every consumer of real data (teacher training, stage-1 targets, classifiers)
+reads through `load_images(config)`, which returns a train / held-out Split of images in [-1, 1] at
+the configured resolution and channel count, with labels.
+
+Conversions, in order: to float in [-1, 1] (uint8 0..255, or float already in [0, 1] or [-1, 1]),
+channels (grayscale <-> RGB when `channels` asks), then center-crop to a square and bilinear
+resize to `resolution` (or, with resize false, a check that every image already has that size).
+Unlabelled data gets the single class 0; the null class for guidance is added by the model.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raydistill.config import ConfigError, DataConfig
+from raydistill.data.digits import Split, load_digits, split_labelled
+
+
+def load_images(config: DataConfig) -> Split:
+    """The Split a DataConfig describes (raises ConfigError naming the file and sample at fault)."""
+    if config.source == "digits":
+        return load_digits(config)
+    if config.source == "npz":
+        images, labels = read_npz(config.path)
+        return split_labelled(conform(images, config, config.path), labels, config)
+    raise ConfigError("data.source", f"{config.source} holds no images to load")
+
+
+def read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`images` and optional `labels` from an .npz (never unpickling object arrays)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            if "images" not in names:
+                raise ConfigError(path, f"has no 'images' array (found {sorted(names) or 'none'})")
+            images = archive["images"]
+            labels = archive["labels"] if "labels" in names else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ConfigError(path, f"not a readable .npz ({type(exc).__name__}: {exc})") from None
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise ConfigError(path, f"'images' must be [N,H,W] or [N,C,H,W] with C 1 or 3 and N > 0, "
+                                f"got shape {images.shape}")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ConfigError(path, f"'labels' must be {len(images)} integers, got "
+                                    f"{labels.dtype} {labels.shape}")
+        if labels.min() < 0:
+            bad = int(np.argmin(labels))
+            raise ConfigError(path, f"label of sample {bad} is {labels[bad]} (labels must be >= 0)")
+    return images, labels
+
+
+def to_unit_range(images: np.ndarray, where: str) -> Tensor:
+    """uint8 0..255 or float in [0, 1] / [-1, 1] -> float32 in [-1, 1]."""
+    if images.dtype == np.uint8:
+        return torch.from_numpy(images.astype(np.float32)) / 127.5 - 1.0
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ConfigError(where, f"images must be uint8 or float, got {images.dtype}")
+    x = torch.from_numpy(images.astype(np.float32))
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError(where, f"sample {int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])} "
+                                 "has non-finite values")
+    low, high = float(x.min()), float(x.max())
+    if low >= 0.0 and high <= 1.0:
+        return x * 2.0 - 1.0
+    if low >= -1.0 and high <= 1.0:
+        return x
+    raise ConfigError(where, f"float images must lie in [0, 1] or [-1, 1], found [{low:g}, {high:g}]")
+
+
+def conform(images: np.ndarray, config: DataConfig, where: str) -> Tensor:
+    """Scale, convert channels and size images [N, C, H, W] as the DataConfig asks."""
+    x = to_unit_range(images, where)
+    if config.channels == 1 and x.shape[1] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    elif config.channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    size = config.resolution
+    if not config.resize:
+        if x.shape[-2:] != (size, size):
+            raise ConfigError(where, f"images are {x.shape[-2]}x{x.shape[-1]}, data.resolution is "
+                                     f"{size} and data.resize is false")
+        return x.contiguous()
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[..., top:top + side, left:left + side]
+    if side != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=side > size)
+    return x.clamp(-1.0, 1.0).contiguous()

@@ -1,0 +1,109 @@
+"""User data through the npz source: shapes, ranges, labels, conversions and one-line errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.cli import main
+from raydistill.config import ConfigError, DataConfig
+from raydistill.data import load_images
+from raydistill.models import load_checkpoint, load_classifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def npz(tmp_path, name="data.npz", **arrays):
+    path = str(tmp_path / name)
+    np.savez(path, **arrays)
+    return path
+
+
+def digits_npz(tmp_path):
+    """The sklearn digits as a user would export them: uint8 [N, 8, 8] and int labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * 255 / 16).astype(np.uint8)
+    return npz(tmp_path, images=images, labels=bunch.target)
+
+
+def test_uint8_gray_with_labels(tmp_path):
+    path = digits_npz(tmp_path)
+    split = load_images(DataConfig(source="npz", path=path, resolution=16, holdout_fraction=0.2))
+    assert split.train.images.shape[1:] == (1, 16, 16) and split.num_classes == 10
+    assert len(split.train) + len(split.test) == 1797
+    assert split.train.images.min() == -1.0 and 0.9 < split.train.images.max() <= 1.0
+    assert torch.bincount(split.test.labels, minlength=10).min() >= 30      # stratified
+
+
+@pytest.mark.parametrize("low", [0.0, -1.0])
+def test_float_rgb_non_square_crop_resize_and_channels(tmp_path, low):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(low, 1.0, size=(12, 3, 20, 28)).astype(np.float32)
+    images[:, :, :, :4] = low            # columns the center crop removes
+    path = npz(tmp_path, images=images)
+    split = load_images(DataConfig(source="npz", path=path, resolution=8, holdout_fraction=0.25))
+    x = torch.cat([split.train.images, split.test.images])
+    assert x.shape == (12, 3, 8, 8) and split.num_classes == 1
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.mean()) > -0.5
+    gray = load_images(DataConfig(source="npz", path=path, resolution=8, channels=1))
+    assert gray.train.images.shape[1] == 1
+    exact = npz(tmp_path, "exact.npz", images=images[:, :, :16, :16])
+    same = load_images(DataConfig(source="npz", path=exact, resolution=16, resize=False,
+                                  holdout_fraction=0.25))
+    stored = torch.from_numpy(images[:, :, :16, :16])
+    expected = stored * 2 - 1 if low == 0 else stored          # [0, 1] is rescaled, [-1, 1] kept
+    got = torch.cat([same.train.images, same.test.images])
+    order = lambda x: x[x.flatten(1).sum(1).argsort()]        # noqa: E731  (the split shuffles)
+    torch.testing.assert_close(order(got), order(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"pixels": np.zeros((4, 8, 8), np.uint8)}, "has no 'images' array (found ['pixels'])"),
+    ({"images": np.zeros((4, 2, 8, 8), np.uint8)}, "'images' must be [N,H,W] or [N,C,H,W]"),
+    ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(3, np.int64)},
+     "'labels' must be 4 integers"),
+    ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.array([0, 1, -2, 0])},
+     "label of sample 2 is -2"),
+    ({"images": np.full((4, 8, 8), 3.0, np.float32)}, "float images must lie in [0, 1] or [-1, 1]"),
+    ({"images": np.array([[[0.0] * 8] * 8, [[np.nan] * 8] * 8], np.float32)},
+     "sample 1 has non-finite values"),
+])
+def test_bad_npz_is_a_one_line_error_naming_the_file(tmp_path, arrays, message):
+    path = npz(tmp_path, **arrays)
+    with pytest.raises(ConfigError) as err:
+        load_images(DataConfig(source="npz", path=path, resolution=8))
+    assert str(err.value).startswith(path) and message in str(err.value)
+
+
+def test_unreadable_file_and_sizes_without_resize(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="junk.npz: not a readable .npz"):
+        load_images(DataConfig(source="npz", path=str(junk)))
+    path = npz(tmp_path, images=np.zeros((4, 10, 10), np.uint8))
+    with pytest.raises(ConfigError, match="images are 10x10, data.resolution is 16"):
+        load_images(DataConfig(source="npz", path=path, resolution=16, resize=False))
+
+
+def test_teacher_and_classifier_on_an_npz(tmp_path, capsys):
+    """The form users try first: `teacher ... data.path=FILE.npz`; classes and shape from the data."""
+    path = digits_npz(tmp_path)
+    teacher = str(tmp_path / "teacher")
+    assert main(["teacher", "--config", f"{ROOT}/configs/smoke/teacher_npz.yaml",
+                 f"data.path={path}", "--out", teacher, "--quiet"]) == 0
+    config = load_checkpoint(teacher).config.unet
+    assert (config.in_channels, config.resolution, config.num_classes) == (1, 16, 10)
+    classifier = str(tmp_path / "classifier")
+    assert main(["classifier", "--config", f"{ROOT}/configs/smoke/classifier.yaml",
+                 "data.source=npz", f"data.path={path}", "steps=300", "--out", classifier,
+                 "--quiet"]) == 0
+    _, meta = load_classifier(classifier)
+    print(f"classifier on the npz digits: held-out accuracy {meta['test_accuracy']:.1%}")
+    assert meta["test_accuracy"] >= 0.9
+    capsys.readouterr()
+    assert main(["teacher", "--config", f"{ROOT}/configs/smoke/teacher_npz.yaml",
+                 "--out", str(tmp_path / "t2"), "--quiet"]) == 2
+    assert "data.path: is required for source npz" in capsys.readouterr().err
