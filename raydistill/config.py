@@ -119,12 +119,13 @@ class DataConfig:
     """Real images x in [-1, 1] (and class labels) for teachers, stage-1 targets and classifiers.
 
     digits: scikit-learn's 8x8 digits; npz: arrays `images` ([N,H,W] or [N,C,H,W], uint8 in
-    0..255 or float in [0, 1] / [-1, 1]) and optional integer `labels`; mixture: exact draws from
-    an analytic teacher (pairs only).
+    0..255 or float in [0, 1] / [-1, 1]) and optional integer `labels`; folder: PNG/JPEG files,
+    one subdirectory per class (ImageFolder layout) or a flat folder without labels; mixture:
+    exact draws from an analytic teacher (pairs only).
     """
 
-    source: Literal["digits", "npz", "mixture"] = "digits"
-    path: str = ""                   # npz: the file
+    source: Literal["digits", "npz", "folder", "mixture"] = "digits"
+    path: str = ""                   # npz: the file; folder: the directory
     resolution: int = 16             # images are center-cropped to square and resized to this
     resize: bool = True              # false: every image must already be resolution^2
     channels: int = 0                # 0: as stored; 1 or 3: convert (grayscale <-> RGB)
@@ -138,6 +139,9 @@ class DataConfig:
         if self.source == "npz":
             require(bool(self.path), "path", "is required for source npz")
             require(os.path.isfile(self.path), "path", f"no such file: {self.path}")
+        if self.source == "folder":
+            require(bool(self.path), "path", "is required for source folder")
+            require(os.path.isdir(self.path), "path", f"no such directory: {self.path}")
 
 
 @dataclass
@@ -228,7 +232,7 @@ class TeacherJob:
         require(0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)")
         require(self.model.kind == "unet", "model.kind", "a trained teacher must be a unet")
         require(self.data.source != "mixture", "data.source",
-                "a teacher trains on images (digits or npz), not on an analytic mixture")
+                "a teacher trains on images, not on an analytic mixture")
         require(not self.model.unet.w_embedding, "model.unet.w_embedding",
                 "a teacher is guided by CFG, not conditioned on w")
         require(self.threads >= 0, "threads", "must be non-negative")

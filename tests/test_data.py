@@ -107,3 +107,64 @@ def test_teacher_and_classifier_on_an_npz(tmp_path, capsys):
     assert main(["teacher", "--config", f"{ROOT}/configs/smoke/teacher_npz.yaml",
                  "--out", str(tmp_path / "t2"), "--quiet"]) == 2
     assert "data.path: is required for source npz" in capsys.readouterr().err
+
+
+def write_png_folder(root, *, sizes=((12, 12),), classes=("cat", "dog"), per_class=4, rgb=True):
+    """An ImageFolder tree of small PNGs: class c's images are bright in channel c % 3."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            h, w = sizes[i % len(sizes)]
+            pixels = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+            pixels[..., label % 3] = 250
+            image = Image.fromarray(pixels) if rgb else Image.fromarray(pixels[..., label % 3])
+            image.save(root / name / f"{i:03d}.png")
+    return str(root)
+
+
+def test_folder_source_labels_sizes_and_channels(tmp_path):
+    path = write_png_folder(tmp_path / "pets", sizes=((12, 12), (20, 16)))
+    split = load_images(DataConfig(source="folder", path=path, resolution=8, holdout_fraction=0.25))
+    x = torch.cat([split.train.images, split.test.images])
+    y = torch.cat([split.train.labels, split.test.labels])
+    assert x.shape == (8, 3, 8, 8) and split.num_classes == 2 and sorted(y.tolist()) == [0] * 4 + [1] * 4
+    for label in (0, 1):              # the class's bright channel survives scaling and resizing
+        assert float(x[y == label][:, label].mean()) > 0.8 > float(x[y == label][:, 1 - label].mean())
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for file in sorted(os.listdir(tmp_path / "pets" / "cat")):
+        os.link(tmp_path / "pets" / "cat" / file, flat / file)
+    unlabelled = load_images(DataConfig(source="folder", path=str(flat), resolution=8,
+                                        channels=1, holdout_fraction=0.25))
+    assert unlabelled.num_classes == 1 and unlabelled.train.images.shape[1] == 1
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    path = write_png_folder(tmp_path / "pets", sizes=((12, 12), (20, 16)))
+    with pytest.raises(ConfigError, match=r"001.png: images are 20x16, data.resolution is 12"):
+        load_images(DataConfig(source="folder", path=path, resolution=12, resize=False))
+    broken = tmp_path / "pets" / "dog" / "002.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(ConfigError, match=r"dog/002.png: unreadable image"):
+        load_images(DataConfig(source="folder", path=path, resolution=8))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty: holds no images"):
+        load_images(DataConfig(source="folder", path=str(tmp_path / "empty")))
+    (tmp_path / "pets" / "loose.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="mixes class folders"):
+        load_images(DataConfig(source="folder", path=path))
+
+
+def test_smoke_teacher_on_a_folder(tmp_path):
+    path = write_png_folder(tmp_path / "pets", classes=("a", "b", "c"), per_class=6, rgb=False)
+    teacher = str(tmp_path / "teacher")
+    assert main(["teacher", "--config", f"{ROOT}/configs/smoke/teacher_npz.yaml",
+                 "data.source=folder", f"data.path={path}", "optim.steps=20", "--out", teacher,
+                 "--quiet"]) == 0
+    checkpoint = load_checkpoint(teacher)
+    config = checkpoint.config.unet
+    assert (config.in_channels, config.resolution, config.num_classes) == (1, 16, 3)
+    assert checkpoint.extra["eval_loss_end"] < checkpoint.extra["eval_loss_start"]

@@ -1,5 +1,5 @@
-"""Image sources: every consumer of real data (teacher training, stage-1 targets, classifiers)
-reads through `load_images(config)`, which returns a train / held-out Split of images in [-1, 1] at
+"""Image sources (digits, npz arrays, image folders): every consumer of real data (teacher training,
+stage-1 targets, classifiers) reads through `load_images(config)`, which returns a train / held-out Split of images in [-1, 1] at
 the configured resolution and channel count, with labels.
 
 Conversions, in order: to float in [-1, 1] (uint8 0..255, or float already in [0, 1] or [-1, 1]),
@@ -10,6 +10,8 @@ Unlabelled data gets the single class 0; the null class for guidance is added by
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import zipfile
 
 import numpy as np
@@ -28,6 +30,9 @@ def load_images(config: DataConfig) -> Split:
     if config.source == "npz":
         images, labels = read_npz(config.path)
         return split_labelled(conform(images, config, config.path), labels, config)
+    if config.source == "folder":
+        images, labels = read_folder(config)
+        return split_labelled(images, labels, config)
     raise ConfigError("data.source", f"{config.source} holds no images to load")
 
 
@@ -54,6 +59,61 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         if labels.min() < 0:
             bad = int(np.argmin(labels))
             raise ConfigError(path, f"label of sample {bad} is {labels[bad]} (labels must be >= 0)")
+    return images, labels
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_folder(path: str) -> tuple[list[str], np.ndarray | None]:
+    """Image files under `path` and their labels: one class per subdirectory (ImageFolder layout,
+    classes in sorted name order), or a flat folder of unlabelled images."""
+    if not os.path.isdir(path):
+        raise ConfigError(path, "is not a directory")
+    entries = sorted(os.listdir(path))
+    classes = [e for e in entries if os.path.isdir(os.path.join(path, e))]
+    loose = [e for e in entries if e.lower().endswith(IMAGE_SUFFIXES)]
+    if classes and loose:
+        raise ConfigError(path, f"mixes class folders ({classes[0]}/, ...) with loose images "
+                                f"({loose[0]}, ...)")
+    if not classes:
+        files, labels = [os.path.join(path, e) for e in loose], None
+    else:
+        files, label_list = [], []
+        for label, name in enumerate(classes):
+            for root, _, names in sorted(os.walk(os.path.join(path, name))):
+                for file in sorted(names):
+                    if file.lower().endswith(IMAGE_SUFFIXES):
+                        files.append(os.path.join(root, file))
+                        label_list.append(label)
+        labels = np.asarray(label_list, np.int64)
+    if not files:
+        raise ConfigError(path, f"holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files, labels
+
+
+def read_image(file: str) -> np.ndarray:
+    """One image file as uint8 [C, H, W] (C = 1 for grayscale, else 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            image.load()
+            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            pixels = np.asarray(image.convert("L" if gray else "RGB"))
+    except (OSError, ValueError, UnidentifiedImageError) as exc:
+        raise ConfigError(file, f"unreadable image ({type(exc).__name__}: {exc})") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def read_folder(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
+    """All images of a folder source, each conformed to the configured size and channels (RGB when
+    the folder mixes grayscale and colour and `channels` does not say)."""
+    files, labels = list_folder(config.path)
+    pixels = [read_image(file) for file in files]
+    channels = config.channels or max(p.shape[0] for p in pixels)
+    per_image = dataclasses.replace(config, channels=channels)
+    images = torch.cat([conform(p[None], per_image, file) for p, file in zip(pixels, files)])
     return images, labels
 
 
