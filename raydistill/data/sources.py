@@ -1,6 +1,7 @@
-"""Image sources (digits, npz arrays, image folders): every consumer of real data (teacher training,
-stage-1 targets, classifiers) reads through `load_images(config)`, which returns a train / held-out Split of images in [-1, 1] at
-the configured resolution and channel count, with labels.
+"""Image sources (digits, npz arrays, image folders): every consumer of real data (teacher
+training, stage-1 targets, classifiers) reads through `load_images(config)`, which returns a
+train / held-out Split of images in [-1, 1] at the configured resolution and channel count, with
+labels.
 
 Conversions, in order: to float in [-1, 1] (uint8 0..255, or float already in [0, 1] or [-1, 1]),
 channels (grayscale <-> RGB when `channels` asks), then center-crop to a square and bilinear
