@@ -120,12 +120,13 @@ class DataConfig:
 
     digits: scikit-learn's 8x8 digits; npz: arrays `images` ([N,H,W] or [N,C,H,W], uint8 in
     0..255 or float in [0, 1] / [-1, 1]) and optional integer `labels`; folder: PNG/JPEG files,
-    one subdirectory per class (ImageFolder layout) or a flat folder without labels; mixture:
-    exact draws from an analytic teacher (pairs only).
+    one subdirectory per class (ImageFolder layout) or a flat folder without labels; webdataset:
+    tar shards of jpg/png with cls/json labels under a directory or URI; mixture: exact draws
+    from an analytic teacher (pairs only).
     """
 
-    source: Literal["digits", "npz", "folder", "mixture"] = "digits"
-    path: str = ""                   # npz: the file; folder: the directory
+    source: Literal["digits", "npz", "folder", "webdataset", "mixture"] = "digits"
+    path: str = ""                   # npz: the file; folder: the directory; webdataset: dir / URI
     resolution: int = 16             # images are center-cropped to square and resized to this
     resize: bool = True              # false: every image must already be resolution^2
     channels: int = 0                # 0: as stored; 1 or 3: convert (grayscale <-> RGB)
@@ -139,6 +140,8 @@ class DataConfig:
         if self.source == "npz":
             require(bool(self.path), "path", "is required for source npz")
             require(os.path.isfile(self.path), "path", f"no such file: {self.path}")
+        if self.source == "webdataset":
+            require(bool(self.path), "path", "is required for source webdataset")
         if self.source == "folder":
             require(bool(self.path), "path", "is required for source folder")
             require(os.path.isdir(self.path), "path", f"no such directory: {self.path}")

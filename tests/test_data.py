@@ -168,3 +168,67 @@ def test_smoke_teacher_on_a_folder(tmp_path):
     config = checkpoint.config.unet
     assert (config.in_channels, config.resolution, config.num_classes) == (1, 16, 3)
     assert checkpoint.extra["eval_loss_end"] < checkpoint.extra["eval_loss_start"]
+
+
+def write_image_shards(root, *, shards=2, per_shard=4, label="cls"):
+    """LAION-style tars: per key a png, a label (cls or json) and a caption."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    os.makedirs(root, exist_ok=True)
+    for k in range(shards):
+        with tarfile.open(root / f"part-{k:04d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key, cls = f"{k:04d}{i:04d}", (k * per_shard + i) % 3
+                pixels = np.full((10, 14, 3), 30, np.uint8)
+                pixels[..., cls] = 240
+                png = io.BytesIO()
+                Image.fromarray(pixels).save(png, format="PNG")
+                members = {"png": png.getvalue(), "txt": b"a caption"}
+                if label == "cls":
+                    members["cls"] = str(cls).encode()
+                elif label == "json":
+                    members["json"] = json.dumps({"label": cls}).encode()
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root)
+
+
+@pytest.mark.parametrize("label", ["cls", "json"])
+def test_webdataset_image_shards(tmp_path, label):
+    path = write_image_shards(tmp_path / "shards", label=label)
+    split = load_images(DataConfig(source="webdataset", path=path, resolution=8,
+                                   holdout_fraction=0.25))
+    x = torch.cat([split.train.images, split.test.images])
+    y = torch.cat([split.train.labels, split.test.labels])
+    assert x.shape == (8, 3, 8, 8) and split.num_classes == 3
+    for cls in range(3):
+        assert float(x[y == cls][:, cls].mean()) > 0.8
+    same = load_images(DataConfig(source="webdataset", path=f"file://{path}", resolution=8,
+                                  holdout_fraction=0.25))
+    torch.testing.assert_close(same.train.images, split.train.images)
+    unlabelled = load_images(DataConfig(source="webdataset",
+                                        path=write_image_shards(tmp_path / "u", label=None),
+                                        resolution=8, holdout_fraction=0.25))
+    assert unlabelled.num_classes == 1
+
+
+def test_webdataset_errors_name_shard_and_sample(tmp_path):
+    path = write_image_shards(tmp_path / "shards")
+    shard = tmp_path / "shards" / "part-0001.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(ConfigError, match=r"part-0001.tar: unreadable shard"):
+        load_images(DataConfig(source="webdataset", path=path, resolution=8))
+    path = write_image_shards(tmp_path / "mixed")
+    write_image_shards(tmp_path / "mixed-unlabelled", shards=1, label=None)
+    os.replace(tmp_path / "mixed-unlabelled" / "part-0000.tar", tmp_path / "mixed" / "zz.tar")
+    with pytest.raises(ConfigError, match=r"zz.tar:00000000: has no label while other samples do"):
+        load_images(DataConfig(source="webdataset", path=path, resolution=8))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="holds no .tar shards"):
+        load_images(DataConfig(source="webdataset", path=str(tmp_path / "none")))

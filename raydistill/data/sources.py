@@ -12,7 +12,10 @@ Unlabelled data gets the single class 0; the null class for guidance is added by
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
+import tarfile
 import zipfile
 
 import numpy as np
@@ -33,6 +36,9 @@ def load_images(config: DataConfig) -> Split:
         return split_labelled(conform(images, config, config.path), labels, config)
     if config.source == "folder":
         images, labels = read_folder(config)
+        return split_labelled(images, labels, config)
+    if config.source == "webdataset":
+        images, labels = read_image_shards(config)
         return split_labelled(images, labels, config)
     raise ConfigError("data.source", f"{config.source} holds no images to load")
 
@@ -93,29 +99,105 @@ def list_folder(path: str) -> tuple[list[str], np.ndarray | None]:
     return files, labels
 
 
-def read_image(file: str) -> np.ndarray:
-    """One image file as uint8 [C, H, W] (C = 1 for grayscale, else 3)."""
+def read_image(file: str | io.BytesIO, where: str | None = None) -> np.ndarray:
+    """One image (a path or encoded bytes) as uint8 [C, H, W] (C = 1 for grayscale, else 3)."""
     from PIL import Image, UnidentifiedImageError
 
+    where = where or str(file)
     try:
         with Image.open(file) as image:
             image.load()
             gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
             pixels = np.asarray(image.convert("L" if gray else "RGB"))
     except (OSError, ValueError, UnidentifiedImageError) as exc:
-        raise ConfigError(file, f"unreadable image ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(where, f"unreadable image ({type(exc).__name__}: {exc})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def read_folder(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
-    """All images of a folder source, each conformed to the configured size and channels (RGB when
-    the folder mixes grayscale and colour and `channels` does not say)."""
-    files, labels = list_folder(config.path)
-    pixels = [read_image(file) for file in files]
+def conform_each(pixels: list[np.ndarray], names: list[str], config: DataConfig) -> Tensor:
+    """Images of differing sizes conformed one by one (RGB when grayscale and colour are mixed
+    and `channels` does not say)."""
     channels = config.channels or max(p.shape[0] for p in pixels)
     per_image = dataclasses.replace(config, channels=channels)
-    images = torch.cat([conform(p[None], per_image, file) for p, file in zip(pixels, files)])
-    return images, labels
+    return torch.cat([conform(p[None], per_image, name) for p, name in zip(pixels, names)])
+
+
+def read_folder(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
+    """All images of a folder source."""
+    files, labels = list_folder(config.path)
+    return conform_each([read_image(file) for file in files], files, config), labels
+
+
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
+
+
+def read_image_shards(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
+    """Images (and labels) from WebDataset tars under a directory or URI (LAION-style layout: per
+    key an image member `jpg` / `jpeg` / `png` / `webp`, and a label in `cls` or in `json` under
+    "label" or "cls"; `txt` captions are ignored). Every sample must have a label, or none."""
+    from raydistill.pairs.store import Location
+
+    location = Location.parse(config.path)
+    shards = [name for name in location.list() if name.endswith(".tar")]
+    if not shards:
+        raise ConfigError(config.path, "holds no .tar shards")
+    pixels, names, labels = [], [], []
+    for shard in shards:
+        where = f"{config.path.rstrip('/')}/{shard}"
+        for key, members in _tar_samples(location.read(shard), where):
+            name = f"{where}:{key}"
+            image = next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None)
+            if image is None:
+                raise ConfigError(name, f"has no image member ({', '.join(IMAGE_MEMBERS)})")
+            pixels.append(read_image(io.BytesIO(image), name))
+            names.append(name)
+            labels.append(_label(members, name))
+    if any(label is None for label in labels):
+        if not all(label is None for label in labels):
+            missing = names[labels.index(None)]
+            raise ConfigError(missing, "has no label while other samples do (cls or json label)")
+        return conform_each(pixels, names, config), None
+    return conform_each(pixels, names, config), np.asarray(labels, np.int64)
+
+
+def _tar_samples(data: bytes, where: str):
+    """(key, {extension: bytes}) per sample of a tar, members grouped by key."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                payload = tar.extractfile(member).read()
+                if len(payload) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
+                samples.setdefault(key, {})[ext.lower()] = payload
+            if data[tar.offset:tar.offset + 1024] != bytes(1024):
+                raise tarfile.ReadError("truncated (no end-of-archive marker)")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ConfigError(where, f"unreadable shard ({type(exc).__name__}: {exc})") from None
+    return sorted(samples.items())
+
+
+def _label(members: dict[str, bytes], name: str) -> int | None:
+    try:
+        if "cls" in members:
+            label = int(members["cls"].decode().strip())
+        elif "json" in members:
+            meta = json.loads(members["json"])
+            label = meta.get("label", meta.get("cls"))
+            if label is None:
+                return None
+            label = int(label)
+        else:
+            return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, f"label is not an integer ({exc})") from None
+    if label < 0:
+        raise ConfigError(name, f"label is {label} (labels must be >= 0)")
+    return label
 
 
 def to_unit_range(images: np.ndarray, where: str) -> Tensor:
