@@ -33,7 +33,7 @@ from raydistill.models import build_network, save_checkpoint
 from raydistill.pairs.generate import ShardMaker, load_teacher
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 
 def make_job(teacher: str, shards: int, workers: int) -> PairsJob:

@@ -232,3 +232,20 @@ def test_webdataset_errors_name_shard_and_sample(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(ConfigError, match="holds no .tar shards"):
         load_images(DataConfig(source="webdataset", path=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("name, job", [
+    ("teacher_npz", "TeacherJob"), ("teacher_folder", "TeacherJob"),
+    ("teacher_webdataset", "TeacherJob"), ("classifier_folder", "ClassifierJob"),
+])
+def test_example_configs_load_once_given_a_path(tmp_path, name, job):
+    """Each documented example is a valid config; without data.path it says so by key."""
+    from raydistill import config as cfg
+
+    source = {"teacher_npz": "npz"}.get(name, "folder" if "folder" in name else "webdataset")
+    path = npz(tmp_path, images=np.zeros((2, 8, 8), np.uint8)) if source == "npz" else str(tmp_path)
+    example = f"{ROOT}/configs/examples/{name}.yaml"
+    loaded = cfg.load(getattr(cfg, job), example, [f"data.path={path}"])
+    assert loaded.data.source == source
+    with pytest.raises(ConfigError, match="data.path: is required"):
+        cfg.load(getattr(cfg, job), example)

@@ -13,7 +13,7 @@ from raydistill.config import PairsJob, from_dict
 from raydistill.pairs.format import shard_name
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 SHARDS = 24
 

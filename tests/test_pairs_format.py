@@ -12,7 +12,7 @@ from raydistill.diffusion import Guided, guided_x, sample, two_step_target
 from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
 from raydistill.pairs.generate import ShardMaker, load_teacher
 from raydistill.pairs.manifest import Manifest, claim_location
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 ANALYTIC = {"num_classes": 3, "components_per_class": 2, "dim": 8, "shape": [2, 2, 2], "seed": 1}
 

@@ -21,7 +21,7 @@ from raydistill.pairs.format import shard_name
 from raydistill.pairs.generate import load_teacher
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.reader import PairReader
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from raydistill.config import ConfigError, DataConfig
 from raydistill.data.digits import Split, load_digits, split_labelled
+from raydistill.storage import Location
 
 
 def load_images(config: DataConfig) -> Split:
@@ -135,8 +136,6 @@ def read_image_shards(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
     """Images (and labels) from WebDataset tars under a directory or URI (LAION-style layout: per
     key an image member `jpg` / `jpeg` / `png` / `webp`, and a label in `cls` or in `json` under
     "label" or "cls"; `txt` captions are ignored). Every sample must have a label, or none."""
-    from raydistill.pairs.store import Location
-
     location = Location.parse(config.path)
     shards = [name for name in location.list() if name.endswith(".tar")]
     if not shards:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill.config import ConfigError, PairsJob
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 MANIFEST, RUN = "manifest.parquet", "pairs.json"
 

@@ -5,7 +5,7 @@ Why Ray Data's `map_batches` with an ActorPoolStrategy rather than a hand-writte
 keeps the teacher resident per actor, grows the pool when nodes join (up to `workers.max`), and
 retries a task whose actor died on a restarted actor (max_restarts / max_task_retries default to
 -1 for Ray Data actor pools). Exactly-once output then only needs the shard write to be atomic and
-deterministic, which raydistill.pairs.store and format guarantee.
+deterministic, which raydistill.storage and format guarantee.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from raydistill.config import PairsJob, from_dict
 from raydistill.pairs.format import encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, load_teacher, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 
 def worker_device(job: PairsJob) -> torch.device:

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from raydistill.pairs.format import ShardError, decode_shard
 from raydistill.pairs.manifest import Manifest, read_run
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 
 def open_pairs(uri: str) -> tuple[Location, Manifest, str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from raydistill.pairs.format import ShardError, shard_name
 from raydistill.pairs.manifest import Manifest, read_run
 from raydistill.pairs.reader import read_shard
-from raydistill.pairs.store import Location
+from raydistill.storage import Location
 
 
 @dataclass

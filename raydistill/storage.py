@@ -1,5 +1,5 @@
-"""Where shards live: a filesystem abstraction so a local path, `file://`, `s3://` or an fsspec URL
-(e.g. `memory://` in tests) take the same code.
+"""Where shards and datasets live: a filesystem abstraction so a local path, `file://`, `s3://` or
+an fsspec URL (e.g. `memory://` in tests) take the same code.
 
 Writes are atomic: bytes go to a temporary name that no reader lists, then move to the final name
 (a rename on POSIX filesystems; on object stores the object only appears once fully uploaded).
