@@ -42,6 +42,11 @@ class Split:
 
 def load_digits(config: DataConfig) -> Split:
     """Digits scaled to [-1, 1] at config.resolution, split into train and held-out parts."""
+    return split_labelled(*digits_arrays(config), config)
+
+
+def digits_arrays(config: DataConfig) -> tuple[Tensor, np.ndarray]:
+    """All 1,797 digits scaled to [-1, 1] at config.resolution, and their labels."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
@@ -51,7 +56,7 @@ def load_digits(config: DataConfig) -> Split:
                                mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
     if config.channels == 3:
         images = images.expand(-1, 3, -1, -1).contiguous()
-    return split_labelled(images, bunch.target.astype(np.int64), config)
+    return images, bunch.target.astype(np.int64)
 
 
 def split_labelled(images: Tensor, labels: np.ndarray | None, config: DataConfig) -> Split:

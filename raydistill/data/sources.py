@@ -32,16 +32,23 @@ def load_images(config: DataConfig) -> Split:
     """The Split a DataConfig describes (raises ConfigError naming the file and sample at fault)."""
     if config.source == "digits":
         return load_digits(config)
+    _, images, labels = read_samples(config)
+    return split_labelled(images, labels, config)
+
+
+def read_samples(config: DataConfig) -> tuple[list[str], Tensor, np.ndarray | None]:
+    """Every sample of a file-based source, unsplit: a key naming each sample (`FILE`, or
+    `FILE:INDEX` / `SHARD:KEY` inside a file), the conformed images and the labels (or None)."""
     if config.source == "npz":
         images, labels = read_npz(config.path)
-        return split_labelled(conform(images, config, config.path), labels, config)
+        keys = [f"{config.path}:{i}" for i in range(len(images))]
+        return keys, conform(images, config, config.path), labels
     if config.source == "folder":
-        images, labels = read_folder(config)
-        return split_labelled(images, labels, config)
+        files, labels = list_folder(config.path)
+        return files, conform_each([read_image(file) for file in files], files, config), labels
     if config.source == "webdataset":
-        images, labels = read_image_shards(config)
-        return split_labelled(images, labels, config)
-    raise ConfigError("data.source", f"{config.source} holds no images to load")
+        return read_image_shards(config)
+    raise ConfigError("data.source", f"{config.source} holds no image files to read")
 
 
 def read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -123,17 +130,11 @@ def conform_each(pixels: list[np.ndarray], names: list[str], config: DataConfig)
     return torch.cat([conform(p[None], per_image, name) for p, name in zip(pixels, names)])
 
 
-def read_folder(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
-    """All images of a folder source."""
-    files, labels = list_folder(config.path)
-    return conform_each([read_image(file) for file in files], files, config), labels
-
-
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 
 
-def read_image_shards(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
-    """Images (and labels) from WebDataset tars under a directory or URI (LAION-style layout: per
+def read_image_shards(config: DataConfig) -> tuple[list[str], Tensor, np.ndarray | None]:
+    """Keys, images and labels from WebDataset tars under a directory or URI (LAION-style layout: per
     key an image member `jpg` / `jpeg` / `png` / `webp`, and a label in `cls` or in `json` under
     "label" or "cls"; `txt` captions are ignored). Every sample must have a label, or none."""
     location = Location.parse(config.path)
@@ -145,18 +146,23 @@ def read_image_shards(config: DataConfig) -> tuple[Tensor, np.ndarray | None]:
         where = f"{config.path.rstrip('/')}/{shard}"
         for key, members in _tar_samples(location.read(shard), where):
             name = f"{where}:{key}"
-            image = next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None)
-            if image is None:
-                raise ConfigError(name, f"has no image member ({', '.join(IMAGE_MEMBERS)})")
-            pixels.append(read_image(io.BytesIO(image), name))
+            pixels.append(decode_member_image(members, name))
             names.append(name)
-            labels.append(_label(members, name))
+            labels.append(member_label(members, name))
     if any(label is None for label in labels):
         if not all(label is None for label in labels):
             missing = names[labels.index(None)]
             raise ConfigError(missing, "has no label while other samples do (cls or json label)")
-        return conform_each(pixels, names, config), None
-    return conform_each(pixels, names, config), np.asarray(labels, np.int64)
+        return names, conform_each(pixels, names, config), None
+    return names, conform_each(pixels, names, config), np.asarray(labels, np.int64)
+
+
+def decode_member_image(members: dict[str, bytes], name: str) -> np.ndarray:
+    """The image member of one WebDataset sample, decoded to uint8 [C, H, W]."""
+    image = next((members[ext] for ext in IMAGE_MEMBERS if members.get(ext) is not None), None)
+    if image is None:
+        raise ConfigError(name, f"has no image member ({', '.join(IMAGE_MEMBERS)})")
+    return read_image(io.BytesIO(image), name)
 
 
 def _tar_samples(data: bytes, where: str):
@@ -180,11 +186,12 @@ def _tar_samples(data: bytes, where: str):
     return sorted(samples.items())
 
 
-def _label(members: dict[str, bytes], name: str) -> int | None:
+def member_label(members: dict[str, bytes], name: str) -> int | None:
+    """The label of one WebDataset sample: `cls`, or "label" or "cls" in `json`, or None."""
     try:
-        if "cls" in members:
+        if members.get("cls") is not None:
             label = int(members["cls"].decode().strip())
-        elif "json" in members:
+        elif members.get("json") is not None:
             meta = json.loads(members["json"])
             label = meta.get("label", meta.get("cls"))
             if label is None:
