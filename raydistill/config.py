@@ -104,14 +104,37 @@ class MixtureConfig:
 
 
 @dataclass
+class MLPConfig:
+    """A small conditional MLP (students of the analytic mixture teacher)."""
+
+    dim: int = 2
+    width: int = 128
+    depth: int = 3
+    num_classes: int = 4             # the null class for CFG is added on top
+    w_embedding: bool = False
+
+    def validate(self) -> None:
+        for key in ("dim", "width", "depth", "num_classes"):
+            require(getattr(self, key) > 0, key, "must be positive")
+        require(self.width % 2 == 0, "width", "must be even (Fourier features)")
+
+
+@dataclass
 class ModelConfig:
     """A denoiser: a network (or the analytic mixture), its parameterization and its schedule."""
 
-    kind: Literal["unet", "gmm"] = "unet"
+    kind: Literal["unet", "mlp", "gmm"] = "unet"
     prediction: Literal["eps", "x", "v"] = "v"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
     gmm: MixtureConfig = field(default_factory=MixtureConfig)
+
+    @property
+    def w_conditioned(self) -> bool:
+        """Whether the network takes the guidance strength w as an input."""
+        return (self.kind == "unet" and self.unet.w_embedding) or (
+            self.kind == "mlp" and self.mlp.w_embedding)
 
 
 @dataclass

@@ -36,13 +36,25 @@ def two_step_target(
 
     The teacher takes two DDIM steps of 1/(2N); call under no_grad when the teacher is frozen.
     """
-    t_p, t_pp = t - 0.5 / student_steps, t - 1.0 / student_steps
-    z_tp = ddim_step(teacher, z_t, t, t_p, cond, schedule)
-    z_tpp = ddim_step(teacher, z_tp, t_p, t_pp, cond, schedule)
+    return jump_target(teacher, z_t, t, t - 1.0 / student_steps, cond, schedule, teacher_steps=2)
+
+
+def jump_target(
+    teacher: Denoiser, z_t: Tensor, t: Tensor, s: Tensor, cond: Cond, schedule: Schedule, *,
+    teacher_steps: int,
+) -> Tensor:
+    """The x_hat that takes one DDIM step from z_t (time t [B]) to where `teacher_steps` equal
+    teacher DDIM steps from t land at time s [B]: two_step_target's x_tilde for any jump (Meng et
+    al.'s stochastic sampler needs the student to jump 2/N for t > 1/N)."""
+    z, here = z_t, t
+    for k in range(1, teacher_steps + 1):
+        there = t + (s - t) * (k / teacher_steps)
+        z = ddim_step(teacher, z, here, there, cond, schedule)
+        here = there
     alpha_t, sigma_t = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))
-    alpha_tpp, sigma_tpp = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t_pp))
-    return progressive_target(z_t=z_t, z_tpp=z_tpp, alpha_t=alpha_t, sigma_t=sigma_t,
-                              alpha_tpp=alpha_tpp, sigma_tpp=sigma_tpp)
+    alpha_s, sigma_s = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(s))
+    return progressive_target(z_t=z_t, z_tpp=z, alpha_t=alpha_t, sigma_t=sigma_t,
+                              alpha_tpp=alpha_s, sigma_tpp=sigma_s)
 
 
 def stochastic_sample(

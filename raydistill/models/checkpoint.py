@@ -23,6 +23,7 @@ from raydistill.config import ConfigError, ModelConfig, from_dict, to_dict
 from raydistill.diffusion.guidance import Denoiser, Guided
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
+from raydistill.models.mlp import MLP
 from raydistill.models.unet import UNet
 
 FORMAT = "raydistill-model/1"
@@ -33,6 +34,8 @@ def build_network(config: ModelConfig) -> nn.Module:
     """The trainable (or analytic) module a ModelConfig describes, freshly initialised."""
     if config.kind == "unet":
         return UNet(config.unet)
+    if config.kind == "mlp":
+        return MLP(config.mlp)
     gmm = config.gmm
     return GaussianMixture.random(
         num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
@@ -73,7 +76,7 @@ class Checkpoint:
     def guided(self) -> Denoiser:
         """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, any
         other model gets classifier-free guidance (both branches in one batched call)."""
-        if self.config.kind == "unet" and self.config.unet.w_embedding:
+        if self.config.w_conditioned:
             return self.denoiser
         return Guided(self.denoiser)
 

@@ -1,0 +1,92 @@
+"""What the training loop asks of a distillation method (pure torch; no Ray, no DeepSpeed).
+
+A method owns its trainable modules (the loop wraps each in its own DeepSpeed engine), names the
+phases of one training step (each phase updates one module; guided and progressive have a single
+"student" phase, DMD alternates generator and fake score), lists its stages (progressive rounds;
+one stage for the others) and computes `loss(batch, phase)`. The loop never knows which method it
+runs.
+
+A batch is either real data, `{"x", "c"}`, for which the method draws t, noise and w and evaluates
+the teacher inline, or precomputed targets from pair shards, `{"z_t", "target", "c", "w", "t"}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from raydistill.config import ModelConfig
+from raydistill.diffusion.parameterization import (
+    broadcast_like,
+    loss_weight,
+    prediction_from_x,
+    x_jacobian,
+)
+from raydistill.diffusion.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    module: str                      # the trainable module this phase updates
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int                       # optimizer steps of this stage
+
+
+class Method:
+    """A distillation method; see the module docstring."""
+
+    #: the module saved as the consolidated student
+    student_module: str = "student"
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The trainable modules by name (each gets its own optimizer / DeepSpeed engine)."""
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", "student")]
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", self.total_steps)]
+
+    def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:
+        """Called before stage `index` with the full (gathered) weights of every module."""
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps over all stages."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
+        """Scalars by name; "loss" is the one the phase's module minimises."""
+        raise NotImplementedError
+
+    def stage_meta(self, index: int) -> dict:
+        """What a checkpoint of the student after stage `index` should record (e.g. its steps)."""
+        return {}
+
+
+def regression_loss(
+    net: nn.Module, config: ModelConfig, schedule: Schedule, weighting: str,
+    z_t: Tensor, t: Tensor, cond: dict[str, Tensor], x_target: Tensor,
+) -> Tensor:
+    """Per-sample w(lambda_t) ||x_hat(z_t) - x_target||^2, computed in the network's own
+    parameterization (weight times the squared Jacobian dx_hat/d out, see x_jacobian), so that
+    high-SNR x-space differences do not cancel."""
+    alpha, sigma = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))
+    out = net(z_t, t, cond).to(z_t.dtype)
+    target = prediction_from_x(config.prediction, z=z_t, x=x_target, alpha=alpha, sigma=sigma)
+    weight = loss_weight(weighting, schedule.logsnr(t)) * x_jacobian(
+        config.prediction, alpha=alpha, sigma=sigma).flatten() ** 2
+    return weight * (out - target).pow(2).flatten(1).mean(1)
+
+
+def draw_w(n: int, w_min: float, w_max: float, generator: torch.Generator | None, device) -> Tensor:
+    """Guidance strengths w ~ U[w_min, w_max]."""
+    return w_min + (w_max - w_min) * torch.rand(n, generator=generator, device=device)

@@ -1,0 +1,48 @@
+"""A small conditional MLP: the student architecture for the analytic mixture teacher, where a test
+must train students in seconds on a CPU.
+
+It sees z_t flattened, Fourier features of t, a class embedding with a null row (NULL_CLASS, for
+classifier-free guidance) and, for w-conditioned students (Meng et al. stage 1), Fourier features of
+w through a zero-initialised layer (the same conditioning as the UNet). Output has z_t's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raydistill.config import MLPConfig
+from raydistill.diffusion.guidance import NULL_CLASS, Cond, fourier_embedding
+from raydistill.models.unet import W_SCALE
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.class_emb = nn.Embedding(config.num_classes + 1, width)
+        self.w_mlp = None
+        if config.w_embedding:
+            self.w_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+            nn.init.zeros_(self.w_mlp[-1].weight)
+            nn.init.zeros_(self.w_mlp[-1].bias)
+        self.stem = nn.Linear(config.dim, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.SiLU(),
+                          nn.Linear(2 * width, width))
+            for _ in range(config.depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, config.dim))
+
+    def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        width = self.config.width
+        labels = cond["c"].long()
+        emb = self.time_mlp(fourier_embedding(1000.0 * t, width))
+        emb = emb + self.class_emb(torch.where(labels == NULL_CLASS, self.config.num_classes, labels))
+        if self.w_mlp is not None:
+            emb = emb + self.w_mlp(fourier_embedding(W_SCALE * cond["w"], width))
+        h = self.stem(z_t.reshape(len(z_t), -1).to(self.stem.weight.dtype)) + emb
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).reshape(z_t.shape)

@@ -1,0 +1,136 @@
+"""Guided (stage 1) and progressive distillation on the analytic teacher, with MLP students trained
+by a plain Adam loop (the method math alone; the Ray Train + DeepSpeed loop is tested elsewhere)."""
+
+import copy
+
+import pytest
+import torch
+
+from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
+from raydistill.diffusion import CosineSchedule, Guided, sample
+from raydistill.methods.guided import GuidedDistillation
+from raydistill.methods.progressive import ProgressiveDistillation, round_steps
+from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
+from raydistill.models.denoiser import ModelDenoiser
+
+SCHEDULE = CosineSchedule()
+W_RANGE = GuidanceRange(w_min=0.0, w_max=3.0)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    torch.manual_seed(0)
+    mixture = GaussianMixture.random(num_classes=3, components_per_class=2, dim=2, seed=3,
+                                     dtype=torch.float32)
+    return mixture, Guided(AnalyticTeacher(mixture, SCHEDULE))
+
+
+def student(w_embedding=True, width=64, depth=2):
+    config = ModelConfig(kind="mlp", prediction="v",
+                         mlp=MLPConfig(dim=2, width=width, depth=depth, num_classes=3,
+                                       w_embedding=w_embedding))
+    return build_network(config), config
+
+
+def fit(method, mixture, *, lr=1e-2, batch=256):
+    """Plain Adam over the method's stages (lr restarts per stage with a cosine decay); returns the
+    student's weights after each stage."""
+    net = method.modules()["student"]
+    phase, snapshots = method.phases()[0], []
+    for index, stage in enumerate(method.stages()):
+        method.start_stage(index, {"student": copy.deepcopy(net.state_dict())})
+        opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, stage.steps, eta_min=lr * 0.05)
+        for _ in range(stage.steps):
+            c = torch.randint(0, 3, (batch,))
+            loss = method.loss({"x": mixture.sample(c).float(), "c": c}, phase)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        snapshots.append(copy.deepcopy(net.state_dict()))
+    return snapshots
+
+
+@pytest.fixture(scope="module")
+def stage1(oracle):
+    mixture, teacher = oracle
+    net, config = student()
+    method = GuidedDistillation(teacher=teacher, student=net, student_config=config, schedule=SCHEDULE,
+                                guidance=W_RANGE, weighting="snr_plus_one", steps=1500)
+    fit(method, mixture)
+    return net.eval(), config
+
+
+def relative_error(student_x, teacher_x):
+    return float((student_x - teacher_x).norm() / teacher_x.norm())
+
+
+def test_stage1_student_matches_the_cfg_teacher_over_the_w_range(oracle, stage1):
+    mixture, teacher = oracle
+    net, config = stage1
+    student_denoiser = ModelDenoiser(net, SCHEDULE, config.prediction)
+    g = torch.Generator().manual_seed(7)
+    print("\nstage 1: relative x_hat error against the CFG teacher (t ~ U[0.05, 1])")
+    for w in (0.0, 1.0, 2.0, 3.0):
+        c = torch.randint(0, 3, (4096,), generator=g)
+        t = 0.05 + 0.95 * torch.rand(4096, generator=g)
+        alpha, sigma = SCHEDULE.alpha_sigma(t)
+        z = alpha[:, None] * mixture.sample(c, generator=g).float() + sigma[:, None] * torch.randn(
+            4096, 2, generator=g)
+        cond = {"c": c, "w": torch.full((4096,), w)}
+        with torch.no_grad():
+            err = relative_error(student_denoiser(z, t, cond), teacher(z, t, cond))
+        print(f"  w={w:.0f}: {err:.4f}")
+        assert err < 0.08
+
+
+def test_progressive_rounds_stay_close_to_the_teacher_ode(oracle, stage1):
+    """Meng stage 2 on the oracle: the stage-1 student, DDIM at 16 steps, halved 16 -> 8 -> 4 -> 2 -> 1.
+    Each round's student, sampled with its N steps, stays as close to the exact teacher's 256-step
+    ODE solution (same noise, c, w) as the stage-1 student it came from is, and far closer than DDIM
+    on the exact teacher at the same N."""
+    mixture, exact = oracle
+    stage1_net, config = stage1
+    net = copy.deepcopy(stage1_net).train()
+    stage1_denoiser = ModelDenoiser(stage1_net, SCHEDULE, config.prediction)
+    method = ProgressiveDistillation(
+        teacher=stage1_denoiser, student=net, student_config=config, schedule=SCHEDULE,
+        guidance=W_RANGE, halving=HalvingConfig(start_steps=16, end_steps=1), steps_per_round=500)
+    assert round_steps(HalvingConfig(start_steps=16, end_steps=1)) == [8, 4, 2, 1]
+    snapshots = fit(method, mixture, lr=2e-3)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(2048, 2, generator=g)
+    cond = {"c": torch.randint(0, 3, (2048,), generator=g), "w": 3.0 * torch.rand(2048, generator=g)}
+    with torch.no_grad():
+        reference = sample(exact, noise, cond, SCHEDULE, steps=256)
+        rms = lambda a: float((a - reference).pow(2).sum(1).mean().sqrt())    # noqa: E731
+        floor = rms(sample(stage1_denoiser, noise, cond, SCHEDULE, steps=256))
+        print(f"\nRMS distance to the exact teacher's 256-step DDIM; stage-1 student at 256 steps: "
+              f"{floor:.4f}\nsteps  student  DDIM(exact teacher)  ratio")
+        bounds = {8: 0.65, 4: 0.4, 2: 0.25, 1: 0.15}
+        for n, weights in zip(method.rounds, snapshots):
+            round_net = copy.deepcopy(net)
+            round_net.load_state_dict(weights)
+            student_x = sample(ModelDenoiser(round_net.eval(), SCHEDULE, config.prediction), noise, cond,
+                               SCHEDULE, steps=n)
+            student_err, ddim_err = rms(student_x), rms(sample(exact, noise, cond, SCHEDULE, steps=n))
+            print(f"{n:5d}  {student_err:7.4f}  {ddim_err:19.4f}  {student_err / ddim_err:5.2f}")
+            assert student_err < 1.3 * floor
+            assert student_err / ddim_err < bounds[n]
+
+
+def test_jump_target_identities(oracle):
+    """One teacher step gives back the teacher's own x_hat; two give the progressive target."""
+    from raydistill.diffusion.progressive import jump_target, two_step_target
+
+    _, exact = oracle
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    t = torch.full((64,), 0.75, dtype=torch.float64)
+    cond = {"c": torch.randint(0, 3, (64,), generator=g), "w": torch.full((64,), 1.5)}
+    one = jump_target(exact, z, t, t - 0.25, cond, SCHEDULE, teacher_steps=1)
+    torch.testing.assert_close(one, exact(z, t, cond), rtol=1e-9, atol=1e-9)
+    two = jump_target(exact, z, t, t - 0.25, cond, SCHEDULE, teacher_steps=2)
+    torch.testing.assert_close(two, two_step_target(exact, z, t, cond, SCHEDULE, 4), rtol=1e-12,
+                               atol=1e-12)
