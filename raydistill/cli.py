@@ -7,6 +7,7 @@ not built yet.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("sample", help="write a PNG grid of class-conditional samples")
     p.add_argument("--checkpoint", required=True, help="teacher or student checkpoint directory")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--steps", type=int, default=64, help="solver steps (default 64)")
+    p.add_argument("--steps", type=int, help="solver steps (default: a distilled student's own "
+                                             "step count, else 64)")
     p.add_argument("--w", type=float, default=1.0, help="guidance strength, 0 = conditional")
     p.add_argument("--solver", default="ddim", help="ddim | heun | dpmpp_2m")
     p.add_argument("--spacing", default="uniform_t", help="uniform_t | uniform_logsnr")
@@ -82,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="pairs location written by `raydistill pairs`")
     p.set_defaults(handler=cmd_verify)
 
-    p = verbs.add_parser("train", help=f"{PLANNED['train']} (not built yet)")
-    _config_args(p, "output location")
-    p.set_defaults(handler=_planned_with_config("train", TrainJob))
+    p = verbs.add_parser("train", help=PLANNED["train"])
+    _config_args(p, "run directory: DIR/student is the consolidated student")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out from its last checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(handler=cmd_train)
     for verb in ("eval", "run", "submit"):
         p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
@@ -122,8 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from raydistill.models import load_checkpoint, load_classifier
     from raydistill.sampling import sample_classes, save_grid
 
-    fields = {"steps": args.steps, "w": args.w, "solver": args.solver, "spacing": args.spacing,
-              "per_class": args.per_class}
+    fields = {"steps": 1 if args.steps is None else args.steps, "w": args.w, "solver": args.solver,
+              "spacing": args.spacing, "per_class": args.per_class}
     try:
         sampler = from_dict(SamplerConfig, fields)
     except ConfigError as err:
@@ -136,6 +141,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--out", f"must be a .png file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
+    if args.steps is None:
+        sampler = dataclasses.replace(sampler, steps=checkpoint.extra.get("steps") or 64)
     checkpoint.network.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
@@ -169,6 +176,18 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raydistill.train.driver import train
+
+    job = load(TrainJob, args.config, args.overrides)
+    result = train(job, args.out, resume=args.resume, address=args.address,
+                   progress=not args.quiet)
+    metrics = result.metrics
+    print(f"train: {job.method} student after {result.steps} steps (loss {metrics['loss']:.4g}, "
+          f"{metrics['nan_skipped']} non-finite micro-batches skipped): {result.student}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from raydistill.pairs.verify import verify_pairs
 
@@ -187,14 +206,6 @@ def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(f"raydistill {verb}: not built yet ({PLANNED[verb]})", file=sys.stderr)
         return EXIT_NOT_BUILT
-    return handler
-
-
-def _planned_with_config(verb: str, job: type) -> Callable[[argparse.Namespace], int]:
-    """Validate the verb's config (so configs can be checked today), then say it is not built."""
-    def handler(args: argparse.Namespace) -> int:
-        load(job, args.config, args.overrides)
-        return _planned(verb)(args)
     return handler
 
 

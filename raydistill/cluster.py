@@ -6,9 +6,11 @@ import logging
 import os
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None,
+             dashboard: bool = False) -> None:
     """Connect to `address` (e.g. `auto`, `ray://host:10001`) or to $RAY_ADDRESS (set inside a
-    submitted Ray job), else start Ray locally without a dashboard. A process that already
+    submitted Ray job), else start Ray locally, with a dashboard only if asked (Ray Train's
+    controller polls the state API, which the dashboard serves). A process that already
     initialised Ray keeps its connection."""
     import ray
 
@@ -18,5 +20,5 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  logging_level=logging.WARNING)

@@ -112,11 +112,14 @@ class MLPConfig:
     depth: int = 3
     num_classes: int = 4             # the null class for CFG is added on top
     w_embedding: bool = False
+    shape: list[int] = field(default_factory=list)   # optional sample shape, e.g. [1, 4, 4]
 
     def validate(self) -> None:
         for key in ("dim", "width", "depth", "num_classes"):
             require(getattr(self, key) > 0, key, "must be positive")
         require(self.width % 2 == 0, "width", "must be even (Fourier features)")
+        require(not self.shape or math.prod(self.shape) == self.dim, "shape",
+                f"{self.shape} does not hold dim={self.dim} values")
 
 
 @dataclass
@@ -224,17 +227,22 @@ class GuidanceRange:
 
 @dataclass
 class HalvingConfig:
-    """Progressive distillation N -> N/2 rounds from start_steps down to end_steps."""
+    """Progressive distillation: rounds N -> N/2 from a start_steps teacher down to an end_steps
+    student (the first round's student has start_steps / 2 steps)."""
 
     start_steps: int = 64
     end_steps: int = 1
+    steps_per_round: int = 500       # optimizer steps of each round
+    stochastic: bool = False         # train for Meng et al.'s stochastic sampler (2/N jumps)
 
     def validate(self) -> None:
         for key in ("start_steps", "end_steps"):
             value = getattr(self, key)
             require(value > 0, key, f"must be positive, got {value}")
             require(_is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
-        require(self.end_steps <= self.start_steps, "end_steps", "must not exceed start_steps")
+        require(self.end_steps < self.start_steps, "end_steps",
+                f"must be below start_steps ({self.end_steps} >= {self.start_steps}): no round")
+        require(self.steps_per_round > 0, "steps_per_round", "must be positive")
 
 
 # ------------------------------------------------------------------------------- verb configs
@@ -289,12 +297,17 @@ class TeacherRef:
     checkpoint: str = ""             # teacher checkpoint directory
     analytic: MixtureConfig | None = None
     fingerprint: str = ""            # optional pin: refuse a teacher with another fingerprint
+    build: str = ""                  # a teacher YAML to train into `checkpoint` when it is missing
 
     def validate(self) -> None:
-        if self.analytic is None:
-            require_file(self.checkpoint, "checkpoint")
-        else:
+        if self.analytic is not None:
             require(not self.checkpoint, "analytic", "give either checkpoint or analytic, not both")
+            require(not self.build, "build", "an analytic teacher needs no training")
+        elif self.build:
+            require(bool(self.checkpoint), "checkpoint", "is required (where `build` trains to)")
+            require_file(self.build, "build")
+        else:
+            require_file(self.checkpoint, "checkpoint")
 
 
 @dataclass
@@ -342,18 +355,68 @@ class PairsJob:
 
 
 @dataclass
-class TrainJob:
-    """`raydistill train`: distill a student (configuration only so far)."""
+class TrainWorkers:
+    """Ray Train workers: one per GPU on a cluster; CPU workers (gloo) when gpus is 0."""
 
-    method: Literal["guided", "progressive", "kd", "dmd"] = "guided"
-    teacher: str = ""
+    num: int = 2
+    gpus: float = 0.0                # GPUs per worker; > 0 trains on CUDA with NCCL
+    cpus: float = 1.0
+    threads: int = 1                 # torch threads per CPU worker
+
+    def validate(self) -> None:
+        require(self.num >= 1, "num", "must be at least 1")
+        require(self.gpus >= 0, "gpus", "must be non-negative")
+        require(self.cpus > 0, "cpus", "must be positive")
+        require(self.threads >= 1, "threads", "must be at least 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Each trainable module gets its own DeepSpeed engine built from these keys; `extra` is merged
+    into the generated DeepSpeed config as given (e.g. {"zero_optimization": {"overlap_comm": true}})."""
+
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = 1              # micro-batches per optimizer step
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0..3, got {self.zero_stage}")
+        require(self.grad_accum >= 1, "grad_accum", "must be at least 1")
+
+
+@dataclass
+class TrainJob:
+    """`raydistill train`: distill a student with Ray Train + DeepSpeed ZeRO."""
+
+    method: Literal["guided", "progressive"] = "guided"
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    student: ModelConfig | None = None   # default: the teacher's network (+ w input for guided)
+    data: DataConfig = field(default_factory=DataConfig)   # real x for inline targets
+    pairs: str = ""                  # precomputed target shards (pairs --mode guided/progressive)
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
     halving: HalvingConfig = field(default_factory=HalvingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
+    optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
+    workers: TrainWorkers = field(default_factory=TrainWorkers)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint_every: int = 100      # optimizer steps between checkpoints
+    max_failures: int = 2            # worker failures survived by resuming from a checkpoint
+    max_nan_steps: int = 10          # consecutive non-finite losses (steps skipped) before stopping
+    log_every: int = 10
     seed: int = 0
 
     def validate(self) -> None:
-        require_file(self.teacher, "teacher")
+        for key in ("checkpoint_every", "log_every", "max_nan_steps"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.max_failures >= 0, "max_failures", "must be non-negative")
+        if self.deepspeed.zero_stage == 3:
+            require(self.optim.ema_decay == 0.0, "optim.ema_decay",
+                    "must be 0 with deepspeed.zero_stage 3 (the EMA is a full copy of the student "
+                    "on every rank, which ZeRO-3 exists to avoid)")
+        if self.teacher.analytic is not None:
+            require(self.student is not None, "student", "is required with an analytic teacher "
+                                                         "(e.g. kind: mlp)")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -434,6 +497,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in get_args(hint) if a is not type(None)]
         return _convert(inner, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(key, f"must be a list, got {value!r}")

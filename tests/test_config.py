@@ -28,7 +28,7 @@ def train_yaml(tmp_path):
     teacher.mkdir()
 
     def write(**sections):
-        data = {"method": "progressive", "teacher": str(teacher), **sections}
+        data = {"method": "progressive", "teacher": {"checkpoint": str(teacher)}, **sections}
         path = tmp_path / "train.yaml"
         path.write_text(yaml.safe_dump(data))
         return str(path)
@@ -93,8 +93,8 @@ def test_halving_needs_powers_of_two(capsys, train_yaml, halving, key):
 def test_missing_teacher_file(capsys, train_yaml, tmp_path):
     path = train_yaml()
     code, err = run(capsys, "train", "--config", path, "--out", "x",
-                    f"teacher={tmp_path / 'missing'}")
-    assert code == 2 and "error: teacher: no such file" in err
+                    f"teacher.checkpoint={tmp_path / 'missing'}")
+    assert code == 2 and "error: teacher.checkpoint: no such file" in err
 
 
 def test_sample_flag_errors(capsys, tmp_path):

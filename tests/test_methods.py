@@ -96,7 +96,7 @@ def test_progressive_rounds_stay_close_to_the_teacher_ode(oracle, stage1):
     stage1_denoiser = ModelDenoiser(stage1_net, SCHEDULE, config.prediction)
     method = ProgressiveDistillation(
         teacher=stage1_denoiser, student=net, student_config=config, schedule=SCHEDULE,
-        guidance=W_RANGE, halving=HalvingConfig(start_steps=16, end_steps=1), steps_per_round=500)
+        guidance=W_RANGE, halving=HalvingConfig(start_steps=16, end_steps=1, steps_per_round=500))
     assert round_steps(HalvingConfig(start_steps=16, end_steps=1)) == [8, 4, 2, 1]
     snapshots = fit(method, mixture, lr=2e-3)
     g = torch.Generator().manual_seed(11)

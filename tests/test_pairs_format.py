@@ -9,8 +9,9 @@ import torch
 
 from raydistill.config import ConfigError, PairsJob, from_dict
 from raydistill.diffusion import Guided, guided_x, sample, two_step_target
+from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
-from raydistill.pairs.generate import ShardMaker, load_teacher
+from raydistill.pairs.generate import ShardMaker
 from raydistill.pairs.manifest import Manifest, claim_location
 from raydistill.storage import Location
 
@@ -84,7 +85,7 @@ def test_location_atomic_writes(tmp_path, uri_kind):
 
 def test_claim_location_refuses_other_runs(tmp_path):
     location = Location.parse(str(tmp_path / "pairs"))
-    teacher = load_teacher(job())
+    teacher = load_teacher(job().teacher)
     claim_location(location, job(), teacher.fingerprint)
     claim_location(location, job(num_shards=20), teacher.fingerprint)     # growing is fine
     with pytest.raises(ConfigError, match="teacher_fingerprint="):
@@ -99,14 +100,14 @@ def test_claim_location_refuses_other_runs(tmp_path):
 
 
 def test_fingerprint_pin():
-    teacher = load_teacher(job())
-    load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": teacher.fingerprint[:12]}))
+    teacher = load_teacher(job().teacher)
+    load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": teacher.fingerprint[:12]}).teacher)
     with pytest.raises(ConfigError, match="teacher.fingerprint"):
-        load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": "deadbeef"}))
+        load_teacher(job(teacher={"analytic": ANALYTIC, "fingerprint": "deadbeef"}).teacher)
 
 
 def test_shards_regenerate_identically_and_independently_of_batching():
-    teacher = load_teacher(job())
+    teacher = load_teacher(job().teacher)
     a = ShardMaker(job(), teacher).make(3)
     b = ShardMaker(job(batch_size=12), teacher).make(3)
     assert encode_shard(3, "ode", a) == encode_shard(3, "ode", ShardMaker(job(), teacher).make(3))
@@ -120,7 +121,7 @@ def test_each_mode_matches_the_diffusion_functions():
     """ode = the solver on the stored noise; guided = x_hat_w; progressive = the two-step target."""
     for mode in ("ode", "guided", "progressive"):
         spec = job(mode)
-        teacher = load_teacher(spec)
+        teacher = load_teacher(spec.teacher)
         maker = ShardMaker(spec, teacher)
         cols = {k: torch.as_tensor(v) for k, v in maker.make(0).items()}
         cond = {"c": cols["c"]}

@@ -49,6 +49,11 @@ class Method:
         """The trainable modules by name (each gets its own optimizer / DeepSpeed engine)."""
         raise NotImplementedError
 
+    def use_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Route the method's calls through wrapped modules (e.g. DeepSpeed engines), by name."""
+        for name, module in modules.items():
+            setattr(self, name, module)
+
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]
 

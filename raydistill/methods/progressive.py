@@ -47,11 +47,11 @@ def round_steps(halving: HalvingConfig) -> list[int]:
 class ProgressiveDistillation(Method):
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
-                 steps_per_round: int, weighting: str = "truncated_snr", stochastic: bool = False):
+                 weighting: str = "truncated_snr"):
         self.original_teacher, self.teacher = teacher, teacher
         self.student, self.config, self.schedule = student, student_config, schedule
-        self.guidance, self.weighting, self.stochastic = guidance, weighting, stochastic
-        self.rounds, self.steps_per_round = round_steps(halving), steps_per_round
+        self.guidance, self.weighting, self.stochastic = guidance, weighting, halving.stochastic
+        self.rounds, self.steps_per_round = round_steps(halving), halving.steps_per_round
         self.round, self.teacher_is_stochastic = 0, False
         self._frozen = copy.deepcopy(student).requires_grad_(False).eval()
 

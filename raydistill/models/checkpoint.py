@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raydistill.config import ConfigError, ModelConfig, from_dict, to_dict
+from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
 from raydistill.diffusion.guidance import Denoiser, Guided
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
@@ -40,6 +40,14 @@ def build_network(config: ModelConfig) -> nn.Module:
     return GaussianMixture.random(
         num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
         seed=gmm.seed, spread=gmm.spread, shape=tuple(gmm.shape) or None)
+
+
+def model_data_shape(config: ModelConfig) -> tuple[int, ...]:
+    """The shape of one sample x a model built from `config` denoises."""
+    if config.kind == "unet":
+        return (config.unet.in_channels, config.unet.resolution, config.unet.resolution)
+    spec = config.gmm if config.kind == "gmm" else config.mlp
+    return tuple(spec.shape) or (spec.dim,)
 
 
 def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
@@ -67,6 +75,16 @@ class Checkpoint:
     config: ModelConfig
     fingerprint: str
     extra: dict[str, Any]
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one sample x the model denoises."""
+        return model_data_shape(self.config)
+
+    @property
+    def num_classes(self) -> int:
+        config = self.config
+        return {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind].num_classes
 
     @property
     def denoiser(self) -> Denoiser:
@@ -158,3 +176,19 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
     return Checkpoint(network.eval(), config, digest, meta.get("extra", {}))
+
+
+def load_teacher(ref: TeacherRef) -> Checkpoint:
+    """The configured teacher (a checkpoint, or the analytic mixture described inline); a
+    fingerprint pin must match."""
+    if ref.analytic is not None:
+        config = ModelConfig(kind="gmm", gmm=ref.analytic)
+        network = build_network(config)
+        checkpoint = Checkpoint(network, config, fingerprint(network, config), {})
+    else:
+        checkpoint = load_checkpoint(ref.checkpoint)
+    if ref.fingerprint and not checkpoint.fingerprint.startswith(ref.fingerprint):
+        raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
+                                                 f"{checkpoint.fingerprint[:16]}, config pins "
+                                                 f"{ref.fingerprint}")
+    return checkpoint

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydistill.config import ConfigError, ModelConfig, PairsJob
+from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import two_step_target
 from raydistill.diffusion.solvers import sample
-from raydistill.models.checkpoint import Checkpoint, build_network, fingerprint, load_checkpoint
+from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.gmm import GaussianMixture
 
 
@@ -31,34 +31,6 @@ def shard_seed(run_seed: int, shard: int) -> int:
     return derive_seed(run_seed, shard)
 
 
-def data_shape(checkpoint: Checkpoint) -> tuple[int, ...]:
-    config = checkpoint.config
-    if config.kind == "gmm":
-        return checkpoint.network.shape
-    return (config.unet.in_channels, config.unet.resolution, config.unet.resolution)
-
-
-def num_classes(checkpoint: Checkpoint) -> int:
-    config = checkpoint.config
-    return config.gmm.num_classes if config.kind == "gmm" else config.unet.num_classes
-
-
-def load_teacher(job: PairsJob) -> Checkpoint:
-    """The configured teacher (a checkpoint, or the analytic mixture the config describes); a
-    fingerprint pin in the config must match."""
-    if job.teacher.analytic is not None:
-        config = ModelConfig(kind="gmm", gmm=job.teacher.analytic)
-        network = build_network(config)
-        checkpoint = Checkpoint(network, config, fingerprint(network, config), {})
-    else:
-        checkpoint = load_checkpoint(job.teacher.checkpoint)
-    pin = job.teacher.fingerprint
-    if pin and not checkpoint.fingerprint.startswith(pin):
-        raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
-                                                 f"{checkpoint.fingerprint[:16]}, config pins {pin}")
-    return checkpoint
-
-
 class ShardMaker:
     """Computes the columns of shard k for a PairsJob and a loaded teacher."""
 
@@ -67,7 +39,7 @@ class ShardMaker:
         teacher.network.to(self.device)
         self.teacher = teacher.guided
         self.schedule = teacher.denoiser.schedule
-        self.shape, self.num_classes = data_shape(teacher), num_classes(teacher)
+        self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
         self.data = self._real_data(teacher) if job.mode != "ode" else None
 
     def _real_data(self, teacher: Checkpoint) -> Tensor | GaussianMixture:

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from raydistill.config import PairsJob, from_dict
+from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import encode_shard, shard_name
-from raydistill.pairs.generate import ShardMaker, load_teacher, shard_seed
+from raydistill.pairs.generate import ShardMaker, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
 from raydistill.storage import Location
 
@@ -70,7 +71,7 @@ class ShardWorker:
         self.job = from_dict(PairsJob, job)
         torch.set_num_threads(self.job.workers.threads)
         torch.set_flush_denormal(True)
-        checkpoint = load_teacher(self.job)
+        checkpoint = load_teacher(self.job.teacher)
         if checkpoint.fingerprint != fingerprint:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
         self.fingerprint = fingerprint
@@ -111,7 +112,7 @@ def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
     Raises ConfigError for a missing or mismatched teacher, data that does not fit it, or a
     location holding another run's shards.
     """
-    teacher = load_teacher(job)
+    teacher = load_teacher(job.teacher)
     ShardMaker(job, teacher)                  # validates data and shapes against the teacher
     location = Location.parse(out)
     manifest = Manifest.read(location)

@@ -1,0 +1,1 @@
+"""Student training on Ray Train workers, each trainable module in its own DeepSpeed engine."""

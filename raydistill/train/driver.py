@@ -1,0 +1,208 @@
+"""`raydistill train`: check everything up front, then run the loop on Ray Train workers.
+
+The output directory:
+
+    DIR/train.yaml          the job as run (a resumed run must keep the method and the teacher)
+    DIR/ray/                Ray Train's run: its checkpoints (unless `storage` points elsewhere)
+    DIR/student/            the consolidated final student: `raydistill sample --checkpoint DIR/student`
+    DIR/rounds/<N>-steps/   progressive: the student after each round
+    DIR/train_log.jsonl     one line per logged step
+
+DIR/student appears only when the run has finished; until then the directory holds no student.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from raydistill.config import ConfigError, ModelConfig, TeacherJob, TrainJob, from_dict, load, to_dict
+from raydistill.methods import Method
+from raydistill.models.checkpoint import Checkpoint, load_teacher
+from raydistill.pairs.generate import derive_seed
+from raydistill.train.build import build_method, prepare, with_teacher_shape
+
+RUN_NAME = "train"
+PAIR_COLUMNS = {"guided": ["z_t", "target", "c", "w", "t"],
+                "progressive": ["z_t", "target", "c", "w", "t", "N"]}
+
+
+@dataclass
+class TrainResult:
+    student: str
+    steps: int
+    metrics: dict
+
+
+def ensure_teacher(job: TrainJob, progress: bool) -> None:
+    """Train the teacher `teacher.build` describes when its checkpoint does not exist yet."""
+    ref = job.teacher
+    if not ref.build or os.path.isdir(ref.checkpoint):
+        return
+    from raydistill.pretrain.teacher import train_teacher
+
+    print(f"train: no teacher at {ref.checkpoint}; training one from {ref.build}", flush=True)
+    train_teacher(load(TeacherJob, ref.build), ref.checkpoint, progress=progress)
+
+
+def check_out_dir(job: TrainJob, out: str, resume: bool) -> None:
+    """A new run needs an empty or absent DIR; --resume needs a run of the same method and teacher."""
+    saved = os.path.join(out, "train.yaml")
+    if not resume:
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise ConfigError(out, "is not empty; pass --resume to continue the run in it, or "
+                                   "choose a new --out")
+        return
+    if not os.path.isfile(saved):
+        raise ConfigError("--resume", f"{out} holds no training run (no train.yaml)")
+    with open(saved) as f:
+        before = from_dict(TrainJob, yaml.safe_load(f))
+    if before.method != job.method:
+        raise ConfigError("--resume", f"{out} is a {before.method} run, the config asks for "
+                                      f"{job.method}")
+    if before.teacher != job.teacher:
+        raise ConfigError("--resume", f"{out} was trained from another teacher")
+
+
+def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run the job; returns where the consolidated student is."""
+    out = os.path.abspath(out)
+    check_out_dir(job, out, resume)
+    ensure_teacher(job, progress)
+    plan = prepare(job)
+    job = with_teacher_shape(job, plan.teacher)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydistill.cluster import init_ray
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(job), f, sort_keys=False)
+    init_ray(address, dashboard=True)
+    workers = job.workers
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config)},
+        scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
+                                     resources_per_worker={"CPU": workers.cpus,
+                                                           **({"GPU": workers.gpus}
+                                                              if workers.gpus else {})}),
+        torch_config=TorchConfig(backend="nccl" if workers.gpus > 0 else "gloo"),
+        run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=_datasets(job))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as directory:
+        for item in ("rounds", "train_log.jsonl", "student"):
+            source, target = os.path.join(directory, item), os.path.join(out, item)
+            if os.path.isdir(source):
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            elif os.path.isfile(source):
+                shutil.copy(source, target)
+    return TrainResult(os.path.join(out, "student"), int(result.metrics["step"]), result.metrics)
+
+
+def _datasets(job: TrainJob) -> dict:
+    """Ray Datasets the workers stream from: pair shards, or real images (not for the mixture,
+    whose exact draws each worker makes itself)."""
+    if job.pairs:
+        from raydistill.pairs.reader import ray_dataset
+
+        return {"train": ray_dataset(job.pairs).select_columns(PAIR_COLUMNS[job.method])}
+    if job.data.source == "mixture":
+        return {}
+    from raydistill.data.ray_source import image_dataset
+
+    return {"train": image_dataset(job.data).select_columns(["image", "label"])}
+
+
+def worker_main(config: dict) -> None:
+    """The Ray Train worker: build teacher, student and method, then run the loop."""
+    import ray.train
+
+    from raydistill.config import ModelConfig
+    from raydistill.train.loop import WorkerContext, run_worker
+
+    job = from_dict(TrainJob, config["job"])
+    student_config = from_dict(ModelConfig, config["student"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    setup = setup_worker(job, student_config, rank, world)
+
+    def report(metrics: dict, directory: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        run_worker(job, setup.method, setup.batches, WorkerContext(rank, world, setup.device, report),
+                   student_config, setup.teacher.fingerprint)
+        return
+    with restored.as_directory() as directory:
+        run_worker(job, setup.method, setup.batches,
+                   WorkerContext(rank, world, setup.device, report, directory), student_config,
+                   setup.teacher.fingerprint)
+
+
+@dataclass
+class WorkerSetup:
+    device: torch.device
+    teacher: Checkpoint
+    method: Method
+    batches: Iterator[dict]
+
+
+def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: int) -> WorkerSetup:
+    """Device, seeds, teacher, method and data stream of one training worker."""
+    if job.workers.gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"workers.gpus is {job.workers.gpus} but worker {rank} sees no CUDA "
+                               "device; refusing to train on CPU")
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(job.workers.threads)
+    # Zero-initialised layers make early gradients denormal floats, ~20x slower on x86 CPUs.
+    torch.set_flush_denormal(True)
+    torch.manual_seed(derive_seed(job.seed, rank))
+    teacher = load_teacher(job.teacher)
+    method = build_method(job, teacher, student_config, device)
+    micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
+    return WorkerSetup(device, teacher, method, _batches(job, teacher, micro, rank))
+
+
+def _batches(job: TrainJob, teacher, micro: int, rank: int):
+    """An endless stream of micro-batches for this rank (CPU tensors)."""
+    if not job.pairs and job.data.source == "mixture":
+        mixture = teacher.network
+        g = torch.Generator().manual_seed(derive_seed(job.seed, rank, 1))
+        while True:
+            c = torch.randint(0, mixture.num_classes, (micro,), generator=g)
+            yield {"x": mixture.sample(c, generator=g).float(), "c": c}
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    rename = {} if job.pairs else {"image": "x", "label": "c"}
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True,
+                                              local_shuffle_buffer_size=4 * micro):
+            seen += 1
+            yield {rename.get(k, k): v for k, v in batch.items()}
+        if not seen:
+            raise ValueError(f"{job.pairs or job.data.path or job.data.source}: fewer samples per "
+                             f"worker than one micro-batch of {micro}")
+

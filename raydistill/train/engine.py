@@ -1,0 +1,90 @@
+"""One DeepSpeed engine per trainable module, built from the job's `deepspeed:` section.
+
+Everything DeepSpeed-specific lives here: the generated config, the CPU start-up patch, gathering
+full weights from ZeRO-3 partitions, and checkpoint save/load per engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raydistill.config import TrainJob
+from raydistill.pretrain.teacher import lr_factor
+
+
+def deepspeed_config(job: TrainJob, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for one engine; `deepspeed.extra` is merged in last, key by key."""
+    ds = job.deepspeed
+    micro = job.optim.batch_size // (world_size * ds.grad_accum)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": micro * world_size * ds.grad_accum,
+        "gradient_clipping": job.optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _skip_cpu_shm_build() -> None:
+    """On CPU, every deepspeed.initialize JIT-compiles the `deepspeed_shm_comm` op with g++ (about
+    25 s, and a hard failure without a compiler). It only serves inference all-reduce, which training
+    never uses, so its build is disabled before initialize. Only ever called on CPU workers."""
+    import deepspeed.comm.torch  # noqa: F401  (the attribute path below binds the module itself)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def build_engine(module: nn.Module, job: TrainJob, world_size: int, stage_steps: int,
+                 on_cuda: bool):
+    """A DeepSpeed engine (AdamW from torch, warm-up + cosine LR restarting every stage)."""
+    import deepspeed
+
+    if not on_cuda:
+        _skip_cpu_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    optim = job.optim
+    optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step % stage_steps, optim.warmup_steps, stage_steps))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                      config=deepspeed_config(job, world_size))
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Full parameters inside the block (a collective on ZeRO-3: every rank must enter it)."""
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The module's whole state dict as fp32 CPU tensors (collective on ZeRO-3)."""
+    with gathered(module):
+        return {name: value.detach().to("cpu", torch.float32 if value.is_floating_point()
+                                        else value.dtype).clone()
+                for name, value in module.state_dict().items()}
+

@@ -1,0 +1,255 @@
+"""The loop each training worker runs. It knows engines, stages, checkpoints and metrics, never the
+method's math: it asks the method for its modules, phases, stages and `loss(batch, phase)`.
+
+A checkpoint directory (one per report; Ray Train merges the ranks' files):
+
+    engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
+    state.json            step, stage, skipped steps, method
+    stage_weights.safetensors   the weights the current stage started from (progressive: the
+                          frozen teacher of the round), so a resumed run rebuilds the same stage
+    ema.safetensors       the student's EMA, when optim.ema_decay > 0
+    train_log.jsonl       one JSON line per logged step
+    rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
+    student/              the consolidated final student (last checkpoint only)
+
+Non-finite losses: every rank learns whether any rank's loss was non-finite (one all-reduce), and
+all skip that micro-batch together, so collectives stay aligned; `max_nan_steps` in a row stop the
+run with an error naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from raydistill.config import ModelConfig, TrainJob
+from raydistill.methods import Method
+from raydistill.models.checkpoint import build_network, save_checkpoint
+from raydistill.train.engine import build_engine, full_state_dict
+
+STATE, STAGE_WEIGHTS, EMA_FILE, LOG = "state.json", "stage_weights.safetensors", "ema.safetensors", \
+    "train_log.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[[dict, str | None], None]     # metrics, and a checkpoint directory or None
+    restored: str | None = None                    # checkpoint directory to resume from
+
+
+@dataclass
+class Progress:
+    step: int = 0                    # optimizer steps done
+    stage: int = 0
+    nan_skipped: int = 0             # micro-batches skipped for a non-finite loss
+    method: str = ""
+
+
+class StudentEMA:
+    """An fp32 exponential moving average of the student's parameters (ZeRO 0-2: full parameters
+    live on every rank)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.shadow = {n: p.detach().float().clone() for n, p in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.module.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The module's state dict with the averaged parameters in place of the live ones."""
+        state = {n: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                 for n, v in self.module.state_dict().items()}
+        state.update({n: v.cpu().clone() for n, v in self.shadow.items()})
+        return state
+
+
+def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor]],
+               ctx: WorkerContext, student_config: ModelConfig, teacher_fingerprint: str) -> None:
+    """Train `method` to the end of its stages, checkpointing and reporting through `ctx`."""
+    stages = method.stages()
+    ends = [sum(s.steps for s in stages[:i + 1]) for i in range(len(stages))]
+    total, on_cuda = ends[-1], ctx.device.type == "cuda"
+    modules = method.modules()
+    stage_weights = {name: full_state_dict(m) for name, m in modules.items()}
+    engines = {name: build_engine(m, job, ctx.world_size, stages[0].steps, on_cuda)
+               for name, m in modules.items()}
+    method.use_modules(engines)
+    student = engines[method.student_module].module
+    ema = StudentEMA(student, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
+    progress = Progress(method=job.method)
+    workdir = tempfile.mkdtemp(prefix="raydistill-train-")
+    if ctx.restored:
+        progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
+    method.start_stage(progress.stage, stage_weights)
+
+    def final_weights() -> dict[str, dict[str, Tensor]]:
+        weights = {name: full_state_dict(e.module) for name, e in engines.items()}
+        if ema is not None:
+            weights[method.student_module] = ema.state_dict()
+        return weights
+
+    def save_student(directory: str, weights: dict[str, Tensor], stage: int) -> None:
+        network = build_network(student_config)
+        network.load_state_dict(weights)
+        extra = {**method.stage_meta(stage), "teacher_fingerprint": teacher_fingerprint,
+                 "train_steps": progress.step}
+        save_checkpoint(directory, network, student_config, extra=extra)
+
+    def checkpoint(final: bool, metrics: dict) -> None:
+        directory = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+        try:
+            for name, engine in engines.items():
+                engine.save_checkpoint(os.path.join(directory, "engines", name), tag="state")
+            weights = final_weights() if final else None
+            if ctx.rank == 0:
+                with open(os.path.join(directory, STATE), "w") as f:
+                    json.dump(asdict(progress), f)
+                save_file(_flatten(stage_weights), os.path.join(directory, STAGE_WEIGHTS))
+                if ema is not None:
+                    save_file(ema.shadow, os.path.join(directory, EMA_FILE))
+                shutil.copytree(workdir, directory, dirs_exist_ok=True)
+                if final:
+                    save_student(os.path.join(directory, "student"),
+                                 weights[method.student_module], progress.stage)
+            ctx.report(metrics, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    nan_streak, started, window_start, window_steps = 0, time.time(), time.time(), 0
+    while progress.step < total:
+        stage = next(i for i, end in enumerate(ends) if progress.step < end)
+        if stage != progress.stage:
+            stage_weights = final_weights()
+            if ctx.rank == 0:
+                save_student(os.path.join(workdir, "rounds", stages[progress.stage].name),
+                             stage_weights[method.student_module], progress.stage)
+            progress.stage = stage
+            method.start_stage(stage, stage_weights)
+            if ema is not None:
+                ema.reset()
+        losses = []
+        for phase in method.phases():
+            engine = engines[phase.module]
+            done = 0
+            while done < job.deepspeed.grad_accum:
+                batch = {k: v.to(ctx.device) for k, v in next(batches).items()}
+                out = method.loss(batch, phase)
+                if not _all_finite(out["loss"]):
+                    progress.nan_skipped += 1
+                    nan_streak += 1
+                    if nan_streak >= job.max_nan_steps:
+                        raise NonFiniteLoss(
+                            f"step {progress.step + 1}: the loss was non-finite for {nan_streak} "
+                            f"micro-batches in a row (max_nan_steps={job.max_nan_steps}); stopping "
+                            "before a broken checkpoint is written")
+                    continue
+                nan_streak = 0
+                engine.backward(out["loss"])
+                engine.step()
+                losses.append(float(out["loss"].detach()))
+                done += 1
+        progress.step += 1
+        window_steps += 1
+        if ema is not None:
+            ema.update()
+        last_loss = sum(losses) / len(losses)
+        is_log = progress.step % job.log_every == 0 or progress.step == total
+        is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == total
+        if not (is_log or is_checkpoint):
+            continue
+        now = time.time()
+        rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
+        metrics = {"step": progress.step, "stage": stages[progress.stage].name,
+                   "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
+                   "lr": engines[method.phases()[0].module].get_lr()[0],
+                   "nan_skipped": progress.nan_skipped, "elapsed_s": now - started}
+        window_start, window_steps = now, 0
+        if ctx.rank == 0:
+            with open(os.path.join(workdir, LOG), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
+            print(f"train  step {progress.step}/{total}  {metrics['stage']}  loss {metrics['loss']:.4g}"
+                  f"  {rate:.0f} samples/s  ETA {_duration(eta)}", flush=True)
+        if is_checkpoint:
+            checkpoint(progress.step == total, metrics)
+        else:
+            ctx.report(metrics, None)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str):
+    with open(os.path.join(directory, STATE)) as f:
+        progress = Progress(**json.load(f))
+    for name, engine in engines.items():
+        engine.load_checkpoint(os.path.join(directory, "engines", name), tag="state")
+    if ema is not None:
+        ema.shadow = load_file(os.path.join(directory, EMA_FILE))
+    for item in (LOG, "rounds"):
+        source = os.path.join(directory, item)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(workdir, item))
+        elif os.path.isfile(source):
+            shutil.copy(source, workdir)
+    return progress, _unflatten(load_file(os.path.join(directory, STAGE_WEIGHTS)))
+
+
+def _flatten(weights: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {f"{module}/{name}": value.contiguous() for module, state in weights.items()
+            for name, value in state.items()}
+
+
+def _unflatten(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    weights: dict[str, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        module, _, name = key.partition("/")
+        weights.setdefault(module, {})[name] = value
+    return weights
+
+
+def _all_finite(loss: Tensor) -> bool:
+    """Whether every rank's loss is finite (one all-reduce when distributed)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
