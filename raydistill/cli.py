@@ -177,14 +177,19 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raydistill.train.driver import train
+    from raydistill.train.driver import TrainingFailed, train
 
     job = load(TrainJob, args.config, args.overrides)
-    result = train(job, args.out, resume=args.resume, address=args.address,
-                   progress=not args.quiet)
+    try:
+        result = train(job, args.out, resume=args.resume, address=args.address,
+                       progress=not args.quiet)
+    except TrainingFailed as err:
+        print(f"raydistill train: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     metrics = result.metrics
-    print(f"train: {job.method} student after {result.steps} steps (loss {metrics['loss']:.4g}, "
-          f"{metrics['nan_skipped']} non-finite micro-batches skipped): {result.student}")
+    print(f"train: {job.method} student after {result.steps} steps (loss {metrics['loss']:.4g}; "
+          f"{metrics['nan_skipped']} non-finite micro-batches skipped; resumed "
+          f"{metrics['resumes']} times): {result.student}")
     return 0
 
 

@@ -32,6 +32,10 @@ PAIR_COLUMNS = {"guided": ["z_t", "target", "c", "w", "t"],
                 "progressive": ["z_t", "target", "c", "w", "t", "N"]}
 
 
+class TrainingFailed(RuntimeError):
+    """The run stopped (a worker error beyond max_failures); its checkpoints remain."""
+
+
 @dataclass
 class TrainResult:
     student: str
@@ -100,9 +104,12 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=_datasets(job))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+    except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
+        cause = next((line for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
+        raise TrainingFailed(f"{out}: training stopped ({cause.strip()}); continue it with "
+                             "--resume") from err
     with result.checkpoint.as_directory() as directory:
         for item in ("rounds", "train_log.jsonl", "student"):
             source, target = os.path.join(directory, item), os.path.join(out, item)

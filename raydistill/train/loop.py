@@ -4,7 +4,7 @@ method's math: it asks the method for its modules, phases, stages and `loss(batc
 A checkpoint directory (one per report; Ray Train merges the ranks' files):
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
-    state.json            step, stage, skipped steps, method
+    state.json            step, stage, skipped micro-batches, resumes, method
     stage_weights.safetensors   the weights the current stage started from (progressive: the
                           frozen teacher of the round), so a resumed run rebuilds the same stage
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
@@ -60,6 +60,7 @@ class Progress:
     step: int = 0                    # optimizer steps done
     stage: int = 0
     nan_skipped: int = 0             # micro-batches skipped for a non-finite loss
+    resumes: int = 0                 # times the run restarted from a checkpoint
     method: str = ""
 
 
@@ -104,6 +105,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     workdir = tempfile.mkdtemp(prefix="raydistill-train-")
     if ctx.restored:
         progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
+        progress.resumes += 1
     method.start_stage(progress.stage, stage_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
@@ -186,7 +188,8 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         metrics = {"step": progress.step, "stage": stages[progress.stage].name,
                    "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
-                   "nan_skipped": progress.nan_skipped, "elapsed_s": now - started}
+                   "nan_skipped": progress.nan_skipped, "resumes": progress.resumes,
+                   "elapsed_s": now - started}
         window_start, window_steps = now, 0
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:

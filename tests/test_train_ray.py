@@ -1,0 +1,84 @@
+"""`raydistill train` end to end on local Ray: a worker killed mid-run resumes from the last
+checkpoint and finishes; a stopped run continues with --resume; the student it leaves loads."""
+
+import glob
+import json
+import os
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+
+from raydistill.cli import main
+from raydistill.config import TrainJob, load
+from raydistill.models import load_checkpoint
+from raydistill.train.driver import TrainingFailed, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
+LONG = ["optim.steps=400", "checkpoint_every=50", "log_every=25"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_ray():
+    yield
+    ray.shutdown()
+
+
+def kill_a_worker_after_a_checkpoint(out: str, killed: list) -> threading.Thread:
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            # the second checkpoint's folder appearing means the first is registered
+            if len(glob.glob(os.path.join(out, "ray", "train", "checkpoint_*"))) >= 2:
+                for proc in psutil.process_iter(["name", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or [proc.info["name"]]):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def logged_steps(out: str) -> list[int]:
+    """Steps in the run's log: each logged step exactly once, however often the run restarted."""
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == sorted(set(steps))
+    return steps
+
+
+def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
+    out, killed = str(tmp_path / "run"), []
+    job = load(TrainJob, ANALYTIC, LONG + ["max_failures=1"])
+    thread = kill_a_worker_after_a_checkpoint(out, killed)
+    result = train(job, out)
+    thread.join()
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert result.steps == 400
+    assert logged_steps(out)[-1] == 400 and result.metrics["resumes"] == 1
+    assert load_checkpoint(result.student).extra["train_steps"] == 400
+
+
+def test_stopped_run_continues_with_resume(tmp_path, capsys):
+    out, killed = str(tmp_path / "run"), []
+    job = load(TrainJob, ANALYTIC, LONG + ["max_failures=0"])
+    thread = kill_a_worker_after_a_checkpoint(out, killed)
+    with pytest.raises(TrainingFailed, match="--resume"):
+        train(job, out)
+    thread.join()
+    assert killed and not os.path.exists(os.path.join(out, "student"))
+    ray.shutdown()
+    args = ["train", "--config", ANALYTIC, "--out", out, *LONG, "--quiet"]
+    assert main(args) == 2 and "is not empty; pass --resume" in capsys.readouterr().err
+    assert main([*args[:-1], "method=progressive", "halving.start_steps=4", "halving.end_steps=2",
+                 "guidance.w_max=0.0", "--quiet", "--resume"]) == 2
+    assert "is a guided run" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert logged_steps(out)[-1] == 400 and "resumed" in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 400
