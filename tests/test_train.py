@@ -23,18 +23,20 @@ ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
 
 
 def zero_stages_worker(config: dict) -> None:
-    """Runs the same job under ZeRO 0, 2 and 3 on one worker group, recording losses and the final
-    checkpoint of each run (Ray Train start-up is paid once)."""
+    """Runs the same job under ZeRO 0, 2 and 3 (and ZeRO-2 in bf16) on one worker group, recording
+    losses and the final checkpoint of each run (Ray Train start-up is paid once)."""
     import ray.train
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     base = from_dict(TrainJob, config["job"])
     student = from_dict(ModelConfig, config["student"])
-    for stage in (0, 2, 3):
-        job = dataclasses.replace(base, deepspeed=dataclasses.replace(base.deepspeed, zero_stage=stage))
+    for stage, precision in ((0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")):
+        job = dataclasses.replace(base, deepspeed=dataclasses.replace(
+            base.deepspeed, zero_stage=stage, precision=precision))
         setup = setup_worker(job, student, rank, world)
-        losses, out = [], os.path.join(config["out"], f"zero{stage}")
+        name = f"zero{stage}" + ("-bf16" if precision == "bf16" else "")
+        losses, out = [], os.path.join(config["out"], name)
 
         def report(metrics, directory, losses=losses, out=out):
             losses.append(metrics["loss"])
@@ -78,6 +80,10 @@ def test_zero_stages_agree_and_zero3_consolidates(ray_local, tmp_path):
     for stage in (2, 3):
         torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(losses[0]), rtol=1e-4,
                                    atol=1e-6)
+    bf16 = json.load(open(tmp_path / "zero2-bf16.json"))
+    print("bf16 ZeRO-2 losses:", " ".join(f"{v:.4f}" for v in bf16))
+    assert sum(bf16[-4:]) < 0.8 * sum(bf16[:4])                 # trains under bf16 as well
+    torch.testing.assert_close(torch.tensor(bf16[0]), torch.tensor(losses[0][0]), rtol=0.05, atol=0)
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

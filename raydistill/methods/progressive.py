@@ -63,7 +63,7 @@ class ProgressiveDistillation(Method):
         return self.steps_per_round * len(self.rounds)
 
     def stages(self) -> list[Stage]:
-        return [Stage(f"round-{n}-steps", self.steps_per_round) for n in self.rounds]
+        return [Stage(f"{n}-steps", self.steps_per_round) for n in self.rounds]
 
     def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:
         """Round `index`: the teacher is the original one, or the previous round's student."""

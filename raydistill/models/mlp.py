@@ -36,13 +36,13 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, config.dim))
 
     def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        width = self.config.width
+        width, dtype = self.config.width, self.stem.weight.dtype     # bf16 under mixed precision
         labels = cond["c"].long()
-        emb = self.time_mlp(fourier_embedding(1000.0 * t, width))
+        emb = self.time_mlp(fourier_embedding(1000.0 * t, width).to(dtype))
         emb = emb + self.class_emb(torch.where(labels == NULL_CLASS, self.config.num_classes, labels))
         if self.w_mlp is not None:
-            emb = emb + self.w_mlp(fourier_embedding(W_SCALE * cond["w"], width))
-        h = self.stem(z_t.reshape(len(z_t), -1).to(self.stem.weight.dtype)) + emb
+            emb = emb + self.w_mlp(fourier_embedding(W_SCALE * cond["w"], width).to(dtype))
+        h = self.stem(z_t.reshape(len(z_t), -1).to(dtype)) + emb
         for block in self.blocks:
             h = h + block(h)
         return self.out(h).reshape(z_t.shape)

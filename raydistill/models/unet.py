@@ -111,13 +111,13 @@ class UNet(nn.Module):
         return nn.ModuleList([block])
 
     def embed(self, t: Tensor, cond: Cond) -> Tensor:
-        ch = self.config.base_channels
-        emb = self.time_mlp(fourier_embedding(1000.0 * t, ch))
+        ch, dtype = self.config.base_channels, self.stem.weight.dtype   # bf16 under mixed precision
+        emb = self.time_mlp(fourier_embedding(1000.0 * t, ch).to(dtype))
         labels = cond["c"].long()
         emb = emb + self.class_emb(torch.where(labels == NULL_CLASS, self.config.num_classes, labels))
         if self.w_mlp is not None:
-            emb = emb + self.w_mlp(fourier_embedding(W_SCALE * cond["w"], ch))
-        return emb.to(self.stem.weight.dtype)
+            emb = emb + self.w_mlp(fourier_embedding(W_SCALE * cond["w"], ch).to(dtype))
+        return emb
 
     def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         emb = self.embed(t, cond)

@@ -13,6 +13,7 @@ DIR/student appears only when the run has finished; until then the directory hol
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -54,6 +55,17 @@ def ensure_teacher(job: TrainJob, progress: bool) -> None:
     train_teacher(load(TeacherJob, ref.build), ref.checkpoint, progress=progress)
 
 
+def with_absolute_paths(job: TrainJob) -> TrainJob:
+    """Local paths made absolute: Ray Train workers run in another working directory."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and "://" not in path else path
+
+    teacher = dataclasses.replace(job.teacher, checkpoint=absolute(job.teacher.checkpoint),
+                                  build=absolute(job.teacher.build))
+    data = dataclasses.replace(job.data, path=absolute(job.data.path))
+    return dataclasses.replace(job, teacher=teacher, data=data, pairs=absolute(job.pairs))
+
+
 def check_out_dir(job: TrainJob, out: str, resume: bool) -> None:
     """A new run needs an empty or absent DIR; --resume needs a run of the same method and teacher."""
     saved = os.path.join(out, "train.yaml")
@@ -78,6 +90,7 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     """Run the job; returns where the consolidated student is."""
     out = os.path.abspath(out)
     check_out_dir(job, out, resume)
+    job = with_absolute_paths(job)
     ensure_teacher(job, progress)
     plan = prepare(job)
     job = with_teacher_shape(job, plan.teacher)
@@ -90,8 +103,10 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train.yaml"), "w") as f:
         yaml.safe_dump(to_dict(job), f, sort_keys=False)
-    init_ray(address, dashboard=True)
     workers = job.workers
+    # Locally, Ray Data's read and decode tasks need CPUs beside the training workers'.
+    local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
+    init_ray(address, num_cpus=local_cpus, dashboard=True)
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config)},
@@ -122,7 +137,11 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
 
 def _datasets(job: TrainJob) -> dict:
     """Ray Datasets the workers stream from: pair shards, or real images (not for the mixture,
-    whose exact draws each worker makes itself)."""
+    whose exact draws each worker makes itself). Ray Data's own bars stay off: the rank-0
+    progress line is the one to read."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if job.pairs:
         from raydistill.pairs.reader import ray_dataset
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -137,6 +138,9 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
                 if final:
                     save_student(os.path.join(directory, "student"),
                                  weights[method.student_module], progress.stage)
+                    if len(stages) > 1:
+                        shutil.copytree(os.path.join(directory, "student"),
+                                        os.path.join(directory, "rounds", stages[-1].name))
             ctx.report(metrics, directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -195,8 +199,10 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
-            print(f"train  step {progress.step}/{total}  {metrics['stage']}  loss {metrics['loss']:.4g}"
-                  f"  {rate:.0f} samples/s  ETA {_duration(eta)}", flush=True)
+            # sys.stdout directly: Ray Train's patched print would show every line twice
+            sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['stage']}  loss "
+                             f"{metrics['loss']:.4g}  {rate:.0f} samples/s  ETA {_duration(eta)}\n")
+            sys.stdout.flush()
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
         else:
