@@ -82,3 +82,35 @@ def test_stopped_run_continues_with_resume(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     assert logged_steps(out)[-1] == 400 and "resumed" in capsys.readouterr().out
     assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 400
+
+
+PAIRS_ARGS = ["--config", f"{ROOT}/configs/smoke/pairs_progressive.yaml", "--quiet",
+              "num_shards=2", "samples_per_shard=128", "batch_size=128"]
+FROM_PAIRS = ["method=progressive", "teacher.analytic.num_classes=4", "teacher.analytic.dim=16",
+              "teacher.analytic.shape=[1,4,4]", "teacher.analytic.seed=0",
+              "teacher.analytic.components_per_class=2", "student.mlp.dim=16",
+              "student.mlp.shape=[1,4,4]", "student.mlp.num_classes=4", "guidance.w_max=2.0",
+              "halving.start_steps=8", "halving.end_steps=4", "halving.steps_per_round=40",
+              "checkpoint_every=20", "log_every=10"]
+
+
+def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
+    pairs = str(tmp_path / "pairs")
+    assert main(["pairs", *PAIRS_ARGS, "--out", pairs]) == 0
+    ray.shutdown()
+    run = str(tmp_path / "run")
+    base = ["train", "--config", ANALYTIC, "--out", run, *FROM_PAIRS, f"pairs={pairs}", "--quiet"]
+    capsys.readouterr()
+    assert main([*base[:-1], "teacher.analytic.seed=1", "--quiet"]) == 2
+    assert "was made by teacher" in capsys.readouterr().err
+    assert main([*base[:-1], "method=guided", "--quiet"]) == 2
+    assert "holds progressive pairs; method guided needs guided pairs" in capsys.readouterr().err
+    assert main([*base[:-1], "halving.end_steps=2", "--quiet"]) == 2
+    assert "holds targets for 4-step students" in capsys.readouterr().err
+    assert not os.path.exists(run)
+    assert main(base) == 0
+    with open(os.path.join(run, "train_log.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    student = load_checkpoint(os.path.join(run, "student"))
+    assert student.extra["steps"] == 4 and os.path.isdir(os.path.join(run, "rounds", "4-steps"))

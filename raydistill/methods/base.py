@@ -44,6 +44,8 @@ class Method:
 
     #: the module saved as the consolidated student
     student_module: str = "student"
+    #: whether the student after each stage is kept (progressive: one student per round)
+    keep_stage_students: bool = False
 
     def modules(self) -> dict[str, nn.Module]:
         """The trainable modules by name (each gets its own optimizer / DeepSpeed engine)."""

@@ -45,6 +45,8 @@ def round_steps(halving: HalvingConfig) -> list[int]:
 
 
 class ProgressiveDistillation(Method):
+    keep_stage_students = True
+
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
                  weighting: str = "truncated_snr"):

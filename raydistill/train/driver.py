@@ -107,6 +107,8 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     # Locally, Ray Data's read and decode tasks need CPUs beside the training workers'.
     local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
     init_ray(address, num_cpus=local_cpus, dashboard=True)
+    datasets = _datasets(job)
+    _check_data_headroom(job, datasets)
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config)},
@@ -118,7 +120,7 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
         run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=_datasets(job))
+        datasets=datasets)
     try:
         result = trainer.fit()
     except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
@@ -133,6 +135,18 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
             elif os.path.isfile(source):
                 shutil.copy(source, target)
     return TrainResult(os.path.join(out, "student"), int(result.metrics["step"]), result.metrics)
+
+
+def _check_data_headroom(job: TrainJob, datasets: dict) -> None:
+    """Ray Data reads and decodes on CPUs the training workers do not hold; with none left over
+    the workers would wait for data forever, so say so before starting."""
+    import ray
+
+    spare = ray.cluster_resources().get("CPU", 0) - job.workers.num * job.workers.cpus
+    if datasets and spare < 1:
+        raise ConfigError("workers.cpus", f"{job.workers.num} workers x {job.workers.cpus} CPUs "
+                                          "leave no CPU on the cluster for Ray Data to read "
+                                          "the training data")
 
 
 def _datasets(job: TrainJob) -> dict:

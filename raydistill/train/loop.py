@@ -138,7 +138,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
                 if final:
                     save_student(os.path.join(directory, "student"),
                                  weights[method.student_module], progress.stage)
-                    if len(stages) > 1:
+                    if method.keep_stage_students:
                         shutil.copytree(os.path.join(directory, "student"),
                                         os.path.join(directory, "rounds", stages[-1].name))
             ctx.report(metrics, directory)
@@ -150,7 +150,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         stage = next(i for i, end in enumerate(ends) if progress.step < end)
         if stage != progress.stage:
             stage_weights = final_weights()
-            if ctx.rank == 0:
+            if ctx.rank == 0 and method.keep_stage_students:
                 save_student(os.path.join(workdir, "rounds", stages[progress.stage].name),
                              stage_weights[method.student_module], progress.stage)
             progress.stage = stage
