@@ -30,7 +30,8 @@ import torch
 
 from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
 from raydistill.models import build_network, save_checkpoint
-from raydistill.pairs.generate import ShardMaker, load_teacher
+from raydistill.models.checkpoint import load_teacher
+from raydistill.pairs.generate import ShardMaker
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
 from raydistill.storage import Location
@@ -48,7 +49,7 @@ def bare_loop(job: PairsJob, shards: int, offset: int = 0) -> float:
     """Pairs/s of a plain loop over shards of the same job, in this process, 1 torch thread."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    maker = ShardMaker(job, load_teacher(job))
+    maker = ShardMaker(job, load_teacher(job.teacher))
     maker.make(offset)                                 # warm-up
     start = time.perf_counter()
     for k in range(offset, offset + shards):

@@ -18,11 +18,15 @@ from raydistill.train.driver import TrainingFailed, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
-LONG = ["optim.steps=400", "checkpoint_every=50", "log_every=25"]
+LONG = ["optim.steps=200", "checkpoint_every=25", "log_every=25"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_ray():
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray for the module, as `train` starts it (CPUs beside the workers for Ray Data)."""
+    from raydistill.cluster import init_ray
+
+    init_ray(num_cpus=3, dashboard=True)
     yield
     ray.shutdown()
 
@@ -60,9 +64,9 @@ def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
     result = train(job, out)
     thread.join()
     assert killed, "no worker was killed: the test did not exercise a failure"
-    assert result.steps == 400
-    assert logged_steps(out)[-1] == 400 and result.metrics["resumes"] == 1
-    assert load_checkpoint(result.student).extra["train_steps"] == 400
+    assert result.steps == 200
+    assert logged_steps(out)[-1] == 200 and result.metrics["resumes"] == 1
+    assert load_checkpoint(result.student).extra["train_steps"] == 200
 
 
 def test_stopped_run_continues_with_resume(tmp_path, capsys):
@@ -73,15 +77,14 @@ def test_stopped_run_continues_with_resume(tmp_path, capsys):
         train(job, out)
     thread.join()
     assert killed and not os.path.exists(os.path.join(out, "student"))
-    ray.shutdown()
     args = ["train", "--config", ANALYTIC, "--out", out, *LONG, "--quiet"]
     assert main(args) == 2 and "is not empty; pass --resume" in capsys.readouterr().err
     assert main([*args[:-1], "method=progressive", "halving.start_steps=4", "halving.end_steps=2",
                  "guidance.w_max=0.0", "--quiet", "--resume"]) == 2
     assert "is a guided run" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
-    assert logged_steps(out)[-1] == 400 and "resumed" in capsys.readouterr().out
-    assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 400
+    assert logged_steps(out)[-1] == 200 and "resumed 1 times" in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 200
 
 
 PAIRS_ARGS = ["--config", f"{ROOT}/configs/smoke/pairs_progressive.yaml", "--quiet",
@@ -97,7 +100,6 @@ FROM_PAIRS = ["method=progressive", "teacher.analytic.num_classes=4", "teacher.a
 def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
     pairs = str(tmp_path / "pairs")
     assert main(["pairs", *PAIRS_ARGS, "--out", pairs]) == 0
-    ray.shutdown()
     run = str(tmp_path / "run")
     base = ["train", "--config", ANALYTIC, "--out", run, *FROM_PAIRS, f"pairs={pairs}", "--quiet"]
     capsys.readouterr()

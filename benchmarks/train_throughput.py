@@ -1,0 +1,295 @@
+"""Student-training throughput and memory: a bare PyTorch loop vs Ray Train + DeepSpeed.
+
+Measured in one run, on the digits UNet architecture (random weights: the compute is what matters),
+progressive distillation under CFG (w = 1) toward a 4-step student, batch 32, 1 torch thread:
+  1. bare loop in a fresh process (OMP_NUM_THREADS=1, like a Ray worker): AdamW on the student from
+     precomputed targets held in memory; also the teacher inline (two CFG DDIM steps per target),
+     and the separate times of one student step (forward + backward + update) and one target (the
+     teacher's forward passes) from which the ideal offload ratio
+     (teacher + student step) / student step follows;
+  2. `raydistill train` with 1 worker from the same precomputed target shards (Ray Data streaming)
+     -- goal >= 0.85x the bare loop;
+  3. `raydistill train` with 1 worker and the teacher inline on real digits -- the pairs / inline
+     ratio against the ideal ratio of (1), goal >= 0.9x that ideal;
+  4. per-rank model + optimizer state bytes on 2 workers, ZeRO-3 vs ZeRO-0, in fp32 and in bf16
+     mixed precision -- goal <= 0.6x. (In fp32 DeepSpeed's ZeRO-3 keeps an fp32 master partition
+     beside the fp32 parameter partition, a copy that mixed precision needs anyway.)
+Ray Train rates are steady state: the median samples/s of logging windows after the first.
+Prints one line per figure and writes JSON (default benchmarks/results/train_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from raydistill.config import ModelConfig, TrainJob, UNetConfig, from_dict, to_dict
+from raydistill.models import build_network, save_checkpoint
+
+BATCH, STUDENT_STEPS, W = 32, 4, 1.0
+
+
+def make_teacher(workdir: str) -> str:
+    config = ModelConfig(unet=UNetConfig(attention_resolutions=[]))
+    network = build_network(config)
+    torch.manual_seed(0)
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    path = os.path.join(workdir, "teacher")
+    save_checkpoint(path, network, config)
+    return path
+
+
+def train_job(teacher: str, **fields) -> TrainJob:
+    job = {"method": "progressive", "teacher": {"checkpoint": teacher},
+           "data": {"source": "digits", "resolution": 16},
+           "guidance": {"w_min": W, "w_max": W},
+           "halving": {"start_steps": 2 * STUDENT_STEPS, "end_steps": STUDENT_STEPS,
+                       "steps_per_round": 60},
+           "optim": {"batch_size": BATCH, "lr": 1e-4, "warmup_steps": 0, "ema_decay": 0.0},
+           "workers": {"num": 1, "threads": 1}, "deepspeed": {"zero_stage": 2},
+           "checkpoint_every": 1000, "log_every": 10, "max_failures": 0}
+    for key, value in fields.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            job[section] = {**job.get(section, {}), leaf: value}
+        else:
+            job[section] = value
+    return from_dict(TrainJob, job)
+
+
+def make_pairs(teacher: str, out: str) -> None:
+    from raydistill.config import PairsJob
+    from raydistill.pairs.pool import generate_pairs
+
+    job = from_dict(PairsJob, {
+        "mode": "progressive", "teacher": {"checkpoint": teacher}, "student_steps": STUDENT_STEPS,
+        "data": {"source": "digits", "resolution": 16}, "guidance": {"w_min": W, "w_max": W},
+        "num_shards": 8, "samples_per_shard": 128, "batch_size": 128,
+        "workers": {"min": 2, "max": 2}})
+    generate_pairs(job, out, progress=False)
+
+
+# ----------------------------------------------------------------------------- bare loop (1)
+
+def _bare(job_dict: dict, pairs: str, steps: int, queue) -> None:
+    from raydistill.models.checkpoint import load_teacher
+    from raydistill.pairs.reader import PairReader
+    from raydistill.train.build import build_method, student_config
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    job = from_dict(TrainJob, job_dict)
+    teacher = load_teacher(job.teacher)
+    method = build_method(job, teacher, student_config(job, teacher), torch.device("cpu"))
+    method.start_stage(0, {})
+    phase = method.phases()[0]
+    student = method.modules()["student"]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    samples = list(PairReader(pairs))
+    precomputed = [{k: torch.stack([s[k] for s in samples[i:i + BATCH]]) for k in samples[0]}
+                   for i in range(0, len(samples) - BATCH + 1, BATCH)]
+    from raydistill.data import load_images
+
+    images = load_images(job.data).train
+    g = torch.Generator().manual_seed(1)
+
+    def real_batch() -> dict:
+        index = torch.randint(0, len(images), (BATCH,), generator=g)
+        return {"x": images.images[index], "c": images.labels[index]}
+
+    def student_step(batch: dict) -> None:
+        loss = method.loss(batch, phase)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), job.optim.grad_clip)
+        optimizer.step()
+
+    def rate(make_batch) -> float:
+        student_step(make_batch(0))                      # warm-up
+        start = time.perf_counter()
+        for i in range(steps):
+            student_step(make_batch(i))
+        return steps * BATCH / (time.perf_counter() - start)
+
+    def seconds(fn, repeat: int) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat
+
+    from_pairs = rate(lambda i: precomputed[i % len(precomputed)])
+    inline = rate(lambda i: real_batch())
+    batch = real_batch()
+    target_s = seconds(lambda: method.inline_targets(batch["x"], batch["c"]), steps // 2)
+    step_s = seconds(lambda: student_step(precomputed[0]), steps // 2)
+    queue.put({"from_pairs": from_pairs, "inline": inline, "target_s": target_s,
+               "student_step_s": step_s})
+
+
+def bare_loop(job: TrainJob, pairs: str, steps: int) -> dict:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    proc = context.Process(target=_bare, args=(to_dict(job), pairs, steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# ------------------------------------------------------------------------ Ray Train runs (2, 3)
+
+def ray_rate(job: TrainJob, out: str) -> float:
+    """Steady-state samples/s of one `raydistill train` run (median of windows after the first)."""
+    import ray
+
+    from raydistill.train.driver import train
+
+    train(job, out, progress=False)
+    ray.shutdown()
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        rates = [json.loads(line)["samples_per_s"] for line in f]
+    return statistics.median(rates[1:])
+
+
+# --------------------------------------------------------------------------- memory (4)
+
+def state_bytes(engine) -> int:
+    """Model + optimizer state this rank holds: its parameters (its ZeRO-3 partition), the fp32
+    master partition ZeRO keeps, and the optimizer's moments (distinct storages counted once)."""
+    tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
+    optimizer = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                 "fp32_groups_flat_partition"):
+        tensors += list(getattr(optimizer, name, []) or [])
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def memory_worker(config: dict) -> None:
+    import ray.train
+
+    from raydistill.train.build import build_method
+    from raydistill.train.engine import build_engine
+
+    job = from_dict(TrainJob, config["job"])
+    student = from_dict(ModelConfig, config["student"])
+    rank = ray.train.get_context().get_world_rank()
+    results = {}
+    for stage, precision in ((0, "fp32"), (3, "fp32"), (0, "bf16"), (3, "bf16")):
+        staged = dataclasses.replace(job, deepspeed=dataclasses.replace(
+            job.deepspeed, zero_stage=stage, precision=precision))
+        from raydistill.models.checkpoint import load_teacher
+
+        method = build_method(staged, load_teacher(staged.teacher), student, torch.device("cpu"))
+        method.start_stage(0, {})
+        engine = build_engine(method.modules()["student"], staged, 2, 100, on_cuda=False)
+        method.use_modules({"student": engine})
+        x = torch.randn(BATCH // 2, 1, 16, 16)
+        c = torch.randint(0, 10, (BATCH // 2,))
+        engine.backward(method.loss({"x": x, "c": c}, method.phases()[0])["loss"])
+        engine.step()
+        results[f"zero{stage}-{precision}"] = state_bytes(engine)
+    if rank == 0:
+        with open(config["out"], "w") as f:
+            json.dump(results, f)
+
+
+def zero_memory(job: TrainJob, student: ModelConfig, workdir: str) -> dict:
+    import ray
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = os.path.join(workdir, "memory.json")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    TorchTrainer(memory_worker,
+                 train_loop_config={"job": to_dict(job), "student": to_dict(student), "out": out},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(name="memory", storage_path=os.path.join(workdir, "ray"))
+                 ).fit()
+    ray.shutdown()
+    with open(out) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="bare-loop steps per figure")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "train_throughput.json"))
+    args = parser.parse_args()
+    from raydistill.models.checkpoint import load_teacher
+    from raydistill.train.build import student_config
+
+    with tempfile.TemporaryDirectory() as workdir:
+        teacher = make_teacher(workdir)
+        pairs = os.path.join(workdir, "pairs")
+        make_pairs(teacher, pairs)
+        import ray
+
+        ray.shutdown()
+        job = train_job(teacher)
+        bare = bare_loop(job, pairs, args.steps)
+        ray_pairs = ray_rate(train_job(teacher, pairs=pairs), os.path.join(workdir, "r1"))
+        ray_inline = ray_rate(job, os.path.join(workdir, "r2"))
+        two = train_job(teacher, **{"workers.num": 2})
+        memory = zero_memory(two, student_config(two, load_teacher(two.teacher)), workdir)
+    ideal = (bare["target_s"] + bare["student_step_s"]) / bare["student_step_s"]
+    measured = ray_pairs / ray_inline
+    figures = {
+        "bare": bare, "ray_1worker_from_pairs": ray_pairs, "ray_1worker_inline": ray_inline,
+        "ray_vs_bare_from_pairs": ray_pairs / bare["from_pairs"],
+        "offload_ratio": measured, "offload_ideal": ideal, "offload_vs_ideal": measured / ideal,
+        "bare_offload_ratio": bare["from_pairs"] / bare["inline"],
+        "state_bytes_per_rank": memory,
+        "zero3_vs_zero0_bytes_fp32": memory["zero3-fp32"] / memory["zero0-fp32"],
+        "zero3_vs_zero0_bytes_bf16": memory["zero3-bf16"] / memory["zero0-bf16"],
+    }
+    print(f"bare loop, from targets:   {bare['from_pairs']:7.1f} samples/s; teacher inline "
+          f"{bare['inline']:.1f} samples/s (ratio {figures['bare_offload_ratio']:.2f})")
+    print(f"step times: student step {bare['student_step_s'] * 1e3:.1f} ms, inline target "
+          f"{bare['target_s'] * 1e3:.1f} ms -> ideal offload ratio {ideal:.2f}")
+    print(f"ray train + deepspeed, 1 worker, from targets: {ray_pairs:7.1f} samples/s = "
+          f"{figures['ray_vs_bare_from_pairs']:.2f}x bare (goal >= 0.85)")
+    print(f"ray train + deepspeed, 1 worker, teacher inline: {ray_inline:7.1f} samples/s; "
+          f"from targets / inline = {measured:.2f} = {measured / ideal:.2f}x the ideal {ideal:.2f} "
+          "(goal >= 0.90)")
+    for precision in ("fp32", "bf16"):
+        zero3, zero0 = memory[f"zero3-{precision}"], memory[f"zero0-{precision}"]
+        print(f"per-rank model+optimizer state, 2 workers, {precision}: ZeRO-3 {zero3 / 1e6:.2f} MB "
+              f"vs ZeRO-0 {zero0 / 1e6:.2f} MB = {zero3 / zero0:.2f}x (goal <= 0.60)")
+    record = {"benchmark": "train_throughput", "batch": BATCH, "student_steps": STUDENT_STEPS,
+              "model": "digits UNet (32ch, [1,2]) student, progressive under CFG w=1",
+              "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+              **figures}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
