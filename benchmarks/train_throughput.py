@@ -2,7 +2,8 @@
 
 Measured in one run, on the digits UNet architecture (random weights: the compute is what matters),
 progressive distillation under CFG (w = 1) toward a 4-step student, batch 32, 1 torch thread:
-  1. bare loop in a fresh process (OMP_NUM_THREADS=1, like a Ray worker): AdamW on the student from
+  1. bare loop in a fresh process (OMP_NUM_THREADS=1, like a Ray worker), run before and after the
+     Ray runs and averaged (the machines are shared and drift): AdamW on the student from
      precomputed targets held in memory; also the teacher inline (two CFG DDIM steps per target),
      and the separate times of one student step (forward + backward + update) and one target (the
      teacher's forward passes) from which the ideal offload ratio
@@ -172,9 +173,10 @@ def state_bytes(engine) -> int:
     master partition ZeRO keeps, and the optimizer's moments (distinct storages counted once)."""
     tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
     optimizer = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
-                 "fp32_groups_flat_partition"):
-        tensors += list(getattr(optimizer, name, []) or [])
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",   # ZeRO 1-3
+                 "fp32_groups"):                          # DeepSpeed's own bf16 optimizer, ZeRO-0
+        for group in getattr(optimizer, name, []) or []:
+            tensors += group if isinstance(group, list) else [group]
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
@@ -252,15 +254,18 @@ def main() -> None:
 
         ray.shutdown()
         job = train_job(teacher)
-        bare = bare_loop(job, pairs, args.steps)
+        before = bare_loop(job, pairs, args.steps)
         ray_pairs = ray_rate(train_job(teacher, pairs=pairs), os.path.join(workdir, "r1"))
         ray_inline = ray_rate(job, os.path.join(workdir, "r2"))
+        after = bare_loop(job, pairs, args.steps)
+        bare = {key: (before[key] + after[key]) / 2 for key in before}
         two = train_job(teacher, **{"workers.num": 2})
         memory = zero_memory(two, student_config(two, load_teacher(two.teacher)), workdir)
     ideal = (bare["target_s"] + bare["student_step_s"]) / bare["student_step_s"]
     measured = ray_pairs / ray_inline
     figures = {
-        "bare": bare, "ray_1worker_from_pairs": ray_pairs, "ray_1worker_inline": ray_inline,
+        "bare": bare, "bare_before": before, "bare_after": after,
+        "ray_1worker_from_pairs": ray_pairs, "ray_1worker_inline": ray_inline,
         "ray_vs_bare_from_pairs": ray_pairs / bare["from_pairs"],
         "offload_ratio": measured, "offload_ideal": ideal, "offload_vs_ideal": measured / ideal,
         "bare_offload_ratio": bare["from_pairs"] / bare["inline"],
@@ -268,7 +273,8 @@ def main() -> None:
         "zero3_vs_zero0_bytes_fp32": memory["zero3-fp32"] / memory["zero0-fp32"],
         "zero3_vs_zero0_bytes_bf16": memory["zero3-bf16"] / memory["zero0-bf16"],
     }
-    print(f"bare loop, from targets:   {bare['from_pairs']:7.1f} samples/s; teacher inline "
+    print(f"bare loop, from targets:   {bare['from_pairs']:7.1f} samples/s (before "
+          f"{before['from_pairs']:.1f}, after {after['from_pairs']:.1f}); teacher inline "
           f"{bare['inline']:.1f} samples/s (ratio {figures['bare_offload_ratio']:.2f})")
     print(f"step times: student step {bare['student_step_s'] * 1e3:.1f} ms, inline target "
           f"{bare['target_s'] * 1e3:.1f} ms -> ideal offload ratio {ideal:.2f}")

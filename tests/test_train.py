@@ -106,7 +106,9 @@ def single_process_group(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    import deepspeed.comm
+
+    deepspeed.comm.destroy_process_group()      # also drops DeepSpeed's cached group references
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, tmp_path):
@@ -149,3 +151,34 @@ def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, ove
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
+    """grad_accum micro-batches make one optimizer step; the saved student is the EMA of the
+    weights (decay 0.5 here, so it trails the last update visibly)."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=6", "deepspeed.grad_accum=2",
+                                    "optim.ema_decay=0.5", "checkpoint_every=6"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    calls, loss = [0], setup.method.loss
+
+    def counting_loss(batch, phase):
+        calls[0] += 1
+        assert len(batch["x"]) == 32                        # 64 = 2 micro-batches of 32
+        return loss(batch, phase)
+
+    setup.method.loss = counting_loss
+    final = {}
+
+    def report(metrics, directory):
+        if directory:
+            final["student"] = load_file(os.path.join(directory, "student", "model.safetensors"))
+
+    run_worker(job, setup.method, setup.batches, WorkerContext(0, 1, setup.device, report),
+               plan.student_config, setup.teacher.fingerprint)
+    assert calls[0] == 12
+    raw = setup.method.student.module.state_dict()
+    assert final["student"].keys() == raw.keys()
+    differs = [name for name, value in raw.items()
+               if not torch.equal(final["student"][name], value.float())]
+    assert differs, "the saved student should be the EMA, not the raw weights"

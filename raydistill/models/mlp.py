@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from raydistill.config import MLPConfig
 from raydistill.diffusion.guidance import NULL_CLASS, Cond, fourier_embedding
-from raydistill.models.unet import W_SCALE
+from raydistill.models.unet import W_SCALE, zero_output_mlp
 
 
 class MLP(nn.Module):
@@ -23,11 +23,7 @@ class MLP(nn.Module):
         width = config.width
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.class_emb = nn.Embedding(config.num_classes + 1, width)
-        self.w_mlp = None
-        if config.w_embedding:
-            self.w_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-            nn.init.zeros_(self.w_mlp[-1].weight)
-            nn.init.zeros_(self.w_mlp[-1].bias)
+        self.w_mlp = zero_output_mlp(width, width) if config.w_embedding else None
         self.stem = nn.Linear(config.dim, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.SiLU(),

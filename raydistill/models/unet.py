@@ -20,6 +20,15 @@ from raydistill.diffusion.guidance import NULL_CLASS, Cond, fourier_embedding
 W_SCALE = 100.0  # spreads w in [0, ~10] over the Fourier frequencies, as 1000 does for t in [0, 1]
 
 
+def zero_output_mlp(features: int, dim: int) -> nn.Sequential:
+    """Fourier features -> embedding, last layer zero-initialised: a new conditioning input (w)
+    that leaves the network's output unchanged until it is trained."""
+    mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels), channels)
 
@@ -70,11 +79,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(config.num_classes + 1, emb_dim)
-        self.w_mlp = None
-        if config.w_embedding:
-            self.w_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            nn.init.zeros_(self.w_mlp[-1].weight)
-            nn.init.zeros_(self.w_mlp[-1].bias)
+        self.w_mlp = zero_output_mlp(ch, emb_dim) if config.w_embedding else None
 
         self.stem = nn.Conv2d(config.in_channels, ch, 3, padding=1)
         widths = [ch * m for m in config.channel_mult]
