@@ -56,7 +56,7 @@ def train_job(teacher: str, **fields) -> TrainJob:
            "data": {"source": "digits", "resolution": 16},
            "guidance": {"w_min": W, "w_max": W},
            "halving": {"start_steps": 2 * STUDENT_STEPS, "end_steps": STUDENT_STEPS,
-                       "steps_per_round": 60},
+                       "steps_per_round": 100},
            "optim": {"batch_size": BATCH, "lr": 1e-4, "warmup_steps": 0, "ema_decay": 0.0},
            "workers": {"num": 1, "threads": 1}, "deepspeed": {"zero_stage": 2},
            "checkpoint_every": 1000, "log_every": 10, "max_failures": 0}
@@ -76,7 +76,7 @@ def make_pairs(teacher: str, out: str) -> None:
     job = from_dict(PairsJob, {
         "mode": "progressive", "teacher": {"checkpoint": teacher}, "student_steps": STUDENT_STEPS,
         "data": {"source": "digits", "resolution": 16}, "guidance": {"w_min": W, "w_max": W},
-        "num_shards": 8, "samples_per_shard": 128, "batch_size": 128,
+        "num_shards": 16, "samples_per_shard": 128, "batch_size": 128,
         "workers": {"min": 2, "max": 2}})
     generate_pairs(job, out, progress=False)
 

@@ -17,8 +17,8 @@ import torch
 from raydistill.cli import main
 from raydistill.config import PairsJob, load
 from raydistill.diffusion import Guided, sample, two_step_target
+from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import shard_name
-from raydistill.pairs.generate import load_teacher
 from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.reader import PairReader
 from raydistill.storage import Location
@@ -53,7 +53,7 @@ def test_smoke_ode_pairs_are_the_solver_output(smoke_ode, capsys):
     assert main(["verify", smoke_ode]) == 0
     assert "verify: ok" in capsys.readouterr().out
     job = load(PairsJob, f"{SMOKE}/pairs.yaml")
-    teacher = load_teacher(job)
+    teacher = load_teacher(job.teacher)
     samples = read_all(smoke_ode)
     assert len(samples) == job.num_shards * job.samples_per_shard
     noise = torch.stack([s["noise"] for s in samples])
@@ -73,7 +73,7 @@ def test_smoke_progressive_targets(tmp_path):
     assert pairs("--config", f"{SMOKE}/pairs_progressive.yaml", "--out", out) == 0
     assert main(["verify", out]) == 0
     job = load(PairsJob, f"{SMOKE}/pairs_progressive.yaml")
-    teacher = load_teacher(job)
+    teacher = load_teacher(job.teacher)
     samples = read_all(out)
     z_t = torch.stack([s["z_t"] for s in samples])
     t = torch.stack([s["t"] for s in samples]).float()
