@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 
 import ray
 import torch
+from _record import write_record
 
 from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
 from raydistill.models import build_network, save_checkpoint
@@ -135,13 +134,9 @@ def main() -> None:
               f"start-up {run['startup_s']:.1f} s, {args.shards} shards")
     print(f"machine ceiling: 2 bare loops at once {bare_two:7.1f} pairs/s = {bare_two / bare:.2f}x "
           "one bare loop")
-    record = {"benchmark": "pairs_throughput", "shards": args.shards, "samples_per_shard": 64,
-              "teacher": "digits UNet (32ch, [1,2]), DDIM 8 steps, CFG", "cpus": os.cpu_count(),
-              "machine": platform.machine(), "torch": torch.__version__, **figures}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_record(args.out, {"benchmark": "pairs_throughput", "shards": args.shards,
+                            "samples_per_shard": 64,
+                            "teacher": "digits UNet (32ch, [1,2]), DDIM 8 steps, CFG", **figures})
 
 
 if __name__ == "__main__":

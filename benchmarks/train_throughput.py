@@ -26,13 +26,13 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+from _record import write_record
 
 from raydistill.config import ModelConfig, TrainJob, UNetConfig, from_dict, to_dict
 from raydistill.models import build_network, save_checkpoint
@@ -287,14 +287,10 @@ def main() -> None:
         zero3, zero0 = memory[f"zero3-{precision}"], memory[f"zero0-{precision}"]
         print(f"per-rank model+optimizer state, 2 workers, {precision}: ZeRO-3 {zero3 / 1e6:.2f} MB "
               f"vs ZeRO-0 {zero0 / 1e6:.2f} MB = {zero3 / zero0:.2f}x (goal <= 0.60)")
-    record = {"benchmark": "train_throughput", "batch": BATCH, "student_steps": STUDENT_STEPS,
-              "model": "digits UNet (32ch, [1,2]) student, progressive under CFG w=1",
-              "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-              **figures}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    write_record(args.out, {"benchmark": "train_throughput", "batch": BATCH,
+                            "student_steps": STUDENT_STEPS,
+                            "model": "digits UNet (32ch, [1,2]) student, progressive under CFG w=1",
+                            **figures})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ the teacher inline, or precomputed targets from pair shards, `{"z_t", "target", 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class Stage:
     steps: int                       # optimizer steps of this stage
 
 
-class Method:
+class Method(ABC):
     """A distillation method; see the module docstring."""
 
     #: the module saved as the consolidated student
@@ -47,9 +48,9 @@ class Method:
     #: whether the student after each stage is kept (progressive: one student per round)
     keep_stage_students: bool = False
 
+    @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
         """The trainable modules by name (each gets its own optimizer / DeepSpeed engine)."""
-        raise NotImplementedError
 
     def use_modules(self, modules: dict[str, nn.Module]) -> None:
         """Route the method's calls through wrapped modules (e.g. DeepSpeed engines), by name."""
@@ -62,17 +63,18 @@ class Method:
     def stages(self) -> list[Stage]:
         return [Stage("train", self.total_steps)]
 
-    def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:
-        """Called before stage `index` with the full (gathered) weights of every module."""
+    def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:  # noqa: B027
+        """Called before stage `index` with the full (gathered) weights of every module; methods
+        with a single stage need nothing here."""
 
     @property
+    @abstractmethod
     def total_steps(self) -> int:
         """Optimizer steps over all stages."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
         """Scalars by name; "loss" is the one the phase's module minimises."""
-        raise NotImplementedError
 
     def stage_meta(self, index: int) -> dict:
         """What a checkpoint of the student after stage `index` should record (e.g. its steps)."""
