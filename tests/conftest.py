@@ -3,6 +3,11 @@ import os
 # Ray Data re-requests cluster resources for a running dataset at most every 10 s by default; tests
 # that add a node mid-run would otherwise need minute-long runs. Must be set before Ray Data loads.
 os.environ.setdefault("RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS", "1")
+# Keep Ray, Ray Train and gloo on loopback and skip token auth for the local clusters tests start,
+# so `make test` and a bare `pytest` behave like .ci/run.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest
 import torch
