@@ -18,6 +18,7 @@ from raydistill.train.driver import TrainingFailed, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
+SNAPSHOT = "checkpoint_manager_snapshot.json"
 LONG = ["optim.steps=200", "checkpoint_every=25", "log_every=25"]
 
 
@@ -35,8 +36,9 @@ def kill_a_worker_after_a_checkpoint(out: str, killed: list) -> threading.Thread
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            # the second checkpoint's folder appearing means the first is registered
-            if len(glob.glob(os.path.join(out, "ray", "train", "checkpoint_*"))) >= 2:
+            # Ray Train writes its snapshot once the controller has registered a checkpoint; a
+            # kill before that loses the checkpoint and the run restarts from step 0
+            if glob.glob(os.path.join(out, "ray", "**", SNAPSHOT), recursive=True):
                 for proc in psutil.process_iter(["name", "cmdline"]):
                     if "RayTrainWorker" in " ".join(proc.info["cmdline"] or [proc.info["name"]]):
                         proc.kill()
