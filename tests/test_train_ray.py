@@ -32,6 +32,13 @@ def local_ray():
     ray.shutdown()
 
 
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline() or [proc.name()])
+    except psutil.Error:            # exited meanwhile
+        return ""
+
+
 def kill_a_worker_after_a_checkpoint(out: str, killed: list) -> threading.Thread:
     def killer():
         deadline = time.time() + 240
@@ -39,8 +46,9 @@ def kill_a_worker_after_a_checkpoint(out: str, killed: list) -> threading.Thread
             # Ray Train writes its snapshot once the controller has registered a checkpoint; a
             # kill before that loses the checkpoint and the run restarts from step 0
             if glob.glob(os.path.join(out, "ray", "**", SNAPSHOT), recursive=True):
-                for proc in psutil.process_iter(["name", "cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or [proc.info["name"]]):
+                # this session's Ray only: its processes descend from this one
+                for proc in psutil.Process().children(recursive=True):
+                    if "RayTrainWorker" in _command(proc):
                         proc.kill()
                         killed.append(proc.pid)
                         break
@@ -114,7 +122,9 @@ def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
     assert not os.path.exists(run)
     assert main(base) == 0
     with open(os.path.join(run, "train_log.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        log = [json.loads(line) for line in f]
+    losses = [row["loss"] for row in log]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    assert all(0.0 <= row["data_wait"] < 1.0 for row in log)
     student = load_checkpoint(os.path.join(run, "student"))
     assert student.extra["steps"] == 4 and os.path.isdir(os.path.join(run, "rounds", "4-steps"))

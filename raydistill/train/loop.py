@@ -8,7 +8,9 @@ A checkpoint directory (one per report; Ray Train merges the ranks' files):
     stage_weights.safetensors   the weights the current stage started from (progressive: the
                           frozen teacher of the round), so a resumed run rebuilds the same stage
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
-    train_log.jsonl       one JSON line per logged step
+    train_log.jsonl       one JSON line per logged step: step, stage, loss (mean over ranks),
+                          samples/s, lr, data_wait (the fraction of the window rank 0 spent
+                          waiting for its next micro-batch: near 0 unless input-bound), ...
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
     student/              the consolidated final student (last checkpoint only)
 
@@ -145,7 +147,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    nan_streak, started, window_start, window_steps = 0, time.time(), time.time(), 0
+    nan_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
     while progress.step < total:
         stage = next(i for i, end in enumerate(ends) if progress.step < end)
         if stage != progress.stage:
@@ -162,7 +164,9 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             engine = engines[phase.module]
             done = 0
             while done < job.deepspeed.grad_accum:
+                wait_start = time.perf_counter()
                 batch = {k: v.to(ctx.device) for k, v in next(batches).items()}
+                waited += time.perf_counter() - wait_start
                 out = method.loss(batch, phase)
                 if not _all_finite(out["loss"]):
                     progress.nan_skipped += 1
@@ -192,16 +196,18 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         metrics = {"step": progress.step, "stage": stages[progress.stage].name,
                    "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
+                   "data_wait": waited / max(now - window_start, 1e-9),
                    "nan_skipped": progress.nan_skipped, "resumes": progress.resumes,
                    "elapsed_s": now - started}
-        window_start, window_steps = now, 0
+        window_start, window_steps, waited = now, 0, 0.0
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
             # sys.stdout directly: Ray Train's patched print would show every line twice
             sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['stage']}  loss "
-                             f"{metrics['loss']:.4g}  {rate:.0f} samples/s  ETA {_duration(eta)}\n")
+                             f"{metrics['loss']:.4g}  {rate:.0f} samples/s  data wait "
+                             f"{metrics['data_wait']:.0%}  ETA {_duration(eta)}\n")
             sys.stdout.flush()
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
