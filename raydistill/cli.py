@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--steps", type=int, help="solver steps (default: a distilled student's own "
                                              "step count, else 64)")
-    p.add_argument("--w", type=float, default=1.0, help="guidance strength, 0 = conditional")
+    p.add_argument("--w", type=float, help="guidance strength, 0 = conditional (default: the one "
+                                           "a distilled student has built in, else 1)")
     p.add_argument("--solver", default="ddim", help="ddim | heun | dpmpp_2m")
     p.add_argument("--spacing", default="uniform_t", help="uniform_t | uniform_logsnr")
     p.add_argument("--stochastic", action="store_true",
-                   help="Meng et al.'s stochastic few-step sampler instead of an ODE solver")
+                   help="Meng et al.'s stochastic few-step sampler instead of an ODE solver "
+                        "(always on for a student distilled for it)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (one row each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -127,7 +129,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from raydistill.models import load_checkpoint, load_classifier
     from raydistill.sampling import sample_classes, save_grid
 
-    fields = {"steps": 1 if args.steps is None else args.steps, "w": args.w, "solver": args.solver,
+    fields = {"steps": 1 if args.steps is None else args.steps,
+              "w": 1.0 if args.w is None else args.w, "solver": args.solver,
               "spacing": args.spacing, "per_class": args.per_class}
     try:
         sampler = from_dict(SamplerConfig, fields)
@@ -143,6 +146,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     if args.steps is None:
         sampler = dataclasses.replace(sampler, steps=checkpoint.extra.get("steps") or 64)
+    if args.w is None and checkpoint.built_in_w is not None:
+        sampler = dataclasses.replace(sampler, w=checkpoint.built_in_w)
+    checkpoint.check_guidance(sampler.w, sampler.w, "--w")
+    stochastic = args.stochastic or bool(checkpoint.extra.get("stochastic"))
     checkpoint.network.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
@@ -151,9 +158,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
     images, labels = sample_classes(checkpoint.guided, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
-                                    seed=args.seed, stochastic=args.stochastic, device=device)
+                                    seed=args.seed, stochastic=stochastic, device=device)
     save_grid(images, model.unet.num_classes, args.out)
-    how = "stochastic" if args.stochastic else sampler.solver
+    how = "stochastic" if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"
     if classifier is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydistill.cli import main
-from raydistill.config import DataConfig, SamplerConfig
+from raydistill.config import ConfigError, DataConfig, SamplerConfig
 from raydistill.data import load_digits
 from raydistill.models import load_checkpoint, load_classifier
 from raydistill.sampling import sample_classes
@@ -89,6 +89,29 @@ def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
                      "--w", w, "--per-class", "1", "--out", path]) == 0
         grids.append(open(path, "rb").read())
     assert grids[0] != grids[1]
+
+
+def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):
+    """A progressive student without a w input has its w built in: sampled as it is (no CFG on
+    top), at that w by default; another --w is refused in one line."""
+    from raydistill.config import ModelConfig, UNetConfig
+    from raydistill.diffusion import Guided
+    from raydistill.models import build_network, save_checkpoint
+
+    config = ModelConfig(unet=UNetConfig(base_channels=8, attention_resolutions=[]))
+    path = str(tmp_path / "student")
+    save_checkpoint(path, build_network(config), config,
+                    extra={"method": "progressive", "steps": 2, "stochastic": False, "w_min": 1.5,
+                           "w_max": 1.5})
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.built_in_w == 1.5 and not isinstance(checkpoint.guided, Guided)
+    with pytest.raises(ConfigError, match="guidance w=1.5 built in"):
+        checkpoint.check_guidance(0.0, 3.0, "guidance")
+    out = str(tmp_path / "grid.png")
+    assert main(["sample", "--checkpoint", path, "--per-class", "1", "--out", out]) == 0
+    assert "2 ddim steps, w=1.5" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", path, "--w", "3", "--out", out]) == 2
+    assert "--w: the model is a distilled student with guidance w=1.5" in capsys.readouterr().err
 
 
 @pytest.mark.slow

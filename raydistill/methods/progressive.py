@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config import GuidanceRange, HalvingConfig, ModelConfig
-from raydistill.diffusion.guidance import Denoiser, Guided
+from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import jump_target
 from raydistill.diffusion.schedule import Schedule
@@ -74,8 +74,8 @@ class ProgressiveDistillation(Method):
             self.teacher, self.teacher_is_stochastic = self.original_teacher, False
             return
         self._frozen.load_state_dict(weights["student"])
-        frozen = ModelDenoiser(self._frozen, self.schedule, self.config.prediction)
-        self.teacher = frozen if self.config.w_conditioned else Guided(frozen)
+        # the student's outputs are guided already: w is its input, or built in at w_min = w_max
+        self.teacher = ModelDenoiser(self._frozen, self.schedule, self.config.prediction)
         self.teacher_is_stochastic = self.stochastic
 
     @property

@@ -91,10 +91,26 @@ class Checkpoint:
         return as_denoiser(self.network, self.config)
 
     @property
+    def built_in_w(self) -> float | None:
+        """The guidance strength a distilled student without a w input learned: its outputs are
+        already guided. None for a w-conditioned student or a model that was not distilled."""
+        if self.config.w_conditioned or "method" not in self.extra:
+            return None
+        return float(self.extra["w_min"])
+
+    def check_guidance(self, w_min: float, w_max: float, key: str) -> None:
+        """Refuse guidance strengths other than the one a student has built in."""
+        w = self.built_in_w
+        if w is not None and not w_min == w_max == w:
+            raise ConfigError(key, f"the model is a distilled student with guidance w={w:g} built "
+                                   f"in (no w input); it cannot give w in [{w_min:g}, {w_max:g}]")
+
+    @property
     def guided(self) -> Denoiser:
-        """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, any
-        other model gets classifier-free guidance (both branches in one batched call)."""
-        if self.config.w_conditioned:
+        """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, a
+        student with guidance built in is used as it is (see `check_guidance`), any other model
+        gets classifier-free guidance (both branches in one batched call)."""
+        if self.config.w_conditioned or self.built_in_w is not None:
             return self.denoiser
         return Guided(self.denoiser)
 

@@ -113,6 +113,7 @@ def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
     location holding another run's shards.
     """
     teacher = load_teacher(job.teacher)
+    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
     ShardMaker(job, teacher)                  # validates data and shapes against the teacher
     location = Location.parse(out)
     manifest = Manifest.read(location)

@@ -63,6 +63,7 @@ def prepare(job: TrainJob) -> Plan:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
     build_student(config, teacher)
+    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
     world = job.workers.num * job.deepspeed.grad_accum
     if job.optim.batch_size % world:
         raise ConfigError("optim.batch_size", f"{job.optim.batch_size} is not divisible by "
