@@ -40,7 +40,7 @@ def _config_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.steps=200 model.unet.base_channels=64")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -402,7 +402,7 @@ class TrainJob:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint_every: int = 100      # optimizer steps between checkpoints
     max_failures: int = 2            # worker failures survived by resuming from a checkpoint
-    max_nan_steps: int = 10          # consecutive non-finite losses (steps skipped) before stopping
+    max_nan_steps: int = 10          # non-finite losses in a row (micro-batches skipped) to stop at
     log_every: int = 10
     seed: int = 0
 
@@ -417,6 +417,11 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
+        stage_key, stage_steps = (("halving.steps_per_round", self.halving.steps_per_round)
+                                  if self.method == "progressive" else ("optim.steps", self.optim.steps))
+        require(self.optim.warmup_steps < stage_steps, "optim.warmup_steps",
+                f"is {self.optim.warmup_steps}, not below {stage_key} = {stage_steps}: the learning "
+                "rate would never leave warm-up")
 
 
 # ----------------------------------------------------------------------------------- loading

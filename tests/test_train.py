@@ -10,12 +10,14 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file
 
 from raydistill.cli import main
-from raydistill.config import ModelConfig, TrainJob, from_dict, load, to_dict
+from raydistill.config import ConfigError, ModelConfig, TrainJob, from_dict, load, to_dict
+from raydistill.train import loop
 from raydistill.train.build import prepare
-from raydistill.train.driver import setup_worker
+from raydistill.train.driver import check_resumable, setup_worker, with_absolute_paths
 from raydistill.train.loop import NonFiniteLoss, WorkerContext, run_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +144,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
     ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by workers.num x"),
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage: must be 0..3"),
     ("student.mlp.w_embedding=false", "student: a guided (stage-1) student must take w"),
+    ("optim.warmup_steps=12", "optim.warmup_steps: is 12, not below optim.steps = 12"),
 ])
 def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, override, message):
     args = ["train", "--config", ANALYTIC, "--out", str(tmp_path / "run"), override]
@@ -182,3 +185,62 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     differs = [name for name, value in raw.items()
                if not torch.equal(final["student"][name], value.float())]
     assert differs, "the saved student should be the EMA, not the raw weights"
+
+
+def test_resume_restores_ema_and_refuses_a_checkpoint_without_engines(single_process_group,
+                                                                      tmp_path, monkeypatch):
+    """A worker started from a checkpoint continues at its step with its EMA; a checkpoint whose
+    DeepSpeed state is missing stops the worker instead of training fresh weights."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=6", "optim.ema_decay=0.5",
+                                    "checkpoint_every=3", "log_every=3"])
+    plan = prepare(job)
+    saved, reports = str(tmp_path / "step3"), []
+
+    def keep_first(metrics, directory):
+        reports.append(metrics)
+        if directory and not os.path.exists(saved):
+            shutil.copytree(directory, saved)
+
+    def run(report, restored=None):
+        setup = setup_worker(job, plan.student_config, 0, 1)
+        run_worker(job, setup.method, setup.batches,
+                   WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
+                   setup.teacher.fingerprint)
+
+    run(keep_first)
+    ema_at_3 = load_file(os.path.join(saved, "ema.safetensors"))
+    restored_ema = {}
+    original_restore = loop._restore
+
+    def spying_restore(directory, engines, ema, workdir):
+        out = original_restore(directory, engines, ema, workdir)
+        restored_ema.update({n: v.clone() for n, v in ema.shadow.items()})
+        return out
+
+    reports.clear()
+    monkeypatch.setattr(loop, "_restore", spying_restore)
+    run(lambda m, d: reports.append(m), saved)
+    assert [r["step"] for r in reports] == [6] and reports[-1]["resumes"] == 1
+    assert all(torch.equal(restored_ema[n], v) for n, v in ema_at_3.items())
+    shutil.rmtree(os.path.join(saved, "engines"))
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint for module student"):
+        run(lambda m, d: None, saved)
+
+
+def test_resume_compares_the_job_with_absolute_paths(tmp_path, monkeypatch):
+    """A config with relative paths resumes from any working directory; a changed key that defines
+    the training is refused by name, logging and checkpoint cadence may change."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/teacher")
+    os.makedirs("data")
+    open("data/x.npz", "wb").close()
+    job = load(TrainJob, None, ["teacher.checkpoint=runs/teacher", "data.source=npz",
+                                "data.path=data/x.npz"])
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "train.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(with_absolute_paths(job)), f)
+    check_resumable(with_absolute_paths(dataclasses.replace(job, log_every=5)), out)
+    changed = dataclasses.replace(job, optim=dataclasses.replace(job.optim, lr=0.5))
+    with pytest.raises(ConfigError, match=r"^optim.lr: is 0.5, but the run in .* was started"):
+        check_resumable(with_absolute_paths(changed), out)

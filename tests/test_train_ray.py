@@ -92,6 +92,8 @@ def test_stopped_run_continues_with_resume(tmp_path, capsys):
     assert main([*args[:-1], "method=progressive", "halving.start_steps=4", "halving.end_steps=2",
                  "guidance.w_max=0.0", "--quiet", "--resume"]) == 2
     assert "is a guided run" in capsys.readouterr().err
+    assert main([*args[:-1], "optim.lr=0.5", "--quiet", "--resume"]) == 2
+    assert "optim.lr: is 0.5, but the run in" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert logged_steps(out)[-1] == 200 and "resumed 1 times" in capsys.readouterr().out
     assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 200

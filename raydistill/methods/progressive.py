@@ -49,12 +49,15 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
-                 weighting: str = "truncated_snr"):
+                 weighting: str = "truncated_snr", teacher_is_stochastic: bool = False):
+        """`teacher_is_stochastic`: the original teacher is itself a stochastic-sampler student,
+        whose own 1/N jumps make the targets of the first round."""
         self.original_teacher, self.teacher = teacher, teacher
+        self.original_is_stochastic = teacher_is_stochastic
         self.student, self.config, self.schedule = student, student_config, schedule
         self.guidance, self.weighting, self.stochastic = guidance, weighting, halving.stochastic
         self.rounds, self.steps_per_round = round_steps(halving), halving.steps_per_round
-        self.round, self.teacher_is_stochastic = 0, False
+        self.round, self.teacher_is_stochastic = 0, teacher_is_stochastic
         self._frozen = copy.deepcopy(student).requires_grad_(False).eval()
 
     def modules(self) -> dict[str, nn.Module]:
@@ -71,7 +74,7 @@ class ProgressiveDistillation(Method):
         """Round `index`: the teacher is the original one, or the previous round's student."""
         self.round = index
         if index == 0:
-            self.teacher, self.teacher_is_stochastic = self.original_teacher, False
+            self.teacher, self.teacher_is_stochastic = self.original_teacher, self.original_is_stochastic
             return
         self._frozen.load_state_dict(weights["student"])
         # the student's outputs are guided already: w is its input, or built in at w_min = w_max

@@ -93,6 +93,9 @@ def _check_progressive(job: TrainJob, teacher: Checkpoint, config: ModelConfig) 
         raise ConfigError("halving.start_steps", f"is {job.halving.start_steps}, but the teacher is "
                                                  f"a {teacher.extra.get('steps')}-step progressive "
                                                  "student")
+    if teacher.extra.get("stochastic") and not job.halving.stochastic:
+        raise ConfigError("halving.stochastic", "is false, but the teacher is a student of the "
+                                                "stochastic sampler (its jumps are 1/N, not 1/(2N))")
     if not config.w_conditioned and job.guidance.w_min != job.guidance.w_max:
         raise ConfigError("guidance", "a student without a w input distils one guidance strength: "
                                       "set w_min = w_max")
@@ -137,7 +140,8 @@ def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                                   weighting=job.loss_weighting, steps=job.optim.steps)
     return ProgressiveDistillation(teacher=teacher.guided, student=student, student_config=config,
                                    schedule=schedule, guidance=job.guidance, halving=job.halving,
-                                   weighting=job.loss_weighting)
+                                   weighting=job.loss_weighting,
+                                   teacher_is_stochastic=bool(teacher.extra.get("stochastic")))
 
 
 def with_teacher_shape(job: TrainJob, teacher: Checkpoint) -> TrainJob:

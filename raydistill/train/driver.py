@@ -2,7 +2,7 @@
 
 The output directory:
 
-    DIR/train.yaml          the job as run (a resumed run must keep the method and the teacher)
+    DIR/train.yaml          the job as started (a resumed run may change only RESUMABLE_CHANGES)
     DIR/ray/                Ray Train's run: its checkpoints (unless `storage` points elsewhere)
     DIR/student/            the consolidated final student: `raydistill sample --checkpoint DIR/student`
     DIR/rounds/<N>-steps/   progressive: the student after each round
@@ -13,6 +13,7 @@ DIR/student appears only when the run has finished; until then the directory hol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -28,7 +29,10 @@ from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.generate import derive_seed
 from raydistill.train.build import build_method, prepare, with_teacher_shape
 
-RUN_NAME = "train"
+RUN_NAME, JOB_FILE = "train", "train.yaml"
+# What a resumed run may change: logging, checkpoint cadence, retries and per-worker CPU use.
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps",
+                     "workers.cpus", "workers.threads"}
 PAIR_COLUMNS = {"guided": ["z_t", "target", "c", "w", "t"],
                 "progressive": ["z_t", "target", "c", "w", "t", "N"]}
 
@@ -67,22 +71,45 @@ def with_absolute_paths(job: TrainJob) -> TrainJob:
 
 
 def check_out_dir(job: TrainJob, out: str, resume: bool) -> None:
-    """A new run needs an empty or absent DIR; --resume needs a run of the same method and teacher."""
-    saved = os.path.join(out, "train.yaml")
+    """A new run needs an empty or absent DIR; --resume needs DIR to hold a run of this method."""
     if not resume:
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise ConfigError(out, "is not empty; pass --resume to continue the run in it, or "
                                    "choose a new --out")
         return
-    if not os.path.isfile(saved):
-        raise ConfigError("--resume", f"{out} holds no training run (no train.yaml)")
-    with open(saved) as f:
-        before = from_dict(TrainJob, yaml.safe_load(f))
+    before = _recorded_job(out)
     if before.method != job.method:
         raise ConfigError("--resume", f"{out} is a {before.method} run, the config asks for "
                                       f"{job.method}")
-    if before.teacher != job.teacher:
-        raise ConfigError("--resume", f"{out} was trained from another teacher")
+
+
+def _recorded_job(out: str) -> TrainJob:
+    path = os.path.join(out, JOB_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError("--resume", f"{out} holds no training run (no {JOB_FILE})")
+    with open(path) as f:
+        return from_dict(TrainJob, yaml.safe_load(f))
+
+
+def check_resumable(job: TrainJob, out: str) -> None:
+    """A resumed run keeps everything that defines its training; only the keys in
+    RESUMABLE_CHANGES may differ from the job recorded in DIR/train.yaml (both with absolute paths
+    and the teacher's channel count filled in)."""
+    then, now = _flat(to_dict(_recorded_job(out))), _flat(to_dict(job))
+    for key in sorted(then.keys() | now.keys()):
+        if key not in RESUMABLE_CHANGES and then.get(key) != now.get(key):
+            raise ConfigError(key, f"is {now.get(key)!r}, but the run in {out} was started with "
+                                   f"{then.get(key)!r}; a resumed run must keep it")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None = None,
@@ -94,15 +121,18 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     ensure_teacher(job, progress)
     plan = prepare(job)
     job = with_teacher_shape(job, plan.teacher)
+    if resume:
+        check_resumable(job, out)
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydistill.cluster import init_ray
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(job), f, sort_keys=False)
+    if not resume:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, JOB_FILE), "w") as f:
+            yaml.safe_dump(to_dict(job), f, sort_keys=False)
     workers = job.workers
     # Locally, Ray Data's read and decode tasks need CPUs beside the training workers'.
     local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
@@ -111,7 +141,8 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     _check_data_headroom(job, datasets)
     trainer = TorchTrainer(
         worker_main,
-        train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config)},
+        train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
+                           "progress": progress},
         scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
                                      resources_per_worker={"CPU": workers.cpus,
                                                            **({"GPU": workers.gpus}
@@ -171,7 +202,6 @@ def worker_main(config: dict) -> None:
     """The Ray Train worker: build teacher, student and method, then run the loop."""
     import ray.train
 
-    from raydistill.config import ModelConfig
     from raydistill.train.loop import WorkerContext, run_worker
 
     job = from_dict(TrainJob, config["job"])
@@ -185,13 +215,10 @@ def worker_main(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     restored = ray.train.get_checkpoint()
-    if restored is None:
-        run_worker(job, setup.method, setup.batches, WorkerContext(rank, world, setup.device, report),
-                   student_config, setup.teacher.fingerprint)
-        return
-    with restored.as_directory() as directory:
-        run_worker(job, setup.method, setup.batches,
-                   WorkerContext(rank, world, setup.device, report, directory), student_config,
+    with restored.as_directory() if restored else contextlib.nullcontext() as directory:
+        context = WorkerContext(rank, world, setup.device, report, directory,
+                                print_progress=config["progress"])
+        run_worker(job, setup.method, setup.batches, context, student_config,
                    setup.teacher.fingerprint)
 
 

@@ -1,7 +1,8 @@
 """One DeepSpeed engine per trainable module, built from the job's `deepspeed:` section.
 
-Everything DeepSpeed-specific lives here: the generated config, the CPU start-up patch, gathering
-full weights from ZeRO-3 partitions, and checkpoint save/load per engine.
+Everything DeepSpeed-specific but checkpoint files lives here: the generated config, the CPU
+start-up patch, and gathering full weights from ZeRO-3 partitions (`loop.py` saves and loads each
+engine's checkpoint).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The loop each training worker runs. It knows engines, stages, checkpoints and metrics, never the
 method's math: it asks the method for its modules, phases, stages and `loss(batch, phase)`.
 
-A checkpoint directory (one per report; Ray Train merges the ranks' files):
+A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ranks' files):
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
     state.json            step, stage, skipped micro-batches, resumes, method
@@ -39,6 +39,7 @@ from torch import Tensor
 from raydistill.config import ModelConfig, TrainJob
 from raydistill.methods import Method
 from raydistill.models.checkpoint import build_network, save_checkpoint
+from raydistill.pairs.generate import derive_seed
 from raydistill.train.engine import build_engine, full_state_dict
 
 STATE, STAGE_WEIGHTS, EMA_FILE, LOG = "state.json", "stage_weights.safetensors", "ema.safetensors", \
@@ -56,6 +57,7 @@ class WorkerContext:
     device: torch.device
     report: Callable[[dict, str | None], None]     # metrics, and a checkpoint directory or None
     restored: str | None = None                    # checkpoint directory to resume from
+    print_progress: bool = True                    # rank 0's step lines on stdout
 
 
 @dataclass
@@ -109,6 +111,8 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     if ctx.restored:
         progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
         progress.resumes += 1
+        # fresh draws (t, noise, w) rather than a replay of those from step 0
+        torch.manual_seed(derive_seed(job.seed, ctx.rank, progress.step))
     method.start_stage(progress.stage, stage_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
@@ -203,6 +207,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        if ctx.rank == 0 and ctx.print_progress:
             eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
             # sys.stdout directly: Ray Train's patched print would show every line twice
             sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['stage']}  loss "
@@ -220,9 +225,13 @@ def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str
     with open(os.path.join(directory, STATE)) as f:
         progress = Progress(**json.load(f))
     for name, engine in engines.items():
-        engine.load_checkpoint(os.path.join(directory, "engines", name), tag="state")
+        saved = os.path.join(directory, "engines", name)
+        if not os.path.isdir(os.path.join(saved, "state")):
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint for module {name}")
+        engine.load_checkpoint(saved, tag="state")
     if ema is not None:
-        ema.shadow = load_file(os.path.join(directory, EMA_FILE))
+        for name, value in load_file(os.path.join(directory, EMA_FILE)).items():
+            ema.shadow[name].copy_(value)          # in place: keeps the device
     for item in (LOG, "rounds"):
         source = os.path.join(directory, item)
         if os.path.isdir(source):
