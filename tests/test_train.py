@@ -95,6 +95,13 @@ def test_zero_stages_agree_and_zero3_consolidates(ray_local, tmp_path):
     assert set(gathered) == set(student)
     for name, value in gathered.items():
         torch.testing.assert_close(student[name], value.float(), rtol=0, atol=0)
+    bf16_final = tmp_path / "zero2-bf16"          # the student is the fp32 master, not bf16 weights
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(bf16_final / "engines" / "student"),
+                                                       tag="state")
+    bf16_student = load_file(str(bf16_final / "student" / "model.safetensors"))
+    for name, value in masters.items():
+        torch.testing.assert_close(bf16_student[name], value.float(), rtol=0, atol=0)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in bf16_student.values())
     zero0 = load_file(str(tmp_path / "zero0" / "student" / "model.safetensors"))
     for name, value in zero0.items():
         torch.testing.assert_close(student[name], value, rtol=1e-3, atol=1e-5)
@@ -244,3 +251,40 @@ def test_resume_compares_the_job_with_absolute_paths(tmp_path, monkeypatch):
     changed = dataclasses.replace(job, optim=dataclasses.replace(job.optim, lr=0.5))
     with pytest.raises(ConfigError, match=r"^optim.lr: is 0.5, but the run in .* was started"):
         check_resumable(with_absolute_paths(changed), out)
+
+
+def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_process_group):
+    """With an EMA, round k+1's frozen teacher is round k's EMA, and its student starts from those
+    same weights (also in the optimizer's fp32 master copy), not from the live ones."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "method=progressive", "halving.start_steps=4",
+                                    "halving.end_steps=1", "halving.steps_per_round=3",
+                                    "guidance.w_max=0.0", "optim.warmup_steps=0",
+                                    "optim.ema_decay=0.5", "checkpoint_every=6", "log_every=3"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    method, seen = setup.method, {}
+    start_stage, loss = method.start_stage, method.loss
+
+    def spying_start(index, weights):
+        if index == 1:
+            seen["teacher"] = {n: v.clone() for n, v in weights["student"].items()}
+            seen["live"] = {n: p.detach().clone()
+                            for n, p in method.student.module.named_parameters()}
+        start_stage(index, weights)
+
+    def spying_loss(batch, phase):
+        if method.round == 1 and "student" not in seen:
+            params = dict(method.student.module.named_parameters())
+            seen["student"] = {n: p.detach().clone() for n, p in params.items()}
+            seen["master"] = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
+        return loss(batch, phase)
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    method.start_stage, method.loss = spying_start, spying_loss
+    run_worker(job, method, setup.batches, WorkerContext(0, 1, setup.device, lambda m, d: None),
+               plan.student_config, setup.teacher.fingerprint)
+    assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
+    for name, value in seen["teacher"].items():
+        torch.testing.assert_close(seen["student"][name], value, rtol=0, atol=0)
+        torch.testing.assert_close(seen["master"][name], value, rtol=0, atol=0)

@@ -1,8 +1,8 @@
 """One DeepSpeed engine per trainable module, built from the job's `deepspeed:` section.
 
 Everything DeepSpeed-specific but checkpoint files lives here: the generated config, the CPU
-start-up patch, and gathering full weights from ZeRO-3 partitions (`loop.py` saves and loads each
-engine's checkpoint).
+start-up patch, and reading and setting full weights, from ZeRO-3 partitions and the optimizers'
+fp32 master copies (`loop.py` saves and loads each engine's checkpoint).
 """
 
 from __future__ import annotations
@@ -83,9 +83,30 @@ def gathered(module: nn.Module):
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The module's whole state dict as fp32 CPU tensors (collective on ZeRO-3)."""
+    """The module's whole state dict as fp32 CPU tensors. Parameters an engine's optimizer holds
+    an fp32 master copy of (ZeRO 1-3, and bf16 at any stage) come from that copy, not from the
+    module's own, possibly bf16, weights. A collective under ZeRO: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     with gathered(module):
-        return {name: value.detach().to("cpu", torch.float32 if value.is_floating_point()
-                                        else value.dtype).clone()
-                for name, value in module.state_dict().items()}
+        state = {name: value.detach().to("cpu", torch.float32 if value.is_floating_point()
+                                         else value.dtype).clone()
+                 for name, value in module.state_dict().items()}
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            state[name] = master.detach().to("cpu", torch.float32).clone()
+    return state
+
+
+@torch.no_grad()
+def load_full_weights(module: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Set an engine's parameters, and the optimizer's fp32 master copy of them, to full weights
+    (ZeRO 0-2, where every rank holds whole parameters; no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in module.named_parameters():
+        value = weights[name].to(param.device)
+        param.copy_(value.to(param.dtype))
+        safe_set_full_fp32_param(param, value.float())      # no-op without a master copy
 

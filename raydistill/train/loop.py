@@ -40,7 +40,7 @@ from raydistill.config import ModelConfig, TrainJob
 from raydistill.methods import Method
 from raydistill.models.checkpoint import build_network, save_checkpoint
 from raydistill.pairs.generate import derive_seed
-from raydistill.train.engine import build_engine, full_state_dict
+from raydistill.train.engine import build_engine, full_state_dict, load_full_weights
 
 STATE, STAGE_WEIGHTS, EMA_FILE, LOG = "state.json", "stage_weights.safetensors", "ema.safetensors", \
     "train_log.jsonl"
@@ -161,7 +161,9 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
                              stage_weights[method.student_module], progress.stage)
             progress.stage = stage
             method.start_stage(stage, stage_weights)
-            if ema is not None:
+            if ema is not None:     # the new stage starts from the weights its teacher holds
+                load_full_weights(engines[method.student_module].module,
+                                  stage_weights[method.student_module])
                 ema.reset()
         losses = []
         for phase in method.phases():
