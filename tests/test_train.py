@@ -288,3 +288,39 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
     for name, value in seen["teacher"].items():
         torch.testing.assert_close(seen["student"][name], value, rtol=0, atol=0)
         torch.testing.assert_close(seen["master"][name], value, rtol=0, atol=0)
+
+
+def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tmp_path):
+    """Checkpoints carry the weights a round started from only from the second round on; a run
+    resumed inside that round rebuilds its frozen teacher from them."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "method=progressive", "halving.start_steps=8",
+                                    "halving.end_steps=2", "halving.steps_per_round=4",
+                                    "guidance.w_max=0.0", "optim.warmup_steps=0",
+                                    "checkpoint_every=2", "log_every=2"])
+    plan = prepare(job)
+    kept = {}
+
+    def keep(metrics, directory):
+        if directory:
+            kept[metrics["step"]] = str(tmp_path / f"step{metrics['step']}")
+            shutil.copytree(directory, kept[metrics["step"]])
+
+    def run(report, restored=None):
+        setup = setup_worker(job, plan.student_config, 0, 1)
+        started = []
+        start_stage = setup.method.start_stage
+        setup.method.start_stage = lambda i, w: (started.append((i, w)), start_stage(i, w))
+        run_worker(job, setup.method, setup.batches,
+                   WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
+                   setup.teacher.fingerprint)
+        return started
+
+    run(keep)
+    has_weights = {step: os.path.isfile(os.path.join(d, "stage_weights.safetensors"))
+                   for step, d in kept.items()}
+    assert has_weights == {2: False, 4: False, 6: True, 8: True}
+    started = run(lambda m, d: None, kept[6])
+    assert started[0][0] == 1
+    saved = load_file(os.path.join(kept[6], "stage_weights.safetensors"))
+    for name, value in started[0][1]["student"].items():
+        torch.testing.assert_close(value, saved[f"student/{name}"], rtol=0, atol=0)

@@ -64,8 +64,9 @@ class Method(ABC):
         return [Stage("train", self.total_steps)]
 
     def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:  # noqa: B027
-        """Called before stage `index` with the full (gathered) weights of every module; methods
-        with a single stage need nothing here."""
+        """Called before stage `index` > 0 with the full (gathered) weights every module ended the
+        previous stage with (before stage 0 with none); methods with a single stage need nothing
+        here."""
 
     @property
     @abstractmethod

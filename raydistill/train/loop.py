@@ -5,7 +5,7 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
     state.json            step, stage, skipped micro-batches, resumes, method
-    stage_weights.safetensors   the weights the current stage started from (progressive: the
+    stage_weights.safetensors   from the second stage on, the weights it started from (progressive: the
                           frozen teacher of the round), so a resumed run rebuilds the same stage
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
     train_log.jsonl       one JSON line per logged step: step, stage, loss (mean over ranks),
@@ -100,7 +100,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     ends = [sum(s.steps for s in stages[:i + 1]) for i in range(len(stages))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
     modules = method.modules()
-    stage_weights = {name: full_state_dict(m) for name, m in modules.items()}
+    stage_weights: dict[str, dict[str, Tensor]] = {}      # set at each stage boundary
     engines = {name: build_engine(m, job, ctx.world_size, stages[0].steps, on_cuda)
                for name, m in modules.items()}
     method.use_modules(engines)
@@ -137,7 +137,8 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             if ctx.rank == 0:
                 with open(os.path.join(directory, STATE), "w") as f:
                     json.dump(asdict(progress), f)
-                save_file(_flatten(stage_weights), os.path.join(directory, STAGE_WEIGHTS))
+                if stage_weights:
+                    save_file(_flatten(stage_weights), os.path.join(directory, STAGE_WEIGHTS))
                 if ema is not None:
                     save_file(ema.shadow, os.path.join(directory, EMA_FILE))
                 shutil.copytree(workdir, directory, dirs_exist_ok=True)
@@ -240,7 +241,8 @@ def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str
             shutil.copytree(source, os.path.join(workdir, item))
         elif os.path.isfile(source):
             shutil.copy(source, workdir)
-    return progress, _unflatten(load_file(os.path.join(directory, STAGE_WEIGHTS)))
+    saved = os.path.join(directory, STAGE_WEIGHTS)
+    return progress, _unflatten(load_file(saved)) if os.path.isfile(saved) else {}
 
 
 def _flatten(weights: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
