@@ -201,3 +201,30 @@ def test_progressive_student_with_guidance_built_in(oracle):
             ddim = rms(sample(exact, noise, cond, SCHEDULE, steps=n))
             print(f"{n:5d}  {ours:7.4f}  {ddim:.4f}")
             assert ours < 0.5 * ddim
+
+
+def test_seeded_methods_draw_from_their_own_generator(oracle):
+    """After `seed`, t, noise and w come from the method's generator: the same seed gives the same
+    loss on the same batch, and torch's global generator is left alone."""
+    mixture, exact = oracle
+    c = torch.randint(0, 3, (64,))
+    batch = {"x": mixture.sample(c).float(), "c": c}
+    net, config = student()
+    methods = [
+        GuidedDistillation(teacher=exact, student=net, student_config=config, schedule=SCHEDULE,
+                           guidance=W_RANGE, weighting="snr_plus_one", steps=1),
+        ProgressiveDistillation(teacher=exact, student=net, student_config=config,
+                                schedule=SCHEDULE, guidance=W_RANGE,
+                                halving=HalvingConfig(start_steps=8, end_steps=4))]
+
+    def losses(seed: int) -> list[float]:
+        out = []
+        for method in methods:
+            method.seed(seed, torch.device("cpu"))
+            global_state = torch.get_rng_state()
+            with torch.no_grad():
+                out.append(float(method.loss(batch, method.phases()[0])["loss"]))
+            assert torch.equal(torch.get_rng_state(), global_state)
+        return out
+
+    assert losses(1) == losses(1) and losses(1) != losses(2)

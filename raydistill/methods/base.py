@@ -47,6 +47,12 @@ class Method(ABC):
     student_module: str = "student"
     #: whether the student after each stage is kept (progressive: one student per round)
     keep_stage_students: bool = False
+    #: where the method draws t, noise and w (None: torch's global generator); see `seed`
+    generator: torch.Generator | None = None
+
+    def seed(self, seed: int, device: torch.device) -> None:
+        """Draw the method's randomness from its own generator on `device`, seeded with `seed`."""
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:

@@ -42,10 +42,11 @@ class GuidedDistillation(Method):
         else:
             x, c = batch["x"], batch["c"]
             n, device = len(x), x.device
-            t = torch.rand(n, device=device, dtype=x.dtype)
-            w = draw_w(n, self.guidance.w_min, self.guidance.w_max, None, device).to(x.dtype)
+            g = self.generator
+            t = torch.rand(n, generator=g, device=device, dtype=x.dtype)
+            w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
             alpha, sigma = (broadcast_like(v, x) for v in self.schedule.alpha_sigma(t))
-            z_t = alpha * x + sigma * torch.randn_like(x)
+            z_t = alpha * x + sigma * torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
             with torch.no_grad():
                 x_tilde = self.teacher(z_t, t, {"c": c, "w": w})
         per_sample = regression_loss(self.student, self.config, self.schedule, self.weighting,

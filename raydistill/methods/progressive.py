@@ -98,12 +98,12 @@ class ProgressiveDistillation(Method):
         return {"loss": per_sample.mean()}
 
     def inline_targets(self, x: Tensor, c: Tensor) -> tuple[Tensor, ...]:
-        n, device, steps = len(x), x.device, self.student_steps
-        i = torch.randint(1, steps + 1, (n,), device=device)
+        n, device, steps, g = len(x), x.device, self.student_steps, self.generator
+        i = torch.randint(1, steps + 1, (n,), generator=g, device=device)
         t = i.to(x.dtype) / steps
-        w = draw_w(n, self.guidance.w_min, self.guidance.w_max, None, device).to(x.dtype)
+        w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
         alpha, sigma = (broadcast_like(v, x) for v in self.schedule.alpha_sigma(t))
-        z_t = alpha * x + sigma * torch.randn_like(x)
+        z_t = alpha * x + sigma * torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
         if self.stochastic:
             jump = torch.where(i > 1, 2.0, 1.0).to(x.dtype) / steps
             teacher_step = 1.0 / steps if self.teacher_is_stochastic else 0.5 / steps

@@ -112,7 +112,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
         progress.resumes += 1
         # fresh draws (t, noise, w) rather than a replay of those from step 0
-        torch.manual_seed(derive_seed(job.seed, ctx.rank, progress.step))
+        method.seed(derive_seed(job.seed, ctx.rank, progress.step), ctx.device)
     method.start_stage(progress.stage, stage_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
