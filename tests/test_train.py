@@ -18,6 +18,7 @@ from raydistill.config import ConfigError, ModelConfig, TrainJob, from_dict, loa
 from raydistill.train import loop
 from raydistill.train.build import prepare
 from raydistill.train.driver import check_resumable, setup_worker, with_absolute_paths
+from raydistill.train.engine import fp32_master
 from raydistill.train.loop import NonFiniteLoss, WorkerContext, run_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,13 +254,18 @@ def test_resume_compares_the_job_with_absolute_paths(tmp_path, monkeypatch):
         check_resumable(with_absolute_paths(changed), out)
 
 
-def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_process_group):
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_process_group, stage,
+                                                                     precision):
     """With an EMA, round k+1's frozen teacher is round k's EMA, and its student starts from those
-    same weights (also in the optimizer's fp32 master copy), not from the live ones."""
+    same weights (also in the optimizer's fp32 master copy), not from the live ones. Under bf16
+    the teacher's weights come from the fp32 master copy, not the bf16 module."""
     job = load(TrainJob, ANALYTIC, ["workers.num=1", "method=progressive", "halving.start_steps=4",
                                     "halving.end_steps=1", "halving.steps_per_round=3",
                                     "guidance.w_max=0.0", "optim.warmup_steps=0",
-                                    "optim.ema_decay=0.5", "checkpoint_every=6", "log_every=3"])
+                                    "optim.ema_decay=0.5", "checkpoint_every=6", "log_every=3",
+                                    f"deepspeed.zero_stage={stage}",
+                                    f"deepspeed.precision={precision}"])
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
     method, seen = setup.method, {}
@@ -276,18 +282,19 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
         if method.round == 1 and "student" not in seen:
             params = dict(method.student.module.named_parameters())
             seen["student"] = {n: p.detach().clone() for n, p in params.items()}
-            seen["master"] = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
+            seen["master"] = {n: fp32_master(p).clone() for n, p in params.items()}
         return loss(batch, phase)
-
-    from deepspeed.utils import safe_get_full_fp32_param
 
     method.start_stage, method.loss = spying_start, spying_loss
     run_worker(job, method, setup.batches, WorkerContext(0, 1, setup.device, lambda m, d: None),
                plan.student_config, setup.teacher.fingerprint)
     assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
     for name, value in seen["teacher"].items():
-        torch.testing.assert_close(seen["student"][name], value, rtol=0, atol=0)
-        torch.testing.assert_close(seen["master"][name], value, rtol=0, atol=0)
+        live = seen["student"][name]                 # the module's own weights: bf16 under bf16
+        torch.testing.assert_close(live, value.to(live.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(seen["master"][name].cpu(), value, rtol=0, atol=0)
+    if precision == "bf16":
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in seen["teacher"].values())
 
 
 def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tmp_path):

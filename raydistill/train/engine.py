@@ -66,7 +66,33 @@ def build_engine(module: nn.Module, job: TrainJob, world_size: int, stage_steps:
         optimizer, lambda step: lr_factor(step % stage_steps, optim.warmup_steps, stage_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(job, world_size))
+    _link_unfused_masters(engine.optimizer)
     return engine
+
+
+# Attribute linking a parameter to its fp32 copy in DeepSpeed's ZeRO-0 bf16 optimizer.
+UNFUSED_MASTER = "raydistill_fp32_master"
+
+
+def _link_unfused_masters(optimizer) -> None:
+    """At ZeRO-0 in bf16 DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer, which keeps an
+    fp32 copy of every parameter but not the `_hp_mapping` its ZeRO optimizers give parameters;
+    link each copy to its parameter so that `fp32_master` finds it."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for low, full in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for param, master in zip(low, full):
+                setattr(param, UNFUSED_MASTER, master)
+
+
+def fp32_master(param: nn.Parameter) -> Tensor | None:
+    """The optimizer's full fp32 copy of a parameter, None if it keeps none (fp32 at ZeRO-0, or
+    not an engine's). A collective under ZeRO 1-3: every rank must ask for the same parameters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    linked = getattr(param, UNFUSED_MASTER, None)
+    return linked if linked is not None else safe_get_full_fp32_param(param)
 
 
 @contextlib.contextmanager
@@ -83,17 +109,16 @@ def gathered(module: nn.Module):
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The module's whole state dict as fp32 CPU tensors. Parameters an engine's optimizer holds
-    an fp32 master copy of (ZeRO 1-3, and bf16 at any stage) come from that copy, not from the
-    module's own, possibly bf16, weights. A collective under ZeRO: every rank must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
+    """The module's whole state dict as fp32 CPU tensors. Parameters an engine's optimizer keeps
+    an fp32 master copy of (ZeRO 1-3, and bf16 at any stage: see `fp32_master`) come from that
+    copy, not from the module's own, possibly bf16, weights. A collective under ZeRO: every rank
+    must call it."""
     with gathered(module):
         state = {name: value.detach().to("cpu", torch.float32 if value.is_floating_point()
                                          else value.dtype).clone()
                  for name, value in module.state_dict().items()}
     for name, param in module.named_parameters():
-        master = safe_get_full_fp32_param(param)
+        master = fp32_master(param)
         if master is not None:
             state[name] = master.detach().to("cpu", torch.float32).clone()
     return state
@@ -108,5 +133,9 @@ def load_full_weights(module: nn.Module, weights: dict[str, Tensor]) -> None:
     for name, param in module.named_parameters():
         value = weights[name].to(param.device)
         param.copy_(value.to(param.dtype))
-        safe_set_full_fp32_param(param, value.float())      # no-op without a master copy
+        linked = getattr(param, UNFUSED_MASTER, None)
+        if linked is not None:
+            linked.copy_(value.float())
+        else:
+            safe_set_full_fp32_param(param, value.float())      # no-op without a master copy
 
