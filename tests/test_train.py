@@ -331,3 +331,28 @@ def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tm
     saved = load_file(os.path.join(kept[6], "stage_weights.safetensors"))
     for name, value in started[0][1]["student"].items():
         torch.testing.assert_close(value, saved[f"student/{name}"], rtol=0, atol=0)
+
+
+def test_a_stochastic_sampler_teacher_needs_stochastic_rounds(tmp_path):
+    """A teacher distilled for Meng's stochastic sampler makes its round-1 targets with its own 1/N
+    jumps; a deterministic round from it is refused up front."""
+    from raydistill.config import MLPConfig
+    from raydistill.models import build_network, load_checkpoint, save_checkpoint
+    from raydistill.train.build import build_method
+
+    config = ModelConfig(kind="mlp", prediction="v", mlp=MLPConfig(dim=16, shape=[1, 4, 4],
+                                                                   num_classes=4, w_embedding=True))
+    teacher = str(tmp_path / "teacher")
+    save_checkpoint(teacher, build_network(config), config,
+                    extra={"method": "progressive", "steps": 8, "stochastic": True, "w_min": 0.0,
+                           "w_max": 2.0})
+    args = [f"teacher.checkpoint={teacher}", "method=progressive", "halving.start_steps=8",
+            "halving.end_steps=4", "halving.steps_per_round=10", "optim.warmup_steps=0",
+            "guidance.w_max=2.0", "data.source=mixture"]
+    with pytest.raises(ConfigError, match="^halving.stochastic: is false, but the teacher is a"):
+        prepare(load(TrainJob, None, args))
+    job = load(TrainJob, None, [*args, "halving.stochastic=true"])
+    checkpoint = load_checkpoint(teacher)
+    method = build_method(job, checkpoint, config, torch.device("cpu"))
+    method.start_stage(0, {})
+    assert method.teacher_is_stochastic
