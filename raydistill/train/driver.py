@@ -247,7 +247,6 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
     torch.manual_seed(derive_seed(job.seed, rank))
     teacher = load_teacher(job.teacher)
     method = build_method(job, teacher, student_config, device)
-    method.seed(derive_seed(job.seed, rank, 2), device)
     micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
     return WorkerSetup(device, teacher, method, _batches(job, teacher, micro, rank))
 

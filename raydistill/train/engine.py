@@ -86,6 +86,17 @@ def _link_unfused_masters(optimizer) -> None:
                 setattr(param, UNFUSED_MASTER, master)
 
 
+def _set_fp32_master(param: nn.Parameter, value: Tensor) -> None:
+    """Overwrite the optimizer's fp32 copy of a parameter, where it keeps one (no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    linked = getattr(param, UNFUSED_MASTER, None)
+    if linked is not None:
+        linked.copy_(value)
+    else:
+        safe_set_full_fp32_param(param, value)
+
+
 def fp32_master(param: nn.Parameter) -> Tensor | None:
     """The optimizer's full fp32 copy of a parameter, None if it keeps none (fp32 at ZeRO-0, or
     not an engine's). A collective under ZeRO 1-3: every rank must ask for the same parameters."""
@@ -128,14 +139,8 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 def load_full_weights(module: nn.Module, weights: dict[str, Tensor]) -> None:
     """Set an engine's parameters, and the optimizer's fp32 master copy of them, to full weights
     (ZeRO 0-2, where every rank holds whole parameters; no collective)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     for name, param in module.named_parameters():
         value = weights[name].to(param.device)
         param.copy_(value.to(param.dtype))
-        linked = getattr(param, UNFUSED_MASTER, None)
-        if linked is not None:
-            linked.copy_(value.float())
-        else:
-            safe_set_full_fp32_param(param, value.float())      # no-op without a master copy
+        _set_fp32_master(param, value.float())
 

@@ -42,6 +42,7 @@ from raydistill.models.checkpoint import build_network, save_checkpoint
 from raydistill.pairs.generate import derive_seed
 from raydistill.train.engine import build_engine, full_state_dict, load_full_weights
 
+METHOD_STREAM = 2                  # (seed, rank, 1) seeds the mixture data stream (driver.py)
 STATE, STAGE_WEIGHTS, EMA_FILE, LOG = "state.json", "stage_weights.safetensors", "ema.safetensors", \
     "train_log.jsonl"
 
@@ -111,8 +112,9 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     if ctx.restored:
         progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
         progress.resumes += 1
-        # fresh draws (t, noise, w) rather than a replay of those from step 0
-        method.seed(derive_seed(job.seed, ctx.rank, progress.step), ctx.device)
+    # The method's draws (t, noise, w): stream METHOD_STREAM of (seed, rank), at the step the run
+    # starts from, so a resumed run draws afresh instead of replaying those of step 0.
+    method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
     method.start_stage(progress.stage, stage_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
