@@ -463,7 +463,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Type-check and build a dataclass from a mapping; unknown keys are errors."""
+    """Type-check and build a dataclass from a mapping; unknown keys are errors, and a null value
+    (YAML `key: null`, or `key=null` on the command line) means the key's default."""
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -471,7 +472,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in fields:
             raise ConfigError(_join(prefix, key), f"unknown key (expected one of {sorted(fields)})")
-    values = {key: _convert(hints[key], value, _join(prefix, key)) for key, value in data.items()}
+    values = {key: _convert(hints[key], value, _join(prefix, key))
+              for key, value in data.items() if value is not None}
     config = cls(**values)
     if hasattr(config, "validate"):
         try:
@@ -498,8 +500,6 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"must be one of {list(get_args(hint))}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in get_args(hint):
-            return None
         (inner,) = [a for a in get_args(hint) if a is not type(None)]
         return _convert(inner, value, key)
     if origin is dict:

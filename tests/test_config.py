@@ -9,10 +9,19 @@ import pytest
 import yaml
 
 from raydistill.cli import main
-from raydistill.config import HalvingConfig, TeacherJob, from_dict, load
+from raydistill.config import (
+    ConfigError,
+    HalvingConfig,
+    OptimConfig,
+    TeacherJob,
+    TrainJob,
+    from_dict,
+    load,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TEACHER = os.path.join(ROOT, "configs", "smoke", "teacher.yaml")
+ANALYTIC = os.path.join(ROOT, "configs", "tests", "analytic_guided.yaml")
 
 
 def run(capsys, *argv):
@@ -114,6 +123,21 @@ def test_overrides_and_types():
                                            "optim.steps=7"])
     assert job.optim.lr == 1e-3 and job.optim.steps == 7 and job.model.unet.channel_mult == [1, 2]
     assert from_dict(HalvingConfig, {"start_steps": 64, "end_steps": 2}).end_steps == 2
+
+
+def test_null_means_the_default(tmp_path):
+    """`key=null` (or an empty YAML value) clears an optional key back to its default, in files and
+    on the command line alike; a null list item is still a type error."""
+    job = load(TrainJob, ANALYTIC, ["teacher.build=null", "optim.lr=null"])
+    assert job.teacher.build == "" and job.optim.lr == OptimConfig().lr
+    with pytest.raises(ConfigError, match="student: is required with an analytic teacher"):
+        load(TrainJob, ANALYTIC, ["student=null"])
+    path = tmp_path / "t.yaml"
+    path.write_text("optim:\n  steps:\n  lr: 0.5\n")
+    job = load(TeacherJob, str(path))
+    assert job.optim.steps == OptimConfig().steps and job.optim.lr == 0.5
+    with pytest.raises(ConfigError, match=r"model.unet.channel_mult\[1\]: must be an integer"):
+        load(TeacherJob, SMOKE_TEACHER, ["model.unet.channel_mult=[1,null]"])
 
 
 def test_console_script_help_and_unbuilt_verbs():
