@@ -103,7 +103,7 @@ def _bare(job_dict: dict, pairs: str, steps: int, queue) -> None:
 
     def fresh_method():
         method = build_method(job, teacher, student_config(job, teacher), torch.device("cpu"))
-        method.start_stage(0, {})
+        method.start_round(0, {})
         return method
 
     method = fresh_method()
@@ -239,7 +239,7 @@ def memory_worker(config: dict) -> None:
         from raydistill.models.checkpoint import load_teacher
 
         method = build_method(staged, load_teacher(staged.teacher), student, torch.device("cpu"))
-        method.start_stage(0, {})
+        method.start_round(0, {})
         engine = build_engine(method.modules()["student"], staged, 2, 100, on_cuda=False)
         method.use_modules({"student": engine})
         x = torch.randn(BATCH // 2, 1, 16, 16)

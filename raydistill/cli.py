@@ -156,7 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if model.kind != "unet":
         raise ConfigError("--checkpoint", "sample grids need an image model (kind unet)")
     shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
-    images, labels = sample_classes(checkpoint.guided, denoiser.schedule, shape=shape,
+    images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
                                     seed=args.seed, stochastic=stochastic, device=device)
     save_grid(images, model.unet.num_classes, args.out)

@@ -17,13 +17,13 @@ from raydistill.diffusion.solvers import sample
 
 @torch.no_grad()
 def sample_classes(
-    guided: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
+    w_denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
     sampler: SamplerConfig, seed: int = 0, stochastic: bool = False,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """sampler.per_class samples of every class, class-major; returns (images, labels) on the CPU.
 
-    `guided` reads the guidance strength from cond["w"] (Checkpoint.guided). The noise is drawn on
+    `w_denoiser` reads the guidance strength from cond["w"] (Checkpoint.w_denoiser). The noise is drawn on
     the CPU from `seed`, so a grid is the same on every device.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -32,10 +32,10 @@ def sample_classes(
     labels = labels.to(device)
     cond = {"c": labels, "w": torch.full((len(labels),), float(sampler.w), device=device)}
     if stochastic:
-        images = stochastic_sample(guided, noise, cond, schedule, steps=sampler.steps,
+        images = stochastic_sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
                                    generator=torch.Generator(device).manual_seed(seed + 1))
     else:
-        images = sample(guided, noise, cond, schedule, steps=sampler.steps,
+        images = sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
                         solver=sampler.solver, spacing=sampler.spacing)
     return images.clamp(-1, 1).cpu(), labels.cpu()
 

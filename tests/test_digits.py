@@ -72,7 +72,7 @@ def test_sample_verb_writes_a_grid(smoke_run, capsys):
 def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
     """A stage-1 student takes w as an input (one call), not classifier-free guidance."""
     from raydistill.config import ModelConfig, UNetConfig
-    from raydistill.diffusion import Guided
+    from raydistill.diffusion import CFG
     from raydistill.models import build_network, save_checkpoint
 
     config = ModelConfig(unet=UNetConfig(base_channels=8, w_embedding=True, attention_resolutions=[]))
@@ -81,7 +81,7 @@ def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
         torch.nn.init.normal_(p, std=0.1)
     save_checkpoint(str(tmp_path / "student"), network, config)
     checkpoint = load_checkpoint(str(tmp_path / "student"))
-    assert not isinstance(checkpoint.guided, Guided)
+    assert not isinstance(checkpoint.w_denoiser, CFG)
     grids = []
     for w in ("0", "3"):
         path = str(tmp_path / f"w{w}.png")
@@ -95,7 +95,7 @@ def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):
     """A progressive student without a w input has its w built in: sampled as it is (no CFG on
     top), at that w by default; another --w is refused in one line."""
     from raydistill.config import ModelConfig, UNetConfig
-    from raydistill.diffusion import Guided
+    from raydistill.diffusion import CFG
     from raydistill.models import build_network, save_checkpoint
 
     config = ModelConfig(unet=UNetConfig(base_channels=8, attention_resolutions=[]))
@@ -104,7 +104,7 @@ def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):
                     extra={"method": "progressive", "steps": 2, "stochastic": False, "w_min": 1.5,
                            "w_max": 1.5})
     checkpoint = load_checkpoint(path)
-    assert checkpoint.built_in_w == 1.5 and not isinstance(checkpoint.guided, Guided)
+    assert checkpoint.built_in_w == 1.5 and not isinstance(checkpoint.w_denoiser, CFG)
     with pytest.raises(ConfigError, match="guidance w=1.5 built in"):
         checkpoint.check_guidance(0.0, 3.0, "guidance")
     out = str(tmp_path / "grid.png")
@@ -124,7 +124,7 @@ def test_full_digits_teacher_samples_are_recognised(tmp_path):
                  classifier, "--quiet"]) == 0
     model, meta = load_classifier(classifier)
     checkpoint = load_checkpoint(teacher)
-    images, labels = sample_classes(checkpoint.guided, checkpoint.denoiser.schedule,
+    images, labels = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule,
                                     shape=(1, 16, 16),
                                     num_classes=10, sampler=SamplerConfig(steps=64, w=1.0,
                                                                           per_class=50))

@@ -1,6 +1,6 @@
 import torch
 
-from raydistill.diffusion import NULL_CLASS, Guided, cfg_combine, fourier_embedding, guided_x
+from raydistill.diffusion import CFG, NULL_CLASS, cfg_combine, cfg_x, fourier_embedding
 
 
 def _times(noise, value=0.4):
@@ -12,8 +12,8 @@ def test_w_zero_is_conditional_and_minus_one_unconditional(teacher, batch):
     t = _times(noise)
     conditional = teacher(noise, t, cond)
     unconditional = teacher(noise, t, {"c": torch.full_like(cond["c"], NULL_CLASS)})
-    torch.testing.assert_close(guided_x(teacher, noise, t, cond, torch.tensor(0.0)), conditional)
-    torch.testing.assert_close(guided_x(teacher, noise, t, cond, torch.tensor(-1.0)), unconditional)
+    torch.testing.assert_close(cfg_x(teacher, noise, t, cond, torch.tensor(0.0)), conditional)
+    torch.testing.assert_close(cfg_x(teacher, noise, t, cond, torch.tensor(-1.0)), unconditional)
     assert (conditional - unconditional).abs().max() > 1e-2   # the test is not vacuous
 
 
@@ -27,7 +27,7 @@ def test_batched_call_equals_two_calls(teacher, batch):
         calls.append(len(z))
         return teacher(z, t, c)
 
-    batched = Guided(counting)(noise, t, {**cond, "w": w})
+    batched = CFG(counting)(noise, t, {**cond, "w": w})
     separate = cfg_combine(teacher(noise, t, cond),
                            teacher(noise, t, {"c": torch.full_like(cond["c"], NULL_CLASS)}), w)
     torch.testing.assert_close(batched, separate, rtol=0, atol=1e-12)

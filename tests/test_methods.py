@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
-from raydistill.diffusion import CosineSchedule, Guided, sample
+from raydistill.diffusion import CFG, CosineSchedule, sample
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.methods.guided import GuidedDistillation
 from raydistill.methods.progressive import ProgressiveDistillation, round_steps
@@ -23,7 +23,7 @@ def oracle():
     torch.manual_seed(0)
     mixture = GaussianMixture.random(num_classes=3, components_per_class=2, dim=2, seed=3,
                                      dtype=torch.float32)
-    return mixture, Guided(AnalyticTeacher(mixture, SCHEDULE))
+    return mixture, CFG(AnalyticTeacher(mixture, SCHEDULE))
 
 
 def student(w_embedding=True, width=64, depth=2):
@@ -34,15 +34,15 @@ def student(w_embedding=True, width=64, depth=2):
 
 
 def fit(method, mixture, *, lr=1e-2, batch=256):
-    """Plain Adam over the method's stages (lr restarts per stage with a cosine decay); returns the
-    student's weights after each stage."""
+    """Plain Adam over the method's rounds (lr restarts per round with a cosine decay); returns the
+    student's weights after each round."""
     net = method.modules()["student"]
     phase, snapshots = method.phases()[0], []
-    for index, stage in enumerate(method.stages()):
-        method.start_stage(index, {"student": copy.deepcopy(net.state_dict())})
+    for index, round_ in enumerate(method.rounds()):
+        method.start_round(index, {"student": copy.deepcopy(net.state_dict())})
         opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, stage.steps, eta_min=lr * 0.05)
-        for _ in range(stage.steps):
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, round_.steps, eta_min=lr * 0.05)
+        for _ in range(round_.steps):
             c = torch.randint(0, 3, (batch,))
             loss = method.loss({"x": mixture.sample(c).float(), "c": c}, phase)["loss"]
             opt.zero_grad()
@@ -110,7 +110,7 @@ def test_progressive_rounds_stay_close_to_the_teacher_ode(oracle, stage1):
         print(f"\nRMS distance to the exact teacher's 256-step DDIM; stage-1 student at 256 steps: "
               f"{floor:.4f}\nsteps  student  DDIM(exact teacher)  ratio")
         bounds = {8: 0.65, 4: 0.4, 2: 0.25, 1: 0.15}
-        for n, weights in zip(method.rounds, snapshots):
+        for n, weights in zip(method.round_steps, snapshots):
             round_net = copy.deepcopy(net)
             round_net.load_state_dict(weights)
             student_x = sample(ModelDenoiser(round_net.eval(), SCHEDULE, config.prediction), noise, cond,
@@ -194,7 +194,7 @@ def test_progressive_student_with_guidance_built_in(oracle):
     with torch.no_grad():
         reference = sample(exact, noise, cond, SCHEDULE, steps=8)
         rms = lambda a: float((a - reference).pow(2).sum(1).mean().sqrt())    # noqa: E731
-        for n, weights in zip(method.rounds, snapshots):
+        for n, weights in zip(method.round_steps, snapshots):
             net.load_state_dict(weights)
             ours = rms(sample(ModelDenoiser(net.eval(), SCHEDULE, config.prediction), noise, cond,
                               SCHEDULE, steps=n))

@@ -1,10 +1,21 @@
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from raydistill.config import ConfigError, ModelConfig, UNetConfig
+from raydistill import config as config_module
+from raydistill.config import (
+    ConfigError,
+    MixtureConfig,
+    ModelConfig,
+    SamplerConfig,
+    ScheduleConfig,
+    TeacherRef,
+    UNetConfig,
+)
 from raydistill.diffusion import NULL_CLASS, CosineSchedule, broadcast_like, x_from_v
 from raydistill.models import (
     ModelDenoiser,
@@ -15,6 +26,7 @@ from raydistill.models import (
     save_checkpoint,
 )
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMALL = UNetConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[4], resolution=8,
                    num_classes=3)
 
@@ -119,3 +131,63 @@ def test_checkpoint_does_not_replace_unrelated_directory(tmp_path):
     with pytest.raises(ConfigError, match="not a checkpoint"):
         save_checkpoint(str(tmp_path), build_network(config), config)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def grown_schema(monkeypatch):
+    """The config schema after a release that adds defaulted fields to the UNet, schedule and
+    mixture sections (as the diffusers adapter will): the dataclasses the loader builds gain them."""
+    grown = {}
+    for name, base, field in (("UNetConfig", UNetConfig, "attention_heads"),
+                              ("ScheduleConfig", ScheduleConfig, "timestep_spacing"),
+                              ("MixtureConfig", MixtureConfig, "covariance")):
+        grown[name] = dataclasses.make_dataclass(name, [(field, str, dataclasses.field(
+            default="default"))], bases=(base,))
+        monkeypatch.setattr(config_module, name, grown[name])
+    return grown
+
+
+def test_a_format_1_checkpoint_loads_and_samples_after_the_schema_grows(grown_schema):
+    """tests/data/unet-v1 was written by raydistill 5cc79d4 (format 1, every config section). With
+    defaulted fields added to the schema it still verifies, keeps its fingerprint, and samples as
+    it did then."""
+    from raydistill.sampling import sample_classes
+
+    path = os.path.join(DATA, "unet-v1")
+    stored = json.load(open(os.path.join(path, "config.json")))
+    checkpoint = load_checkpoint(path)
+    assert isinstance(checkpoint.config.unet, grown_schema["UNetConfig"])
+    assert checkpoint.fingerprint == stored["fingerprint"]
+    images, _ = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule, shape=(1, 8, 8),
+                               num_classes=3, sampler=SamplerConfig(steps=4, w=1.0, per_class=2))
+    expected = torch.from_numpy(np.load(os.path.join(DATA, "unet-v1-samples.npy")))
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+
+
+def test_written_checkpoints_hold_only_the_sections_they_use(tmp_path, grown_schema):
+    """Format 2 writes kind, prediction, schedule and the section of its kind; re-saving the same
+    network after the schema grew gives a checkpoint that verifies under the grown schema."""
+    config = ModelConfig(unet=SMALL)
+    path = str(tmp_path / "ckpt")
+    digest = save_checkpoint(path, build_network(config), config)
+    model = json.load(open(os.path.join(path, "config.json")))["model"]
+    assert set(model) == {"kind", "prediction", "schedule", "unet"}
+    assert load_checkpoint(path).fingerprint == digest
+
+
+def test_analytic_teacher_identity_survives_schema_growth(monkeypatch):
+    """An analytic teacher is never written: its fingerprint hashes the fields that differ from
+    their defaults, so fields added with defaults (to its section or any other) leave it alone."""
+    from raydistill.models.checkpoint import load_teacher
+
+    before = load_teacher(TeacherRef(analytic=MixtureConfig(num_classes=3, dim=4, spread=3))).fingerprint
+    for name, base in (("MixtureConfig", MixtureConfig), ("ScheduleConfig", ScheduleConfig),
+                       ("UNetConfig", UNetConfig)):
+        monkeypatch.setattr(config_module, name, dataclasses.make_dataclass(
+            name, [("added", int, dataclasses.field(default=0))], bases=(base,)))
+    grown = config_module.from_dict(TeacherRef, {"analytic": {"num_classes": 3, "dim": 4,
+                                                              "spread": 3}})
+    assert load_teacher(grown).fingerprint == before
+    changed = config_module.from_dict(TeacherRef, {"analytic": {"num_classes": 3, "dim": 4,
+                                                                "spread": 3, "added": 1}})
+    assert load_teacher(changed).fingerprint != before

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydistill.config import ConfigError, PairsJob, from_dict
-from raydistill.diffusion import Guided, guided_x, sample, two_step_target
+from raydistill.diffusion import CFG, cfg_x, sample, two_step_target
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
 from raydistill.pairs.generate import ShardMaker
@@ -136,9 +136,9 @@ def test_each_mode_matches_the_diffusion_functions():
             else:
                 z_t, t, w = cols["z_t"], cols["t"].float(), cols["w"].float()
                 if mode == "guided":
-                    want = guided_x(denoiser, z_t, t, cond, w)
+                    want = cfg_x(denoiser, z_t, t, cond, w)
                 else:
-                    want = two_step_target(Guided(denoiser), z_t, t, {**cond, "w": w}, schedule, 4)
+                    want = two_step_target(CFG(denoiser), z_t, t, {**cond, "w": w}, schedule, 4)
                     assert set((t * 4).round().tolist()) <= {1.0, 2.0, 3.0, 4.0}
                 got = cols["target"]
         torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)

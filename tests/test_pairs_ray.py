@@ -16,7 +16,7 @@ import torch
 
 from raydistill.cli import main
 from raydistill.config import PairsJob, load
-from raydistill.diffusion import Guided, sample, two_step_target
+from raydistill.diffusion import CFG, sample, two_step_target
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import shard_name
 from raydistill.pairs.manifest import Manifest
@@ -60,7 +60,7 @@ def test_smoke_ode_pairs_are_the_solver_output(smoke_ode, capsys):
     cond = {"c": torch.stack([s["c"] for s in samples])}
     w = torch.stack([s["w"] for s in samples]).float()
     with torch.no_grad():
-        x = sample(Guided(teacher.denoiser), noise, {**cond, "w": w}, teacher.denoiser.schedule,
+        x = sample(CFG(teacher.denoiser), noise, {**cond, "w": w}, teacher.denoiser.schedule,
                    steps=job.solver.steps, solver=job.solver.solver)
     images = torch.stack([s["image"] for s in samples])
     torch.testing.assert_close(images, x, rtol=0, atol=1e-4)
@@ -81,7 +81,7 @@ def test_smoke_progressive_targets(tmp_path):
             "w": torch.stack([s["w"] for s in samples]).float()}
     assert {int(s["N"]) for s in samples} == {4}
     with torch.no_grad():
-        want = two_step_target(Guided(teacher.denoiser), z_t, t, cond, teacher.denoiser.schedule, 4)
+        want = two_step_target(CFG(teacher.denoiser), z_t, t, cond, teacher.denoiser.schedule, 4)
     torch.testing.assert_close(torch.stack([s["target"] for s in samples]), want, rtol=0, atol=1e-4)
 
 
@@ -235,7 +235,7 @@ def test_readers_split_ranks_and_agree_with_ray_data(smoke_ode):
 
 def test_guided_targets_from_the_smoke_digits_teacher(tmp_path):
     """Stage-1 targets on real digits from the trained smoke teacher: x_hat_w(z_t, c), recomputed."""
-    from raydistill.diffusion import guided_x
+    from raydistill.diffusion import cfg_x
     from raydistill.models import load_checkpoint
 
     teacher = str(tmp_path / "teacher")
@@ -253,6 +253,6 @@ def test_guided_targets_from_the_smoke_digits_teacher(tmp_path):
     c = torch.stack([s["c"] for s in samples])
     assert z_t.shape == (64, 1, 16, 16) and set(c.tolist()) <= set(range(10))
     with torch.no_grad():
-        want = guided_x(checkpoint.denoiser, z_t, t, {"c": c}, w)
+        want = cfg_x(checkpoint.denoiser, z_t, t, {"c": c}, w)
     torch.testing.assert_close(torch.stack([s["target"] for s in samples]), want,
                                rtol=0, atol=1e-4)

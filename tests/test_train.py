@@ -269,14 +269,14 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
     method, seen = setup.method, {}
-    start_stage, loss = method.start_stage, method.loss
+    start_round, loss = method.start_round, method.loss
 
     def spying_start(index, weights):
         if index == 1:
             seen["teacher"] = {n: v.clone() for n, v in weights["student"].items()}
             seen["live"] = {n: p.detach().clone()
                             for n, p in method.student.module.named_parameters()}
-        start_stage(index, weights)
+        start_round(index, weights)
 
     def spying_loss(batch, phase):
         if method.round == 1 and "student" not in seen:
@@ -285,7 +285,7 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
             seen["master"] = {n: fp32_master(p).clone() for n, p in params.items()}
         return loss(batch, phase)
 
-    method.start_stage, method.loss = spying_start, spying_loss
+    method.start_round, method.loss = spying_start, spying_loss
     run_worker(job, method, setup.batches, WorkerContext(0, 1, setup.device, lambda m, d: None),
                plan.student_config, setup.teacher.fingerprint)
     assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
@@ -315,20 +315,20 @@ def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tm
     def run(report, restored=None):
         setup = setup_worker(job, plan.student_config, 0, 1)
         started = []
-        start_stage = setup.method.start_stage
-        setup.method.start_stage = lambda i, w: (started.append((i, w)), start_stage(i, w))
+        start_round = setup.method.start_round
+        setup.method.start_round = lambda i, w: (started.append((i, w)), start_round(i, w))
         run_worker(job, setup.method, setup.batches,
                    WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
                    setup.teacher.fingerprint)
         return started
 
     run(keep)
-    has_weights = {step: os.path.isfile(os.path.join(d, "stage_weights.safetensors"))
+    has_weights = {step: os.path.isfile(os.path.join(d, "round_weights.safetensors"))
                    for step, d in kept.items()}
     assert has_weights == {2: False, 4: False, 6: True, 8: True}
     started = run(lambda m, d: None, kept[6])
     assert started[0][0] == 1
-    saved = load_file(os.path.join(kept[6], "stage_weights.safetensors"))
+    saved = load_file(os.path.join(kept[6], "round_weights.safetensors"))
     for name, value in started[0][1]["student"].items():
         torch.testing.assert_close(value, saved[f"student/{name}"], rtol=0, atol=0)
 
@@ -354,5 +354,5 @@ def test_a_stochastic_sampler_teacher_needs_stochastic_rounds(tmp_path):
     job = load(TrainJob, None, [*args, "halving.stochastic=true"])
     checkpoint = load_checkpoint(teacher)
     method = build_method(job, checkpoint, config, torch.device("cpu"))
-    method.start_stage(0, {})
+    method.start_round(0, {})
     assert method.teacher_is_stochastic

@@ -4,13 +4,13 @@ One convention throughout: continuous t in [0, 1], VP schedule, x_hat = denoiser
 """
 
 from raydistill.diffusion.guidance import (
+    CFG,
     NULL_CLASS,
     Cond,
     Denoiser,
-    Guided,
     cfg_combine,
+    cfg_x,
     fourier_embedding,
-    guided_x,
     null_cond,
 )
 from raydistill.diffusion.parameterization import (
@@ -49,7 +49,7 @@ __all__ = [
     "CosineSchedule",
     "Denoiser",
     "DiscreteSchedule",
-    "Guided",
+    "CFG",
     "NULL_CLASS",
     "PREDICTIONS",
     "SOLVERS",
@@ -65,7 +65,7 @@ __all__ = [
     "eps_from_v",
     "eps_from_x",
     "fourier_embedding",
-    "guided_x",
+    "cfg_x",
     "heun",
     "loss_weight",
     "null_cond",

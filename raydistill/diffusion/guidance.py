@@ -35,15 +35,15 @@ def null_cond(cond: Cond) -> Cond:
     return {**cond, "c": torch.full_like(cond["c"], NULL_CLASS)}
 
 
-def guided_x(denoiser: Denoiser, z_t: Tensor, t: Tensor, cond: Cond, w: Tensor) -> Tensor:
-    """Guided x_hat_w with both branches in one batched denoiser call."""
+def cfg_x(denoiser: Denoiser, z_t: Tensor, t: Tensor, cond: Cond, w: Tensor) -> Tensor:
+    """The CFG x_hat_w with both branches in one batched denoiser call."""
     both = {key: torch.cat([value, null_cond(cond)[key]]) for key, value in cond.items()}
     x_both = denoiser(torch.cat([z_t, z_t]), torch.cat([t, t]), both)
     x_cond, x_uncond = x_both.chunk(2)
     return cfg_combine(x_cond, x_uncond, w)
 
 
-class Guided:
+class CFG:
     """A Denoiser that applies classifier-free guidance with strength cond["w"] to another."""
 
     def __init__(self, denoiser: Denoiser):
@@ -51,7 +51,7 @@ class Guided:
 
     def __call__(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         inner = {key: value for key, value in cond.items() if key != "w"}
-        return guided_x(self.denoiser, z_t, t, inner, cond["w"])
+        return cfg_x(self.denoiser, z_t, t, inner, cond["w"])
 
 
 def fourier_embedding(x: Tensor, dim: int, *, max_period: float = 10_000.0) -> Tensor:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from raydistill.diffusion.guidance import Cond, Denoiser, Guided
+from raydistill.diffusion.guidance import CFG, Cond, Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule
 
@@ -160,5 +160,5 @@ def sample(
     ts = time_grid(steps, schedule, spacing=spacing).to(noise.device)
     if w is not None:
         w = torch.as_tensor(w, dtype=noise.dtype, device=noise.device).expand(noise.shape[0])
-        denoiser, cond = Guided(denoiser), {**cond, "w": w}
+        denoiser, cond = CFG(denoiser), {**cond, "w": w}
     return solve(denoiser, noise, ts, cond, schedule, solver)

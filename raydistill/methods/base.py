@@ -2,9 +2,9 @@
 
 A method owns its trainable modules (the loop wraps each in its own DeepSpeed engine), names the
 phases of one training step (each phase updates one module; guided and progressive have a single
-"student" phase, DMD alternates generator and fake score), lists its stages (progressive rounds;
-one stage for the others) and computes `loss(batch, phase)`. The loop never knows which method it
-runs.
+"student" phase, DMD alternates generator and fake score), lists its rounds (progressive: one per
+halving; one round for the others) and computes `loss(batch, phase)`. The loop never knows which
+method it runs.
 
 A batch is either real data, `{"x", "c"}`, for which the method draws t, noise and w and evaluates
 the teacher inline, or precomputed targets from pair shards, `{"z_t", "target", "c", "w", "t"}`.
@@ -35,9 +35,9 @@ class Phase:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Round:
     name: str
-    steps: int                       # optimizer steps of this stage
+    steps: int                       # optimizer steps of this round
 
 
 class Method(ABC):
@@ -45,8 +45,8 @@ class Method(ABC):
 
     #: the module saved as the consolidated student
     student_module: str = "student"
-    #: whether the student after each stage is kept (progressive: one student per round)
-    keep_stage_students: bool = False
+    #: whether the student after each round is kept (progressive: one student per halving)
+    keep_round_students: bool = False
     #: where the method draws t, noise and w (None: torch's global generator); see `seed`
     generator: torch.Generator | None = None
 
@@ -66,25 +66,25 @@ class Method(ABC):
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]
 
-    def stages(self) -> list[Stage]:
-        return [Stage("train", self.total_steps)]
+    def rounds(self) -> list[Round]:
+        return [Round("train", self.total_steps)]
 
-    def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:  # noqa: B027
-        """Called before stage `index` > 0 with the full (gathered) weights every module ended the
-        previous stage with (before stage 0 with none); methods with a single stage need nothing
+    def start_round(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:  # noqa: B027
+        """Called before round `index` > 0 with the full (gathered) weights every module ended the
+        previous round with (before round 0 with none); methods with a single round need nothing
         here."""
 
     @property
     @abstractmethod
     def total_steps(self) -> int:
-        """Optimizer steps over all stages."""
+        """Optimizer steps over all rounds."""
 
     @abstractmethod
     def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
         """Scalars by name; "loss" is the one the phase's module minimises."""
 
-    def stage_meta(self, index: int) -> dict:
-        """What a checkpoint of the student after stage `index` should record (e.g. its steps)."""
+    def round_meta(self, index: int) -> dict:
+        """What a checkpoint of the student after round `index` should record (e.g. its steps)."""
         return {}
 
 

@@ -53,5 +53,5 @@ class GuidedDistillation(Method):
                                      z_t, t, {"c": c, "w": w}, x_tilde)
         return {"loss": per_sample.mean()}
 
-    def stage_meta(self, index: int) -> dict:
+    def round_meta(self, index: int) -> dict:
         return {"method": "guided", "w_min": self.guidance.w_min, "w_max": self.guidance.w_max}

@@ -31,7 +31,7 @@ from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import jump_target
 from raydistill.diffusion.schedule import Schedule
-from raydistill.methods.base import Method, Phase, Stage, draw_w, regression_loss
+from raydistill.methods.base import Method, Phase, Round, draw_w, regression_loss
 from raydistill.models.denoiser import ModelDenoiser
 
 
@@ -45,7 +45,7 @@ def round_steps(halving: HalvingConfig) -> list[int]:
 
 
 class ProgressiveDistillation(Method):
-    keep_stage_students = True
+    keep_round_students = True
 
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
@@ -56,7 +56,7 @@ class ProgressiveDistillation(Method):
         self.original_is_stochastic = teacher_is_stochastic
         self.student, self.config, self.schedule = student, student_config, schedule
         self.guidance, self.weighting, self.stochastic = guidance, weighting, halving.stochastic
-        self.rounds, self.steps_per_round = round_steps(halving), halving.steps_per_round
+        self.round_steps, self.steps_per_round = round_steps(halving), halving.steps_per_round
         self.round, self.teacher_is_stochastic = 0, teacher_is_stochastic
         self._frozen = copy.deepcopy(student).requires_grad_(False).eval()
 
@@ -65,12 +65,12 @@ class ProgressiveDistillation(Method):
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_round * len(self.rounds)
+        return self.steps_per_round * len(self.round_steps)
 
-    def stages(self) -> list[Stage]:
-        return [Stage(f"{n}-steps", self.steps_per_round) for n in self.rounds]
+    def rounds(self) -> list[Round]:
+        return [Round(f"{n}-steps", self.steps_per_round) for n in self.round_steps]
 
-    def start_stage(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:
+    def start_round(self, index: int, weights: dict[str, dict[str, Tensor]]) -> None:
         """Round `index`: the teacher is the original one, or the previous round's student."""
         self.round = index
         if index == 0:
@@ -83,7 +83,7 @@ class ProgressiveDistillation(Method):
 
     @property
     def student_steps(self) -> int:
-        return self.rounds[self.round]
+        return self.round_steps[self.round]
 
     def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
         if "target" in batch:
@@ -123,6 +123,6 @@ class ProgressiveDistillation(Method):
                                       self.schedule, teacher_steps=2)
         return z_t, t, c, w, x_tilde
 
-    def stage_meta(self, index: int) -> dict:
-        return {"method": "progressive", "steps": self.rounds[index], "stochastic": self.stochastic,
+    def round_meta(self, index: int) -> dict:
+        return {"method": "progressive", "steps": self.round_steps[index], "stochastic": self.stochastic,
                 "w_min": self.guidance.w_min, "w_max": self.guidance.w_max}

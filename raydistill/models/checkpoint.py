@@ -1,12 +1,25 @@
 """Teacher/student checkpoints: a directory with `model.safetensors` and `config.json`.
 
-config.json holds the ModelConfig (enough to rebuild the network, its parameterization and its
-schedule) plus a fingerprint: the sha256 of the config and of every tensor, in name order. Pair
-shards record the fingerprint of the teacher that made them, so a mismatch is caught up front.
+config.json holds the model config (kind, parameterization, schedule and the section of its kind:
+enough to rebuild the network) plus a fingerprint: the sha256 of that config as written and of
+every tensor, in name order. Pair sets and students record the fingerprint of the teacher that made
+them, so a mismatch is caught up front.
+
+Identities must survive a schema that grows: the fingerprint is recomputed from the config exactly
+as it was written, never from the config re-read into today's dataclasses (which would add every
+field added since). Formats:
+
+    raydistill-model/1   wrote every section of ModelConfig, the unused ones included
+    raydistill-model/2   writes only the sections the model uses
+
+Both hash the written dict the same way, so a format-1 checkpoint keeps its fingerprint. A model
+that is never written (an analytic teacher described inline) is identified by the fields that
+differ from their defaults, which a field added later with a default leaves unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,13 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
-from raydistill.diffusion.guidance import Denoiser, Guided
+from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.mlp import MLP
 from raydistill.models.unet import UNet
 
-FORMAT = "raydistill-model/1"
+FORMAT = "raydistill-model/2"
+READABLE_FORMATS = ("raydistill-model/1", FORMAT)
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
@@ -58,10 +72,37 @@ def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
     return ModelDenoiser(network, schedule, config.prediction)
 
 
-def fingerprint(network: nn.Module, config: ModelConfig) -> str:
-    """sha256 over the config JSON and every tensor's name, dtype, shape and bytes."""
-    canonical = to_dict(from_dict(ModelConfig, to_dict(config)))   # e.g. 3 -> 3.0 in float fields
-    h = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode())
+def written_config(config: ModelConfig) -> dict[str, Any]:
+    """The model config as a checkpoint writes it: kind, prediction, schedule and the section of
+    its kind, canonical (e.g. 3 -> 3.0 in float fields)."""
+    full = to_dict(from_dict(ModelConfig, to_dict(config)))
+    return {key: full[key] for key in ("kind", "prediction", "schedule", config.kind)}
+
+
+def sparse_config(config: ModelConfig) -> dict[str, Any]:
+    """written_config without the fields that hold their defaults: the identity of a model that is
+    never written, unchanged when the schema gains a field with a default."""
+    def non_default(section: Any) -> dict[str, Any]:
+        default, out = type(section)(), {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                value = non_default(value)
+                if value:
+                    out[f.name] = value
+            elif value != getattr(default, f.name):
+                out[f.name] = value
+        return out
+
+    canonical = from_dict(ModelConfig, to_dict(config))
+    return {key: value for key, value in non_default(canonical).items()
+            if key in ("kind", "prediction", "schedule", config.kind)}
+
+
+def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
+    """sha256 over a model config dict (as written, or `sparse_config`) and every tensor's name,
+    dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(model, sort_keys=True).encode())
     for name, tensor in sorted(network.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -106,13 +147,13 @@ class Checkpoint:
                                    f"in (no w input); it cannot give w in [{w_min:g}, {w_max:g}]")
 
     @property
-    def guided(self) -> Denoiser:
+    def w_denoiser(self) -> Denoiser:
         """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, a
         student with guidance built in is used as it is (see `check_guidance`), any other model
         gets classifier-free guidance (both branches in one batched call)."""
         if self.config.w_conditioned or self.built_in_w is not None:
             return self.denoiser
-        return Guided(self.denoiser)
+        return CFG(self.denoiser)
 
 
 def check_replaceable(directory: str) -> None:
@@ -159,16 +200,17 @@ def write_weights_dir(directory: str, module: nn.Module, meta: dict[str, Any],
             shutil.rmtree(old, ignore_errors=True)
 
 
-def read_weights_dir(directory: str, expected_format: str) -> tuple[dict[str, Any], dict]:
-    """The metadata and tensors of a directory written by write_weights_dir."""
+def read_weights_dir(directory: str, formats: tuple[str, ...]) -> tuple[dict[str, Any], dict]:
+    """The metadata and tensors of a directory written by write_weights_dir in one of `formats`."""
+    expected_format = formats[-1]
     config_path, weights_path = os.path.join(directory, CONFIG), os.path.join(directory, WEIGHTS)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise ConfigError(directory, f"not a {expected_format} checkpoint: missing {path}")
     with open(config_path) as f:
         meta = json.load(f)
-    if meta.get("format") != expected_format:
-        raise ConfigError(config_path, f"format {meta.get('format')!r} is not {expected_format!r}")
+    if meta.get("format") not in formats:
+        raise ConfigError(config_path, f"format {meta.get('format')!r} is not one of {list(formats)}")
     return meta, load_file(weights_path)
 
 
@@ -176,19 +218,21 @@ def save_checkpoint(directory: str, network: nn.Module, config: ModelConfig,
                     extra: dict[str, Any] | None = None,
                     extra_files: dict[str, bytes] | None = None) -> str:
     """Save a teacher or student (plus extra files such as logs); returns its fingerprint."""
-    digest = fingerprint(network, config)
-    meta = {"format": FORMAT, "model": to_dict(config), "fingerprint": digest, "extra": extra or {}}
+    model = written_config(config)
+    digest = fingerprint(network, model)
+    meta = {"format": FORMAT, "model": model, "fingerprint": digest, "extra": extra or {}}
     write_weights_dir(directory, network, meta, extra_files)
     return digest
 
 
 def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
-    """Rebuild the network from `directory`; with verify, check the stored fingerprint."""
-    meta, tensors = read_weights_dir(directory, FORMAT)
+    """Rebuild the network from `directory`; with verify, check the stored fingerprint (recomputed
+    from the config as written: format 1's unused sections are read and ignored)."""
+    meta, tensors = read_weights_dir(directory, READABLE_FORMATS)
     config = from_dict(ModelConfig, meta["model"])
     network = build_network(config)
     network.load_state_dict(tensors)
-    digest = fingerprint(network, config)
+    digest = fingerprint(network, meta["model"])
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
     return Checkpoint(network.eval(), config, digest, meta.get("extra", {}))
@@ -200,7 +244,7 @@ def load_teacher(ref: TeacherRef) -> Checkpoint:
     if ref.analytic is not None:
         config = ModelConfig(kind="gmm", gmm=ref.analytic)
         network = build_network(config)
-        checkpoint = Checkpoint(network, config, fingerprint(network, config), {})
+        checkpoint = Checkpoint(network, config, fingerprint(network, sparse_config(config)), {})
     else:
         checkpoint = load_checkpoint(ref.checkpoint)
     if ref.fingerprint and not checkpoint.fingerprint.startswith(ref.fingerprint):

@@ -48,7 +48,7 @@ def save_classifier(directory: str, model: Classifier, meta: dict) -> None:
 
 def load_classifier(directory: str) -> tuple[Classifier, dict]:
     """The classifier saved in `directory` (eval mode) and its metadata (e.g. test_accuracy)."""
-    meta, tensors = read_weights_dir(directory, CLASSIFIER_FORMAT)
+    meta, tensors = read_weights_dir(directory, (CLASSIFIER_FORMAT,))
     model = Classifier(**meta["arch"])
     model.load_state_dict(tensors)
     return model.eval(), meta

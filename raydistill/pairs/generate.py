@@ -37,7 +37,7 @@ class ShardMaker:
     def __init__(self, job: PairsJob, teacher: Checkpoint, device: torch.device | str = "cpu"):
         self.job, self.device = job, torch.device(device)
         teacher.network.to(self.device)
-        self.teacher = teacher.guided
+        self.teacher = teacher.w_denoiser
         self.schedule = teacher.denoiser.schedule
         self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
         self.data = self._real_data(teacher) if job.mode != "ode" else None

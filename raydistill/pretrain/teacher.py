@@ -22,7 +22,7 @@ from tqdm import tqdm
 from raydistill.config import ConfigError, TeacherJob
 from raydistill.data import LabelledImages, load_images
 from raydistill.devices import resolve_device
-from raydistill.diffusion.guidance import NULL_CLASS, Guided
+from raydistill.diffusion.guidance import CFG, NULL_CLASS
 from raydistill.diffusion.parameterization import (
     broadcast_like,
     loss_weight,
@@ -133,7 +133,7 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
     result.eval_loss_end = eval_loss(ema)
     extra = {"trained_on": job.data.source, "steps": job.optim.steps,
              "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
-    images, _ = sample_classes(Guided(ModelDenoiser(ema, schedule, prediction)), schedule,
+    images, _ = sample_classes(CFG(ModelDenoiser(ema, schedule, prediction)), schedule,
                                shape=(unet.in_channels, unet.resolution, unet.resolution),
                                num_classes=unet.num_classes, sampler=job.preview, seed=job.seed,
                                device=device)

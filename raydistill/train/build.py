@@ -135,10 +135,10 @@ def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
     student = build_student(config, teacher).to(device)
     schedule = teacher.denoiser.schedule
     if job.method == "guided":
-        return GuidedDistillation(teacher=teacher.guided, student=student, student_config=config,
+        return GuidedDistillation(teacher=teacher.w_denoiser, student=student, student_config=config,
                                   schedule=schedule, guidance=job.guidance,
                                   weighting=job.loss_weighting, steps=job.optim.steps)
-    return ProgressiveDistillation(teacher=teacher.guided, student=student, student_config=config,
+    return ProgressiveDistillation(teacher=teacher.w_denoiser, student=student, student_config=config,
                                    schedule=schedule, guidance=job.guidance, halving=job.halving,
                                    weighting=job.loss_weighting,
                                    teacher_is_stochastic=bool(teacher.extra.get("stochastic")))

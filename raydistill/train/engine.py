@@ -52,9 +52,9 @@ def _skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def build_engine(module: nn.Module, job: TrainJob, world_size: int, stage_steps: int,
+def build_engine(module: nn.Module, job: TrainJob, world_size: int, round_steps: int,
                  on_cuda: bool):
-    """A DeepSpeed engine (AdamW from torch, warm-up + cosine LR restarting every stage)."""
+    """A DeepSpeed engine (AdamW from torch, warm-up + cosine LR restarting every round)."""
     import deepspeed
 
     if not on_cuda:
@@ -63,7 +63,7 @@ def build_engine(module: nn.Module, job: TrainJob, world_size: int, stage_steps:
     optim = job.optim
     optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step % stage_steps, optim.warmup_steps, stage_steps))
+        optimizer, lambda step: lr_factor(step % round_steps, optim.warmup_steps, round_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(job, world_size))
     _link_unfused_masters(engine.optimizer)

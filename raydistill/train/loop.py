@@ -1,14 +1,14 @@
-"""The loop each training worker runs. It knows engines, stages, checkpoints and metrics, never the
-method's math: it asks the method for its modules, phases, stages and `loss(batch, phase)`.
+"""The loop each training worker runs. It knows engines, rounds, checkpoints and metrics, never the
+method's math: it asks the method for its modules, phases, rounds and `loss(batch, phase)`.
 
 A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ranks' files):
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
-    state.json            step, stage, skipped micro-batches, resumes, method
-    stage_weights.safetensors   from the second stage on, the weights it started from (progressive: the
-                          frozen teacher of the round), so a resumed run rebuilds the same stage
+    state.json            step, round, skipped micro-batches, resumes, method
+    round_weights.safetensors   from the second round on, the weights it started from (progressive:
+                          the round's frozen teacher), so a resumed run rebuilds the same round
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
-    train_log.jsonl       one JSON line per logged step: step, stage, loss (mean over ranks),
+    train_log.jsonl       one JSON line per logged step: step, round, loss (mean over ranks),
                           samples/s, lr, data_wait (the fraction of the window rank 0 spent
                           waiting for its next micro-batch: near 0 unless input-bound), ...
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
@@ -43,7 +43,7 @@ from raydistill.pairs.generate import derive_seed
 from raydistill.train.engine import build_engine, full_state_dict, load_full_weights
 
 METHOD_STREAM = 2                  # (seed, rank, 1) seeds the mixture data stream (driver.py)
-STATE, STAGE_WEIGHTS, EMA_FILE, LOG = "state.json", "stage_weights.safetensors", "ema.safetensors", \
+STATE, ROUND_WEIGHTS, EMA_FILE, LOG = "state.json", "round_weights.safetensors", "ema.safetensors", \
     "train_log.jsonl"
 
 
@@ -64,7 +64,7 @@ class WorkerContext:
 @dataclass
 class Progress:
     step: int = 0                    # optimizer steps done
-    stage: int = 0
+    round: int = 0
     nan_skipped: int = 0             # micro-batches skipped for a non-finite loss
     resumes: int = 0                 # times the run restarted from a checkpoint
     method: str = ""
@@ -96,13 +96,13 @@ class StudentEMA:
 
 def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor]],
                ctx: WorkerContext, student_config: ModelConfig, teacher_fingerprint: str) -> None:
-    """Train `method` to the end of its stages, checkpointing and reporting through `ctx`."""
-    stages = method.stages()
-    ends = [sum(s.steps for s in stages[:i + 1]) for i in range(len(stages))]
+    """Train `method` to the end of its rounds, checkpointing and reporting through `ctx`."""
+    rounds = method.rounds()
+    ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
     modules = method.modules()
-    stage_weights: dict[str, dict[str, Tensor]] = {}      # set at each stage boundary
-    engines = {name: build_engine(m, job, ctx.world_size, stages[0].steps, on_cuda)
+    round_weights: dict[str, dict[str, Tensor]] = {}      # set at each round boundary
+    engines = {name: build_engine(m, job, ctx.world_size, rounds[0].steps, on_cuda)
                for name, m in modules.items()}
     method.use_modules(engines)
     student = engines[method.student_module].module
@@ -110,12 +110,12 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     progress = Progress(method=job.method)
     workdir = tempfile.mkdtemp(prefix="raydistill-train-")
     if ctx.restored:
-        progress, stage_weights = _restore(ctx.restored, engines, ema, workdir)
+        progress, round_weights = _restore(ctx.restored, engines, ema, workdir)
         progress.resumes += 1
     # The method's draws (t, noise, w): stream METHOD_STREAM of (seed, rank), at the step the run
     # starts from, so a resumed run draws afresh instead of replaying those of step 0.
     method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
-    method.start_stage(progress.stage, stage_weights)
+    method.start_round(progress.round, round_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
         weights = {name: full_state_dict(e.module) for name, e in engines.items()}
@@ -123,10 +123,10 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             weights[method.student_module] = ema.state_dict()
         return weights
 
-    def save_student(directory: str, weights: dict[str, Tensor], stage: int) -> None:
+    def save_student(directory: str, weights: dict[str, Tensor], index: int) -> None:
         network = build_network(student_config)
         network.load_state_dict(weights)
-        extra = {**method.stage_meta(stage), "teacher_fingerprint": teacher_fingerprint,
+        extra = {**method.round_meta(index), "teacher_fingerprint": teacher_fingerprint,
                  "train_steps": progress.step}
         save_checkpoint(directory, network, student_config, extra=extra)
 
@@ -139,34 +139,34 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             if ctx.rank == 0:
                 with open(os.path.join(directory, STATE), "w") as f:
                     json.dump(asdict(progress), f)
-                if stage_weights:
-                    save_file(_flatten(stage_weights), os.path.join(directory, STAGE_WEIGHTS))
+                if round_weights:
+                    save_file(_flatten(round_weights), os.path.join(directory, ROUND_WEIGHTS))
                 if ema is not None:
                     save_file(ema.shadow, os.path.join(directory, EMA_FILE))
                 shutil.copytree(workdir, directory, dirs_exist_ok=True)
                 if final:
                     save_student(os.path.join(directory, "student"),
-                                 weights[method.student_module], progress.stage)
-                    if method.keep_stage_students:
+                                 weights[method.student_module], progress.round)
+                    if method.keep_round_students:
                         shutil.copytree(os.path.join(directory, "student"),
-                                        os.path.join(directory, "rounds", stages[-1].name))
+                                        os.path.join(directory, "rounds", rounds[-1].name))
             ctx.report(metrics, directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
     nan_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
     while progress.step < total:
-        stage = next(i for i, end in enumerate(ends) if progress.step < end)
-        if stage != progress.stage:
-            stage_weights = final_weights()
-            if ctx.rank == 0 and method.keep_stage_students:
-                save_student(os.path.join(workdir, "rounds", stages[progress.stage].name),
-                             stage_weights[method.student_module], progress.stage)
-            progress.stage = stage
-            method.start_stage(stage, stage_weights)
-            if ema is not None:     # the new stage starts from the weights its teacher holds
+        index = next(i for i, end in enumerate(ends) if progress.step < end)
+        if index != progress.round:
+            round_weights = final_weights()
+            if ctx.rank == 0 and method.keep_round_students:
+                save_student(os.path.join(workdir, "rounds", rounds[progress.round].name),
+                             round_weights[method.student_module], progress.round)
+            progress.round = index
+            method.start_round(index, round_weights)
+            if ema is not None:     # the new round starts from the weights its teacher holds
                 load_full_weights(engines[method.student_module].module,
-                                  stage_weights[method.student_module])
+                                  round_weights[method.student_module])
                 ema.reset()
         losses = []
         for phase in method.phases():
@@ -202,7 +202,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             continue
         now = time.time()
         rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
-        metrics = {"step": progress.step, "stage": stages[progress.stage].name,
+        metrics = {"step": progress.step, "round": rounds[progress.round].name,
                    "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
                    "data_wait": waited / max(now - window_start, 1e-9),
@@ -215,7 +215,7 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
         if ctx.rank == 0 and ctx.print_progress:
             eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
             # sys.stdout directly: Ray Train's patched print would show every line twice
-            sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['stage']}  loss "
+            sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['round']}  loss "
                              f"{metrics['loss']:.4g}  {rate:.0f} samples/s  data wait "
                              f"{metrics['data_wait']:.0%}  ETA {_duration(eta)}\n")
             sys.stdout.flush()
@@ -243,7 +243,7 @@ def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str
             shutil.copytree(source, os.path.join(workdir, item))
         elif os.path.isfile(source):
             shutil.copy(source, workdir)
-    saved = os.path.join(directory, STAGE_WEIGHTS)
+    saved = os.path.join(directory, ROUND_WEIGHTS)
     return progress, _unflatten(load_file(saved)) if os.path.isfile(saved) else {}
 
 
