@@ -34,14 +34,19 @@ def test_cosine_clipping_endpoints():
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
 def test_discrete_matches_diffusers_alphas_cumprod(kind):
-    """The continuous map hits the teacher's native alpha_bar_n exactly at t = n / (N - 1)."""
+    """The continuous map hits the teacher's native alpha_bar_n exactly at t = n / (N - 1) for
+    n >= 1, and alpha_bar_0 as t -> 0+; t = 0 itself is the clean image (diffusers'
+    set_alpha_to_one)."""
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=kind,
                                         beta_start=1e-4 if kind == "linear" else 0.00085,
                                         beta_end=0.02 if kind == "linear" else 0.012)
     schedule = SCHEDULES[kind]
     n = torch.tensor([0, 1, 250, 500, 999])
-    alpha = schedule.alpha(n.double() / 999)
-    expected = reference.alphas_cumprod[n].double()
-    torch.testing.assert_close(alpha**2, expected, rtol=1e-5, atol=1e-9)
+    t = (n.double() / 999).clamp(min=1e-12)
+    torch.testing.assert_close(schedule.alpha(t) ** 2, reference.alphas_cumprod[n].double(),
+                               rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(schedule.timestep(n.double() / 999), n.double())
+    alpha, sigma = schedule.alpha_sigma(torch.zeros(1, dtype=torch.float64))
+    assert float(alpha) == 1.0 and float(sigma) == 0.0
+    assert schedule.t_from_logsnr(torch.tensor([torch.inf], dtype=torch.float64)).item() == 0.0

@@ -30,7 +30,7 @@ from raydistill.diffusion.parameterization import (
     x_jacobian,
 )
 from raydistill.diffusion.progressive import progressive_target, stochastic_sample, two_step_target
-from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Schedule
+from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Schedule, uniform_t
 from raydistill.diffusion.solvers import (
     SOLVERS,
     SPACINGS,
@@ -77,6 +77,7 @@ __all__ = [
     "stochastic_sample",
     "time_grid",
     "two_step_target",
+    "uniform_t",
     "v_from_eps",
     "v_from_x",
     "x_from_eps",

@@ -5,6 +5,9 @@
 so alpha_t^2 = sigmoid(lambda_t) and sigma_t^2 = sigmoid(-lambda_t). Every schedule only has to say
 lambda(t) and its inverse t(lambda); alpha and sigma follow. Discrete DDPM teachers (1000 steps) are
 mapped onto the same t so solvers never see native timesteps.
+
+Training draws t from U(0, 1] (`uniform_t`): t = 0 is where samplers end, the clean image (exactly
+so for discrete schedules, whose log-SNR is infinite there), not a noise level to learn.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ class Schedule(ABC):
         return self.alpha_sigma(t)[1]
 
 
+def uniform_t(n: int, *, generator: torch.Generator | None = None, device=None,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """n training times t ~ U(0, 1] (never 0, the clean image)."""
+    return 1.0 - torch.rand(n, generator=generator, device=device, dtype=dtype)
+
+
 class CosineSchedule(Schedule):
     """Cosine VP schedule with log-SNR clipped to [logsnr_min, logsnr_max].
 
@@ -62,9 +71,12 @@ class CosineSchedule(Schedule):
 class DiscreteSchedule(Schedule):
     """The N-step DDPM schedule of a discrete teacher, made continuous.
 
-    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t maps
-    to the fractional index n = t (N - 1) and lambda is linearly interpolated between indices, so
-    t = 0 is the teacher's first timestep and t = 1 its last (alpha_1 is small but not zero).
+    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t in
+    (0, 1] maps to the fractional index n = t (N - 1) and lambda is linearly interpolated between
+    indices, so t -> 0+ is the teacher's first timestep (sigma ~ 0.01 for the linear betas) and
+    t = 1 its last (alpha_1 is small but not zero). t = 0 itself is the clean image: alpha = 1,
+    sigma = 0, lambda = +inf, as diffusers' DDIM takes its last step with `set_alpha_to_one`, so
+    every sampler ends on x_hat instead of alpha_0 x_hat + sigma_0 eps_hat.
     """
 
     def __init__(self, betas: Tensor):
@@ -98,7 +110,7 @@ class DiscreteSchedule(Schedule):
         lo = n.floor().long().clamp(max=self.num_timesteps - 2)
         frac = n - lo
         out = table[lo] * (1 - frac) + table[lo + 1] * frac
-        return out.to(t.dtype)
+        return torch.where(n > 0, out, torch.inf).to(t.dtype)
 
     def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
         # lambda is strictly decreasing in n: search the negated (increasing) table.

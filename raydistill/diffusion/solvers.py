@@ -42,7 +42,12 @@ def time_grid(
     if spacing == "uniform_t":
         return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
     if spacing == "uniform_logsnr":
-        ends = schedule.logsnr(torch.tensor([t_start, t_end], dtype=torch.float64))
+        ends = torch.tensor([t_start, t_end], dtype=torch.float64)
+        if not torch.isfinite(schedule.logsnr(ends[1:])).all():
+            # t_end is the clean image (discrete schedules): space the grid up to the last noise
+            # level, just after t_end (a billionth of the span: no denormals under flush-to-zero)
+            ends[1] = t_end + 1e-9 * (t_start - t_end)
+        ends = schedule.logsnr(ends)
         grid = schedule.t_from_logsnr(torch.linspace(ends[0], ends[1], steps + 1, dtype=torch.float64))
         grid[0], grid[-1] = t_start, t_end
         return grid
@@ -94,7 +99,8 @@ def heun(denoiser: Denoiser, z: Tensor, ts: Tensor, cond: Cond, schedule: Schedu
         z_s = (sigma_s / sigma_t) z_t + alpha_s (1 - e^-h) x_t + alpha_s (h - 1 + e^-h) / h (x_s - x_t)
 
     Second order, and stable across the huge sigma / alpha range of a clipped schedule, where the
-    textbook trapezoid in sigma / alpha is not.
+    textbook trapezoid in sigma / alpha is not. A step to sigma = 0 (the clean image of a discrete
+    schedule) is the predictor alone, x_t, as in Karras et al.
     """
     half_lambda = 0.5 * schedule.logsnr(ts)
     alphas, sigmas = schedule.alpha_sigma(ts)
@@ -103,6 +109,9 @@ def heun(denoiser: Denoiser, z: Tensor, ts: Tensor, cond: Cond, schedule: Schedu
         h = half_lambda[i + 1] - half_lambda[i]
         x_t = denoiser(z, t, cond)
         z_pred = (sigmas[i + 1] / sigmas[i]) * z - alphas[i + 1] * torch.expm1(-h) * x_t
+        if sigmas[i + 1] == 0:
+            z = z_pred.to(z.dtype)
+            continue
         x_s = denoiser(z_pred.to(z.dtype), s, cond)
         correction = alphas[i + 1] * (h + torch.expm1(-h)) / h
         z = (z_pred + correction * (x_s - x_t)).to(z.dtype)
@@ -113,7 +122,8 @@ def dpmpp_2m(denoiser: Denoiser, z: Tensor, ts: Tensor, cond: Cond, schedule: Sc
     """DPM-Solver++(2M), the multistep data-prediction solver (Lu et al. 2022, Algorithm 2).
 
     The last step is first order (as diffusers' `lower_order_final`): it ends at t = 0 where the
-    log-SNR jumps, and a second-order correction across that jump is unstable at few steps.
+    log-SNR jumps (to +inf for a discrete schedule, where it lands on x_hat), and a second-order
+    correction across that jump is unstable at few steps.
     """
     logsnr = schedule.logsnr(ts)
     alphas, sigmas = schedule.alpha_sigma(ts)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from raydistill.config import GuidanceRange, ModelConfig
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
-from raydistill.diffusion.schedule import Schedule
+from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.methods.base import Method, Phase, draw_w, regression_loss
 
 
@@ -43,7 +43,7 @@ class GuidedDistillation(Method):
             x, c = batch["x"], batch["c"]
             n, device = len(x), x.device
             g = self.generator
-            t = torch.rand(n, generator=g, device=device, dtype=x.dtype)
+            t = uniform_t(n, generator=g, device=device, dtype=x.dtype)
             w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
             alpha, sigma = (broadcast_like(v, x) for v in self.schedule.alpha_sigma(t))
             z_t = alpha * x + sigma * torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)

@@ -15,6 +15,7 @@ from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import two_step_target
+from raydistill.diffusion.schedule import uniform_t
 from raydistill.diffusion.solvers import sample
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.gmm import GaussianMixture
@@ -71,7 +72,7 @@ class ShardMaker:
                 row["x"] = self._draw_x(row["c"], g)
                 row["eps"] = torch.randn(self.shape, generator=g)
                 if job.mode == "guided":
-                    row["t"] = torch.rand((), generator=g)
+                    row["t"] = uniform_t(1, generator=g)[0]
                 else:
                     n = job.student_steps
                     row["t"] = torch.randint(1, n + 1, (), generator=g).float() / n

@@ -29,7 +29,7 @@ from raydistill.diffusion.parameterization import (
     prediction_target,
     x_jacobian,
 )
-from raydistill.diffusion.schedule import Schedule
+from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.models.checkpoint import save_checkpoint
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.unet import UNet
@@ -113,7 +113,7 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
         x, c = train.images[idx], train.labels[idx]
         drop = (torch.rand(len(c), generator=g) < job.label_dropout).to(device)
         c = torch.where(drop, NULL_CLASS, c)
-        t = torch.rand(len(c), generator=g).to(device)
+        t = uniform_t(len(c), generator=g).to(device)
         eps = torch.randn(x.shape, generator=g).to(device)
         for group in optim.param_groups:
             group["lr"] = job.optim.lr * lr_factor(step, job.optim.warmup_steps, job.optim.steps)
@@ -149,5 +149,5 @@ def _fixed_batch(data: LabelledImages, seed: int, device: torch.device,
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(data), (size,), generator=g).to(device)
     x = data.images[idx]
-    t, eps = torch.rand(size, generator=g), torch.randn(x.shape, generator=g)
+    t, eps = uniform_t(size, generator=g), torch.randn(x.shape, generator=g)
     return x, data.labels[idx], t.to(device), eps.to(device)
