@@ -21,6 +21,7 @@ from raydistill.config import (
     TrainJob,
     from_dict,
     load,
+    with_absolute_paths,
 )
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
@@ -67,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "a distilled student has built in, else 1)")
     p.add_argument("--solver", default="ddim", help="ddim | heun | dpmpp_2m")
     p.add_argument("--spacing", default="uniform_t", help="uniform_t | uniform_logsnr")
-    p.add_argument("--stochastic", action="store_true",
+    p.add_argument("--stochastic", action=argparse.BooleanOptionalAction,
                    help="Meng et al.'s stochastic few-step sampler instead of an ODE solver "
-                        "(always on for a student distilled for it)")
+                        "(default: on for a student distilled for it, else off)")
+    p.add_argument("--force-sampler", action="store_true",
+                   help="sample a distilled student with settings it was not distilled for "
+                        "(steps, solver, spacing, sampler, w outside its range)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (one row each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -84,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("verify", help=PLANNED["verify"])
     p.add_argument("uri", help="pairs location written by `raydistill pairs`")
+    p.add_argument("--repair", action="store_true",
+                   help="regenerate the shards that fail from their seeds (the job recorded in "
+                        "pairs.json), on Ray")
+    p.add_argument("--address", help="Ray cluster address for --repair (default: start Ray "
+                                     "locally)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_verify)
 
     p = verbs.add_parser("train", help=PLANNED["train"])
@@ -144,12 +154,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--out", f"must be a .png file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
+    distilled = checkpoint.distilled_sampler
     if args.steps is None:
-        sampler = dataclasses.replace(sampler, steps=checkpoint.extra.get("steps") or 64)
+        sampler = dataclasses.replace(sampler, steps=distilled.steps if distilled else 64)
     if args.w is None and checkpoint.built_in_w is not None:
         sampler = dataclasses.replace(sampler, w=checkpoint.built_in_w)
-    checkpoint.check_guidance(sampler.w, sampler.w, "--w")
-    stochastic = args.stochastic or bool(checkpoint.extra.get("stochastic"))
+    stochastic = (distilled is not None and distilled.stochastic) if args.stochastic is None \
+        else args.stochastic
+    force = {"force": args.force_sampler, "force_key": "--force-sampler"}
+    checkpoint.check_guidance(sampler.w, sampler.w, "--w", **force)
+    checkpoint.check_sampler(steps=sampler.steps, solver=sampler.solver, spacing=sampler.spacing,
+                             stochastic=stochastic, **force,
+                             keys={"steps": "--steps", "solver": "--solver",
+                                   "spacing": "--spacing",
+                                   "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
     checkpoint.network.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
@@ -173,8 +191,10 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     from raydistill.cluster import init_ray
     from raydistill.pairs.pool import plan_pairs, run_pairs
 
-    job = load(PairsJob, args.config, args.overrides)
+    job = with_absolute_paths(load(PairsJob, args.config, args.overrides))
     plan = plan_pairs(job, args.out)
+    for name, why in plan.lost.items():
+        print(f"pairs: {name} is listed in the manifest but {why}: regenerating it")
     if plan.todo:
         init_ray(args.address)
     result = run_pairs(plan, progress=not args.quiet)
@@ -209,9 +229,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     for problem in report.problems:
         print(f"verify: {problem}", file=sys.stderr)
+    if args.repair and report.bad:
+        report = _repair(args, sorted(report.bad))
+        if report.ok:
+            print(f"verify: ok after repair: {report.summary()}")
+            return 0
     print(f"verify: {len(report.problems)} bad or missing shards; {report.summary()}",
           file=sys.stderr)
     return EXIT_FAILED
+
+
+def _repair(args: argparse.Namespace, bad: list[str]):
+    """Regenerate `bad` shards from their seeds with the job recorded in the pair set (checked in
+    full before any shard is dropped), then verify again."""
+    from raydistill.cluster import init_ray
+    from raydistill.pairs.pool import plan_pairs, run_pairs
+    from raydistill.pairs.verify import forget_shards, recorded_job, verify_pairs
+
+    job = recorded_job(args.uri)
+    plan_pairs(job, args.uri)
+    forget_shards(args.uri, bad)
+    plan = plan_pairs(job, args.uri)
+    init_ray(args.address)
+    result = run_pairs(plan, progress=not args.quiet)
+    print(f"verify: regenerated {result.generated} shards from their seeds ({', '.join(bad)})")
+    return verify_pairs(args.uri)
 
 
 def _planned(verb: str) -> Callable[[argparse.Namespace], int]:

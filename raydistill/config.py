@@ -338,6 +338,8 @@ class PairsJob:
     solver: SolverConfig = field(default_factory=SolverConfig)   # ode mode
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
     student_steps: int = 0           # progressive mode: targets for an N-step student
+    stochastic: bool = False         # progressive mode: for Meng et al.'s stochastic sampler (2/N)
+    force_sampler: bool = False      # ode mode: sample a distilled student off its own sampler
     num_shards: int = 8
     samples_per_shard: int = 256
     batch_size: int = 256            # teacher batch per forward
@@ -352,6 +354,8 @@ class PairsJob:
                     f"must be positive in progressive mode, got {self.student_steps}")
             require(_is_power_of_two(self.student_steps), "student_steps",
                     f"must be a power of two for halving, got {self.student_steps}")
+        require(not self.stochastic or self.mode == "progressive", "stochastic",
+                "only applies to progressive targets (mode: progressive)")
 
 
 @dataclass
@@ -389,7 +393,7 @@ class DeepSpeedConfig:
 class TrainJob:
     """`raydistill train`: distill a student with Ray Train + DeepSpeed ZeRO."""
 
-    method: Literal["guided", "progressive"] = "guided"
+    method: Literal["guided", "progressive"] = "guided"    # raydistill.methods.registry
     teacher: TeacherRef = field(default_factory=TeacherRef)
     student: ModelConfig | None = None   # default: the teacher's network (+ w input for guided)
     data: DataConfig = field(default_factory=DataConfig)   # real x for inline targets
@@ -417,11 +421,6 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
-        stage_key, stage_steps = (("halving.steps_per_round", self.halving.steps_per_round)
-                                  if self.method == "progressive" else ("optim.steps", self.optim.steps))
-        require(self.optim.warmup_steps < stage_steps, "optim.warmup_steps",
-                f"is {self.optim.warmup_steps}, not below {stage_key} = {stage_steps}: the learning "
-                "rate would never leave warm-up")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -443,6 +442,24 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
     for item in overrides:
         apply_override(data, item)
     return from_dict(cls, data)
+
+
+def with_absolute_paths(job: T) -> T:
+    """The job with its local paths (teacher, data, pairs) made absolute: workers run in another
+    working directory, and a recorded job outlives the one it was started in."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and "://" not in path else path
+
+    changes: dict[str, Any] = {}
+    if hasattr(job, "teacher"):
+        changes["teacher"] = dataclasses.replace(job.teacher,
+                                                 checkpoint=absolute(job.teacher.checkpoint),
+                                                 build=absolute(job.teacher.build))
+    if hasattr(job, "data"):
+        changes["data"] = dataclasses.replace(job.data, path=absolute(job.data.path))
+    if hasattr(job, "pairs"):
+        changes["pairs"] = absolute(job.pairs)
+    return dataclasses.replace(job, **changes)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

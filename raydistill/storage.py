@@ -47,13 +47,18 @@ class Location:
 
     def list(self) -> list[str]:
         """Names of the files directly under the directory (temporary files excluded)."""
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
+        """Byte size of every file directly under the directory, by name (one listing; temporary
+        files excluded)."""
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
-            return []
+            return {}
         entries = self.fs.get_file_info(pafs.FileSelector(self.root))
-        return sorted(os.path.basename(e.path) for e in entries
-                      if e.type == pafs.FileType.File and
-                      not os.path.basename(e.path).startswith(TMP_PREFIX))
+        return {os.path.basename(e.path): e.size for e in entries
+                if e.type == pafs.FileType.File and
+                not os.path.basename(e.path).startswith(TMP_PREFIX)}
 
     def read(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:

@@ -114,6 +114,59 @@ def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):
     assert "--w: the model is a distilled student with guidance w=1.5" in capsys.readouterr().err
 
 
+def test_a_distilled_student_is_sampled_only_as_it_was_distilled(tmp_path, capsys):
+    """A 2-step deterministic progressive student over w in [0, 2]: `sample` refuses other steps,
+    solvers, spacings, the stochastic sampler and w outside its range, each with exit 2 and one
+    line naming the flag and what the student was distilled for; --force-sampler samples it
+    anyway. A stochastic student refuses --no-stochastic. Pairs from a student teacher follow
+    the same rule."""
+    from raydistill.config import ModelConfig, UNetConfig
+    from raydistill.models import build_network, save_checkpoint
+
+    config = ModelConfig(unet=UNetConfig(base_channels=8, attention_resolutions=[],
+                                         w_embedding=True))
+    path, out = str(tmp_path / "student"), str(tmp_path / "grid.png")
+    meta = {"method": "progressive", "steps": 2, "stochastic": False, "w_min": 0.0, "w_max": 2.0}
+    save_checkpoint(path, build_network(config), config, extra=meta)
+    base = ["sample", "--checkpoint", path, "--per-class", "1", "--out", out]
+    distilled = "but the model is a progressive student distilled for 2 DDIM steps on the " \
+                "uniform t grid (--force-sampler samples it anyway)"
+    for flags, message in [
+            (["--steps", "8"], f"--steps: is 8, {distilled}"),
+            (["--solver", "dpmpp_2m"], f"--solver: is dpmpp_2m, {distilled}"),
+            (["--spacing", "uniform_logsnr"], f"--spacing: is uniform_logsnr, {distilled}"),
+            (["--stochastic"], f"--stochastic: asks for the stochastic sampler, {distilled}"),
+            (["--w", "3"], "--w: 3 is outside the guidance range [0, 2] the student was distilled "
+                           "for (--force-sampler samples it anyway)")]:
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert err == f"raydistill sample: error: {message}"
+        assert main([*base, *flags, "--force-sampler"]) == 0, flags
+    assert main(base) == 0
+    assert "2 ddim steps, w=1" in capsys.readouterr().out
+
+    stochastic = str(tmp_path / "stochastic")
+    save_checkpoint(stochastic, build_network(config), config, extra={**meta, "stochastic": True})
+    assert main([*base[:2], stochastic, *base[3:]]) == 0
+    assert "2 stochastic steps" in capsys.readouterr().out
+    assert main([*base[:2], stochastic, *base[3:], "--no-stochastic"]) == 2
+    assert "--no-stochastic: asks for an ODE solver, but the model is a progressive student " \
+           "distilled for Meng et al.'s stochastic sampler with 2 steps" in capsys.readouterr().err
+
+    pairs = ["pairs", "--config", f"{CONFIGS}/smoke/pairs.yaml", "--out", str(tmp_path / "ode"),
+             "--quiet", "teacher.analytic=null", f"teacher.checkpoint={path}", "guidance.w_max=2.0"]
+    assert main([*pairs, "solver.steps=2"]) == 2
+    assert "solver.solver: is dpmpp_2m, but the model is a progressive student" in \
+        capsys.readouterr().err
+    assert main([*pairs, "mode=progressive", "student_steps=2", "data.source=digits"]) == 2
+    assert "student_steps: is 2, but the teacher is a 2-step progressive student (its targets " \
+           "are for 1-step students)" in capsys.readouterr().err
+    assert main([*pairs, "mode=guided", "data.source=digits"]) == 2
+    assert "teacher.checkpoint: is a progressive student distilled for 2 DDIM steps" in \
+        capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "ode")
+
+
 @pytest.mark.slow
 def test_full_digits_teacher_samples_are_recognised(tmp_path):
     """The full teacher's CFG 64-step DDIM samples show the intended digit (>= 80%)."""

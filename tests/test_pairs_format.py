@@ -1,5 +1,6 @@
 """Shards, storage, manifest and generation without Ray."""
 
+import dataclasses
 import io
 import tarfile
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from raydistill.config import ConfigError, PairsJob, from_dict
-from raydistill.diffusion import CFG, cfg_x, sample, two_step_target
+from raydistill.diffusion import CFG, cfg_x, sample
+from raydistill.diffusion.progressive import jump_target
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
 from raydistill.pairs.generate import ShardMaker
@@ -86,16 +88,21 @@ def test_location_atomic_writes(tmp_path, uri_kind):
 def test_claim_location_refuses_other_runs(tmp_path):
     location = Location.parse(str(tmp_path / "pairs"))
     teacher = load_teacher(job().teacher)
-    claim_location(location, job(), teacher.fingerprint)
-    claim_location(location, job(num_shards=20), teacher.fingerprint)     # growing is fine
+    other = dataclasses.replace(teacher, fingerprint="0" * 64)
+    claim_location(location, job(), teacher)
+    claim_location(location, job(num_shards=20), teacher)     # growing is fine
     with pytest.raises(ConfigError, match="teacher_fingerprint="):
-        claim_location(location, job(), "0" * 64)
+        claim_location(location, job(), other)
     with pytest.raises(ConfigError, match="mode='ode', this job has mode='guided'"):
-        claim_location(location, job("guided"), teacher.fingerprint)
+        claim_location(location, job("guided"), teacher)
+    progressive = Location.parse(str(tmp_path / "progressive"))
+    claim_location(progressive, job("progressive"), teacher)
+    with pytest.raises(ConfigError, match="stochastic=False, this job has stochastic=True"):
+        claim_location(progressive, job("progressive", stochastic=True), teacher)
     stray = Location.parse(str(tmp_path / "stray"))
     stray.write_atomic("shard-000000.tar", b"x")
     with pytest.raises(ConfigError, match="no pairs.json"):
-        claim_location(stray, job(), teacher.fingerprint)
+        claim_location(stray, job(), teacher)
     assert len(Manifest.read(location)) == 0
 
 
@@ -117,28 +124,36 @@ def test_shards_regenerate_identically_and_independently_of_batching():
     assert not np.allclose(a["noise"], other["noise"])
 
 
-def test_each_mode_matches_the_diffusion_functions():
-    """ode = the solver on the stored noise; guided = x_hat_w; progressive = the two-step target."""
-    for mode in ("ode", "guided", "progressive"):
-        spec = job(mode)
-        teacher = load_teacher(spec.teacher)
-        maker = ShardMaker(spec, teacher)
-        cols = {k: torch.as_tensor(v) for k, v in maker.make(0).items()}
-        cond = {"c": cols["c"]}
-        denoiser, schedule = teacher.denoiser, teacher.denoiser.schedule
-        with torch.no_grad():
-            if mode == "ode":
-                want = torch.stack([
-                    sample(denoiser, cols["noise"][i:i + 1], {"c": cols["c"][i:i + 1]}, schedule,
-                           steps=8, solver="ddim", w=float(cols["w"][i]))[0]
-                    for i in range(12)])
-                got = cols["image"]
+@pytest.mark.parametrize("mode, overrides", [("ode", {}), ("guided", {}), ("progressive", {}),
+                                             ("progressive", {"stochastic": True})])
+def test_each_mode_matches_the_diffusion_functions(mode, overrides):
+    """ode = the solver on the stored noise; guided = x_hat_w; progressive = the target of one
+    1/N jump (two teacher steps), or for the stochastic sampler of a 2/N jump (four teacher
+    steps) except from t = 1/N."""
+    spec = job(mode, **overrides)
+    teacher = load_teacher(spec.teacher)
+    maker = ShardMaker(spec, teacher)
+    cols = {k: torch.as_tensor(v) for k, v in maker.make(0).items()}
+    cond = {"c": cols["c"]}
+    denoiser, schedule = teacher.denoiser, teacher.denoiser.schedule
+    with torch.no_grad():
+        if mode == "ode":
+            want = torch.stack([
+                sample(denoiser, cols["noise"][i:i + 1], {"c": cols["c"][i:i + 1]}, schedule,
+                       steps=8, solver="ddim", w=float(cols["w"][i]))[0]
+                for i in range(12)])
+            got = cols["image"]
+        else:
+            z_t, t, w = cols["z_t"], cols["t"].float(), cols["w"].float()
+            if mode == "guided":
+                want = cfg_x(denoiser, z_t, t, cond, w)
             else:
-                z_t, t, w = cols["z_t"], cols["t"].float(), cols["w"].float()
-                if mode == "guided":
-                    want = cfg_x(denoiser, z_t, t, cond, w)
-                else:
-                    want = two_step_target(CFG(denoiser), z_t, t, {**cond, "w": w}, schedule, 4)
-                    assert set((t * 4).round().tolist()) <= {1.0, 2.0, 3.0, 4.0}
-                got = cols["target"]
-        torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
+                assert set((t * 4).round().tolist()) <= {1.0, 2.0, 3.0, 4.0}
+                want = torch.stack([
+                    jump_target(CFG(denoiser), z_t[k:k + 1], t[k:k + 1], t[k:k + 1] - jump,
+                                {"c": cond["c"][k:k + 1], "w": w[k:k + 1]}, schedule,
+                                teacher_steps=round(jump * 8))[0]
+                    for k in range(12)
+                    for jump in [2 / 4 if spec.stochastic and t[k] > 0.3 else 1 / 4]])
+            got = cols["target"]
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)

@@ -1,7 +1,9 @@
 """Pair generation on a local Ray (2 CPUs, loopback): smoke configs, numbers, resume, verify,
 failures of workers and of the driver, and bad input."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import torch
 
 from raydistill.cli import main
 from raydistill.config import PairsJob, load
-from raydistill.diffusion import CFG, sample, two_step_target
+from raydistill.diffusion import CFG, sample
+from raydistill.diffusion.progressive import jump_target
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import shard_name
 from raydistill.pairs.manifest import Manifest
@@ -81,7 +84,8 @@ def test_smoke_progressive_targets(tmp_path):
             "w": torch.stack([s["w"] for s in samples]).float()}
     assert {int(s["N"]) for s in samples} == {4}
     with torch.no_grad():
-        want = two_step_target(CFG(teacher.denoiser), z_t, t, cond, teacher.denoiser.schedule, 4)
+        want = jump_target(CFG(teacher.denoiser), z_t, t, t - 1 / 4, cond,
+                           teacher.denoiser.schedule, teacher_steps=2)
     torch.testing.assert_close(torch.stack([s["target"] for s in samples]), want, rtol=0, atol=1e-4)
 
 
@@ -103,6 +107,69 @@ def test_resume_generates_only_missing_shards(smoke_ode, tmp_path, capsys):
         assert after[name]["created_at"] == before[name]["created_at"]
     assert after[shard_name(1)]["sha256"] == before[shard_name(1)]["sha256"]   # deterministic
     assert main(["verify", out]) == 0
+
+
+def test_a_rerun_regenerates_shards_that_are_gone_or_resized(smoke_ode, tmp_path, capsys):
+    """The manifest is not trusted over the files: a re-run lists the location and regenerates a
+    deleted shard and a truncated one from their seeds, byte for byte, saying which; the summary
+    counts what is there."""
+    out = str(tmp_path / "copy")
+    subprocess.run(["cp", "-r", smoke_ode, out], check=True)
+    before = Manifest.read(Location.parse(out)).rows
+    os.remove(os.path.join(out, shard_name(1)))
+    with open(os.path.join(out, shard_name(3)), "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert f"{shard_name(1)} is listed in the manifest but missing: regenerating it" in printed
+    assert f"{shard_name(3)} is listed in the manifest but 1000 bytes" in printed
+    assert "2 shards generated" in printed and f"{out} holds 4 shards" in printed
+    after = Manifest.read(Location.parse(out)).rows
+    for name in (shard_name(1), shard_name(3)):
+        assert after[name]["sha256"] == before[name]["sha256"]
+    assert main(["verify", out]) == 0
+
+
+def test_verify_repair_regenerates_shards_whose_checksum_fails(smoke_ode, tmp_path, capsys):
+    """A shard altered in place keeps its size, so only a checksum finds it: verify --repair
+    regenerates it (and a missing one) from the job recorded in pairs.json."""
+    out = str(tmp_path / "copy")
+    subprocess.run(["cp", "-r", smoke_ode, out], check=True)
+    before = Manifest.read(Location.parse(out)).rows
+    with open(os.path.join(out, shard_name(2)), "r+b") as f:
+        f.seek(3000)
+        byte = f.read(1)
+        f.seek(3000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.remove(os.path.join(out, shard_name(0)))
+    capsys.readouterr()
+    assert main(["verify", out]) == 1
+    assert main(["verify", out, "--repair", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"shard {shard_name(2)}: sha256 differs" in captured.err
+    assert f"regenerated 2 shards from their seeds ({shard_name(0)}, {shard_name(2)})" in \
+        captured.out and "verify: ok after repair" in captured.out
+    after = Manifest.read(Location.parse(out)).rows
+    assert {name: row["sha256"] for name, row in after.items()} == \
+        {name: row["sha256"] for name, row in before.items()}
+
+
+def test_a_pair_set_written_before_pairs_json_had_a_format(tmp_path, capsys):
+    """tests/data/pairs-v1 was written by raydistill 5cc79d4: its pairs.json has no format, no
+    `stochastic`, no `teacher_steps` and no recorded job. It still verifies, and the same job
+    re-run on it is accepted (nothing to generate) and records the current format."""
+    out = str(tmp_path / "pairs-v1")
+    shutil.copytree(os.path.join(ROOT, "tests", "data", "pairs-v1"), out)
+    teacher = os.path.join(ROOT, "tests", "data", "unet-v1")
+    assert main(["verify", out]) == 0
+    assert main(["verify", out, "--repair"]) == 0                 # nothing to repair
+    assert pairs("--config", os.path.join(ROOT, "tests", "data", "pairs-v1.yaml"), "--out", out,
+                 f"teacher.checkpoint={teacher}") == 0
+    assert "0 shards generated" in capsys.readouterr().out
+    run = json.load(open(os.path.join(out, "pairs.json")))
+    assert run["format"] == "raydistill-pairs/2" and run["identity"]["teacher_steps"] is None
+    assert run["job"]["teacher"]["checkpoint"] == teacher
 
 
 def test_verify_and_reader_catch_bad_shards(smoke_ode, tmp_path, capsys):

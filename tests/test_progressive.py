@@ -1,39 +1,93 @@
+"""The progressive target and Meng et al.'s stochastic sampler against independent derivations on
+the analytic teacher."""
+
 import pytest
 import torch
 
-from raydistill.diffusion import (
-    broadcast_like,
-    ddim_step,
-    ddim_update,
-    stochastic_sample,
-    two_step_target,
-)
+from raydistill.diffusion import broadcast_like, ddim_step, ddim_update, sample, stochastic_sample
+from raydistill.methods.progressive import halving_target
+from raydistill.models import AnalyticTeacher, GaussianMixture
 
 
-@pytest.mark.parametrize("student_steps", [1, 2, 8, 64])
-def test_one_step_to_the_target_equals_two_teacher_steps(teacher, schedule, batch, student_steps):
+@pytest.mark.parametrize("student_steps", [1, 2, 8])
+@pytest.mark.parametrize("stochastic, teacher_is_stochastic", [(False, False), (True, False),
+                                                               (True, True)])
+def test_one_student_step_lands_where_the_teacher_steps_land(teacher, schedule, batch,
+                                                             student_steps, stochastic,
+                                                             teacher_is_stochastic):
+    """halving_target's x_tilde takes the student from z_t in one DDIM step exactly to where the
+    teacher's own steps go: two of 1/(2N) for a 1/N jump; for the stochastic sampler a 2/N jump
+    (four steps of 1/(2N), or two of 1/N from a teacher that is a stochastic student) except
+    from t = 1/N. The teacher's path is walked step by step here, independently."""
     noise, cond = batch
-    t = torch.randint(1, student_steps + 1, (len(noise),)).double() / student_steps
-    z_t = broadcast_like(schedule.alpha(t), noise) * teacher.mixture.sample(cond["c"]) \
-        + broadcast_like(schedule.sigma(t), noise) * noise
-    t_pp = t - 1.0 / student_steps
-    two_steps = ddim_step(teacher, ddim_step(teacher, z_t, t, t - 0.5 / student_steps, cond,
-                                             schedule), t - 0.5 / student_steps, t_pp, cond, schedule)
-    x_tilde = two_step_target(teacher, z_t, t, cond, schedule, student_steps)
-    alpha_t, sigma_t = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))
-    alpha_s, sigma_s = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t_pp))
-    one_step = ddim_update(z_t=z_t, x_hat=x_tilde, alpha_t=alpha_t, sigma_t=sigma_t,
-                           alpha_s=alpha_s, sigma_s=sigma_s)
-    torch.testing.assert_close(one_step, two_steps, rtol=0, atol=1e-8)
+    n = student_steps
+    i = torch.arange(len(noise)) % n + 1
+    x = teacher.mixture.sample(cond["c"])
+    z_t, t, x_tilde = halving_target(teacher, x=x, eps=noise, i=i, cond=cond, schedule=schedule,
+                                     student_steps=n, stochastic=stochastic,
+                                     teacher_is_stochastic=teacher_is_stochastic)
+    for k in range(len(noise)):
+        jump = 2 / n if stochastic and i[k] > 1 else 1 / n
+        step = 1 / n if teacher_is_stochastic else 1 / (2 * n)
+        here, z = t[k:k + 1], z_t[k:k + 1]
+        row = {key: value[k:k + 1] for key, value in cond.items()}
+        for _ in range(round(jump / step)):
+            z = ddim_step(teacher, z, here, here - step, row, schedule)
+            here = here - step
+        alpha_t, sigma_t = (broadcast_like(v, z) for v in schedule.alpha_sigma(t[k:k + 1]))
+        alpha_s, sigma_s = (broadcast_like(v, z) for v in schedule.alpha_sigma(here))
+        one = ddim_update(z_t=z_t[k:k + 1], x_hat=x_tilde[k:k + 1], alpha_t=alpha_t,
+                          sigma_t=sigma_t, alpha_s=alpha_s, sigma_s=sigma_s)
+        torch.testing.assert_close(one, z, rtol=0, atol=1e-8)
 
 
-def test_stochastic_sampler_with_exact_denoiser_samples_the_data(teacher, schedule):
-    """With the exact x_hat, the 2/N-back, 1/N-forward sampler draws from p(x | c)."""
-    mix = teacher.mixture
+def test_stochastic_sampler_follows_its_exact_gaussian_recursion(schedule):
+    """On 1-D Gaussian data N(mu, s^2) the exact x_hat is linear in z_t, so Meng et al.'s sampler
+    (a DDIM jump of 2/N back to u, then forward diffusion to s = u + 1/N; the last step plain
+    DDIM) maps N(0, 1) noise to a Gaussian whose mean and variance follow a scalar recursion,
+    derived here by hand. Its samples must match it at 4 steps, where 4-step DDIM (no noise
+    injected) and jumps of 1/N instead of 2/N give other variances."""
+    mu, s = 0.5, 0.3
+    mixture = GaussianMixture(torch.tensor([[mu]], dtype=torch.float64),
+                              torch.tensor([s], dtype=torch.float64),
+                              torch.tensor([1.0], dtype=torch.float64), torch.tensor([0]))
+    exact = AnalyticTeacher(mixture, schedule)
+
+    def coeffs(t: float, to: float) -> tuple[float, float]:
+        """z_to = A z_t + B for one exact DDIM step (x_hat = a z + b)."""
+        (alpha, sigma), (alpha_to, sigma_to) = (
+            (float(v) for v in schedule.alpha_sigma(torch.tensor(x, dtype=torch.float64)))
+            for x in (t, to))
+        a = alpha * s**2 / (alpha**2 * s**2 + sigma**2)
+        b = mu - a * alpha * mu
+        slope = alpha_to - sigma_to * alpha / sigma
+        return slope * a + sigma_to / sigma, slope * b
+
+    def recursion(steps: int, back: int) -> tuple[float, float]:
+        mean, var = 0.0, 1.0
+        for i in range(steps, 0, -1):
+            t = i / steps
+            if i == 1:
+                A, B = coeffs(t, 0.0)
+                return A * mean + B, A * A * var
+            u, to = t - back / steps, t - 1 / steps
+            A, B = coeffs(t, u)
+            mean, var = A * mean + B, A * A * var
+            alpha_u, sigma_u = (float(v) for v in schedule.alpha_sigma(torch.tensor(u)))
+            alpha_s, sigma_s = (float(v) for v in schedule.alpha_sigma(torch.tensor(to)))
+            ratio = alpha_s / alpha_u
+            mean, var = ratio * mean, ratio**2 * var + sigma_s**2 - ratio**2 * sigma_u**2
+        raise AssertionError("unreachable")
+
     g = torch.Generator().manual_seed(5)
-    labels = torch.full((20_000,), 1)
-    noise = torch.randn(len(labels), mix.dim, generator=g, dtype=torch.float64)
-    x = stochastic_sample(teacher, noise, {"c": labels}, schedule, steps=64, generator=g)
-    data = mix.sample(labels, generator=g)
-    torch.testing.assert_close(x.mean(0), data.mean(0), rtol=0, atol=0.03)
-    torch.testing.assert_close(torch.cov(x.T), torch.cov(data.T), rtol=0, atol=0.03)
+    noise = torch.randn(400_000, 1, generator=g, dtype=torch.float64)
+    cond = {"c": torch.zeros(len(noise), dtype=torch.long)}
+    x = stochastic_sample(exact, noise, cond, schedule, steps=4, generator=g)
+    want_mean, want_var = recursion(4, back=2)
+    ddim_x = sample(exact, noise, cond, schedule, steps=4)
+    one_back_var = recursion(4, back=1)[1]
+    print(f"\n4 steps: variance {float(x.var()):.5f}, recursion {want_var:.5f}; 4-step DDIM "
+          f"{float(ddim_x.var()):.5f}; 1/N jumps {one_back_var:.5f}; data {s**2:.5f}")
+    assert abs(float(x.mean()) - want_mean) < 0.003
+    assert abs(float(x.var()) / want_var - 1) < 0.01
+    assert abs(float(ddim_x.var()) / want_var - 1) > 0.05 and abs(one_back_var / want_var - 1) > 0.05

@@ -14,10 +14,18 @@ import yaml
 from safetensors.torch import load_file
 
 from raydistill.cli import main
-from raydistill.config import ConfigError, ModelConfig, TrainJob, from_dict, load, to_dict
+from raydistill.config import (
+    ConfigError,
+    ModelConfig,
+    TrainJob,
+    from_dict,
+    load,
+    to_dict,
+    with_absolute_paths,
+)
 from raydistill.train import loop
 from raydistill.train.build import prepare
-from raydistill.train.driver import check_resumable, setup_worker, with_absolute_paths
+from raydistill.train.driver import check_resumable, setup_worker
 from raydistill.train.engine import fp32_master
 from raydistill.train.loop import NonFiniteLoss, WorkerContext, run_worker
 
@@ -151,8 +159,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
     ("deepspeed.zero_stage=3", "optim.ema_decay: must be 0 with deepspeed.zero_stage 3"),
     ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by workers.num x"),
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage: must be 0..3"),
-    ("student.mlp.w_embedding=false", "student: a guided (stage-1) student must take w"),
+    ("student.mlp.w_embedding=false", "student: a guided student must take w"),
     ("optim.warmup_steps=12", "optim.warmup_steps: is 12, not below optim.steps = 12"),
+    ("student.prediction=eps", "student.prediction: an eps-prediction student cannot be distilled"),
 ])
 def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, override, message):
     args = ["train", "--config", ANALYTIC, "--out", str(tmp_path / "run"), override]
@@ -162,6 +171,32 @@ def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, ove
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_eps_prediction_students_are_refused_and_eps_teachers_get_v_students(tmp_path):
+    """x_hat = (z_t - sigma eps_hat) / alpha: an eps student's x-space loss weight is SNR^-1 at
+    high noise (~4.9e8 at t = 1 of the cosine schedule under truncated-SNR weighting). The default
+    student of an eps-prediction teacher is its network predicting v instead."""
+    from raydistill.config import UNetConfig
+    from raydistill.diffusion import CosineSchedule, loss_weight, x_jacobian
+    from raydistill.models import build_network, save_checkpoint
+    from raydistill.train.build import student_config
+
+    schedule, t = CosineSchedule(), torch.ones(1)
+    alpha, sigma = schedule.alpha_sigma(t)
+    weight = loss_weight("truncated_snr", schedule.logsnr(t)) * x_jacobian("eps", alpha=alpha,
+                                                                           sigma=sigma) ** 2
+    assert float(weight) > 4e8
+    config = ModelConfig(prediction="eps", unet=UNetConfig(base_channels=8, attention_resolutions=[]))
+    teacher = str(tmp_path / "teacher")
+    save_checkpoint(teacher, build_network(config), config)
+    for method in ("guided", "progressive"):
+        job = load(TrainJob, None, [f"teacher.checkpoint={teacher}", f"method={method}",
+                                    "guidance.w_max=0.0", "optim.warmup_steps=0"])
+        plan = prepare(job)
+        assert plan.student_config.prediction == "v" == student_config(job, plan.teacher).prediction
+        with pytest.raises(ConfigError, match="^student.prediction: an eps-prediction student"):
+            prepare(dataclasses.replace(job, student=config))
 
 
 def test_gradient_accumulation_and_ema(single_process_group, tmp_path):

@@ -121,6 +121,11 @@ def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
     assert "holds progressive pairs; method guided needs guided pairs" in capsys.readouterr().err
     assert main([*base[:-1], "halving.end_steps=2", "--quiet"]) == 2
     assert "holds targets for 4-step students" in capsys.readouterr().err
+    assert main([*base[:-1], "halving.stochastic=true", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "halving.stochastic: is true, but" in err and "holds deterministic (1/N jumps)" in err
+    assert main([*base[:-1], "guidance.w_max=3.0", "--quiet"]) == 2
+    assert "guidance: is [0, 3], but" in capsys.readouterr().err
     assert not os.path.exists(run)
     assert main(base) == 0
     with open(os.path.join(run, "train_log.jsonl")) as f:

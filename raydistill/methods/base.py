@@ -13,12 +13,14 @@ the teacher inline, or precomputed targets from pair shards, `{"z_t", "target", 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from raydistill.config import ModelConfig
+from raydistill.config import ConfigError, ModelConfig, TrainJob
 from raydistill.diffusion.parameterization import (
     broadcast_like,
     loss_weight,
@@ -26,6 +28,9 @@ from raydistill.diffusion.parameterization import (
     x_jacobian,
 )
 from raydistill.diffusion.schedule import Schedule
+
+if TYPE_CHECKING:
+    from raydistill.models.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,40 @@ class Method(ABC):
         return {}
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's registry entry (raydistill.methods.registry): what the training driver needs to
+    know about it besides the Method itself. Every callable raises ConfigError naming the key."""
+
+    name: str
+    pairs_mode: str              # the pair sets (`raydistill pairs --mode`) it can train from
+    #: the config key and the optimizer steps of one round (warm-up must end inside it)
+    round_length: Callable[[TrainJob], tuple[str, int]]
+    #: the default student, from the teacher's network config
+    student: Callable[[ModelConfig], ModelConfig]
+    #: method-specific checks of the job, its teacher and its student config, before any work
+    check: Callable[[TrainJob, Checkpoint, ModelConfig], None]
+    #: method-specific checks of a pair set's identity (mode, teacher and w range already match)
+    check_pairs: Callable[[TrainJob, dict], None]
+    #: the Method, given the job, its teacher, the student's config and network
+    build: Callable[[TrainJob, Checkpoint, ModelConfig, nn.Module], Method]
+
+
+def require_distillable(config: ModelConfig, key: str = "student.prediction") -> None:
+    """Refuse an eps-prediction student: x_hat = (z_t - sigma_t eps_hat) / alpha_t is
+    ill-conditioned as alpha_t -> 0, and the x-space loss weight becomes SNR^-1 ~ 5e8 at t = 1 of
+    the cosine schedule (Salimans & Ho 2022, Sec. 4). An eps-prediction teacher is fine."""
+    if config.prediction == "eps":
+        raise ConfigError(key, "an eps-prediction student cannot be distilled: x_hat = (z_t - "
+                               "sigma eps_hat) / alpha is ill-conditioned at high noise (Salimans "
+                               "& Ho, Sec. 4); use v or x")
+
+
 def regression_loss(
     net: nn.Module, config: ModelConfig, schedule: Schedule, weighting: str,
     z_t: Tensor, t: Tensor, cond: dict[str, Tensor], x_target: Tensor,
 ) -> Tensor:
-    """Per-sample w(lambda_t) ||x_hat(z_t) - x_target||^2, computed in the network's own
+    """Per-sample weight(lambda_t) ||x_hat(z_t) - x_target||^2, computed in the network's own
     parameterization (weight times the squared Jacobian dx_hat/d out, see x_jacobian), so that
     high-SNR x-space differences do not cancel."""
     alpha, sigma = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))

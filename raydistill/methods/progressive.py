@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho, ICLR 2022, Alg. 2), also Meng et al.'s stage 2 on a
+"""Progressive distillation (Salimans & Ho, ICLR 2022, Alg. 2), also Meng et al.'s second stage on a
 w-conditioned student, with their stochastic-sampler variant.
 
 Notation: a round distils a 2N-step teacher x_hat_eta1 into an N-step student x_hat_eta2 (initialised
@@ -7,7 +7,7 @@ steps t -> t' = t - 1/(2N) -> t'' = t - 1/N, and x_tilde is the x_hat for which 
 from z_t lands on z_t'':
 
     x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
-    L       = w(lambda_t) || x_tilde - x_hat_eta2(z_t, c, w) ||^2     (w(lambda) = max(SNR, 1))
+    L       = weight(lambda_t) || x_tilde - x_hat_eta2(z_t, c, w) ||^2   (weight = max(SNR, 1))
 
 Rounds run from halving.start_steps / 2 down to halving.end_steps student steps; the converged student
 becomes the next round's (frozen) teacher. A student without a w input distils guidance at the one
@@ -17,6 +17,9 @@ Stochastic variant (Meng et al. Sec. 4): the N-step student is sampled by a dete
 followed by a 1/N re-noising, so for i > 1 it is trained to jump t -> t - 2/N, and for i = 1 to jump
 1/N to 0. The targets come from the teacher's own jumps: 1/(2N) DDIM steps of an ordinary teacher, or
 1/N jumps of a teacher that is itself a stochastic student.
+
+`halving_target` is the one implementation of the target: the training loop (teacher inline) and
+the pair workers (`raydistill pairs --mode progressive`) both call it.
 """
 
 from __future__ import annotations
@@ -26,12 +29,21 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from raydistill.config import GuidanceRange, HalvingConfig, ModelConfig
+from raydistill.config import ConfigError, GuidanceRange, HalvingConfig, ModelConfig, TrainJob
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import jump_target
 from raydistill.diffusion.schedule import Schedule
-from raydistill.methods.base import Method, Phase, Round, draw_w, regression_loss
+from raydistill.methods.base import (
+    Method,
+    MethodSpec,
+    Phase,
+    Round,
+    draw_w,
+    regression_loss,
+    require_distillable,
+)
+from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import ModelDenoiser
 
 
@@ -44,6 +56,38 @@ def round_steps(halving: HalvingConfig) -> list[int]:
     return steps
 
 
+@torch.no_grad()
+def halving_target(
+    teacher: Denoiser, *, x: Tensor, eps: Tensor, i: Tensor, cond: dict[str, Tensor],
+    schedule: Schedule, student_steps: int, stochastic: bool, teacher_is_stochastic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z_t, t, x_tilde) for an N-step student at t = i/N [B] and z_t = alpha_t x + sigma_t eps.
+
+    x_tilde is the x_hat for which one student DDIM step from z_t lands where the frozen teacher's
+    own DDIM steps land after the student's jump: 1/N, or for Meng et al.'s stochastic sampler 2/N
+    (1/N from t = 1/N). The teacher steps 1/(2N), or 1/N if it is itself a stochastic student (it
+    was distilled to jump 2/(2N)). A stochastic batch makes one teacher call per jump length.
+    """
+    n = student_steps
+    t = i.to(x.dtype) / n
+    alpha, sigma = (broadcast_like(v, x) for v in schedule.alpha_sigma(t))
+    z_t = alpha * x + sigma * eps
+    teacher_step = (1.0 if teacher_is_stochastic else 0.5) / n
+
+    def target(rows: Tensor | slice, jump: float) -> Tensor:
+        part = {key: value[rows] for key, value in cond.items()}
+        return jump_target(teacher, z_t[rows], t[rows], t[rows] - jump, part, schedule,
+                           teacher_steps=round(jump / teacher_step))
+
+    if not stochastic:
+        return z_t, t, target(slice(None), 1.0 / n)
+    x_tilde = torch.empty_like(x)
+    for rows, jump in ((i > 1, 2.0 / n), (i == 1, 1.0 / n)):
+        if rows.any():
+            x_tilde[rows] = target(rows, jump)
+    return z_t, t, x_tilde
+
+
 class ProgressiveDistillation(Method):
     keep_round_students = True
 
@@ -52,6 +96,7 @@ class ProgressiveDistillation(Method):
                  weighting: str = "truncated_snr", teacher_is_stochastic: bool = False):
         """`teacher_is_stochastic`: the original teacher is itself a stochastic-sampler student,
         whose own 1/N jumps make the targets of the first round."""
+        require_distillable(student_config)
         self.original_teacher, self.teacher = teacher, teacher
         self.original_is_stochastic = teacher_is_stochastic
         self.student, self.config, self.schedule = student, student_config, schedule
@@ -98,31 +143,77 @@ class ProgressiveDistillation(Method):
         return {"loss": per_sample.mean()}
 
     def inline_targets(self, x: Tensor, c: Tensor) -> tuple[Tensor, ...]:
-        n, device, steps, g = len(x), x.device, self.student_steps, self.generator
-        i = torch.randint(1, steps + 1, (n,), generator=g, device=device)
-        t = i.to(x.dtype) / steps
+        """Draws i, w and the noise from the method's generator, then `halving_target`."""
+        n, device, g = len(x), x.device, self.generator
+        i = torch.randint(1, self.student_steps + 1, (n,), generator=g, device=device)
         w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
-        alpha, sigma = (broadcast_like(v, x) for v in self.schedule.alpha_sigma(t))
-        z_t = alpha * x + sigma * torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
-        if self.stochastic:
-            jump = torch.where(i > 1, 2.0, 1.0).to(x.dtype) / steps
-            teacher_step = 1.0 / steps if self.teacher_is_stochastic else 0.5 / steps
-        else:
-            jump, teacher_step = torch.full_like(t, 1.0 / steps), 0.5 / steps
-        with torch.no_grad():
-            if self.stochastic:        # per-sample jump lengths: one teacher call per jump length
-                x_tilde = torch.empty_like(x)
-                for length in jump.unique():
-                    rows = jump == length
-                    k = int(round(float(length) / teacher_step))
-                    x_tilde[rows] = jump_target(
-                        self.teacher, z_t[rows], t[rows], t[rows] - length,
-                        {"c": c[rows], "w": w[rows]}, self.schedule, teacher_steps=k)
-            else:
-                x_tilde = jump_target(self.teacher, z_t, t, t - jump, {"c": c, "w": w},
-                                      self.schedule, teacher_steps=2)
+        eps = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
+        z_t, t, x_tilde = halving_target(
+            self.teacher, x=x, eps=eps, i=i, cond={"c": c, "w": w}, schedule=self.schedule,
+            student_steps=self.student_steps, stochastic=self.stochastic,
+            teacher_is_stochastic=self.teacher_is_stochastic)
         return z_t, t, c, w, x_tilde
 
     def round_meta(self, index: int) -> dict:
-        return {"method": "progressive", "steps": self.round_steps[index], "stochastic": self.stochastic,
-                "w_min": self.guidance.w_min, "w_max": self.guidance.w_max}
+        return {"method": "progressive", "steps": self.round_steps[index],
+                "stochastic": self.stochastic, "w_min": self.guidance.w_min,
+                "w_max": self.guidance.w_max}
+
+
+# ------------------------------------------------------------------------- registry entry
+
+
+def check_halving_teacher(teacher: Checkpoint, *, teacher_steps: int, stochastic: bool,
+                          keys: tuple[str, str], value: int) -> None:
+    """A teacher that is itself a progressive student must have the `teacher_steps` the job
+    halves (its targets are for students of half its steps), and stochastic rounds if it is a
+    stochastic student: `halving_target` steps it as it was distilled. `keys` name the step count
+    (whose value is `value`) and the stochastic switch in the caller's config."""
+    distilled = teacher.distilled_sampler
+    if distilled is None:
+        return
+    if distilled.steps != teacher_steps:
+        raise ConfigError(keys[0], f"is {value}, but the teacher is a {distilled.steps}-step "
+                                   f"progressive student (its targets are for "
+                                   f"{distilled.steps // 2}-step students)")
+    if distilled.stochastic and not stochastic:
+        raise ConfigError(keys[1], "is false, but the teacher is a student of the stochastic "
+                                   "sampler (its jumps are 1/N, not 1/(2N))")
+
+
+def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
+    check_halving_teacher(teacher, teacher_steps=job.halving.start_steps,
+                          stochastic=job.halving.stochastic,
+                          keys=("halving.start_steps", "halving.stochastic"),
+                          value=job.halving.start_steps)
+    if not student.w_conditioned and job.guidance.w_min != job.guidance.w_max:
+        raise ConfigError("guidance", "a student without a w input distils one guidance strength: "
+                                      "set w_min = w_max")
+
+
+def _check_pairs(job: TrainJob, identity: dict) -> None:
+    made_for, stochastic = identity["student_steps"], identity["stochastic"]
+    if round_steps(job.halving) != [made_for]:
+        raise ConfigError("pairs", f"{job.pairs} holds targets for {made_for}-step students: "
+                                   f"train that one round (halving.start_steps={2 * made_for} "
+                                   f"halving.end_steps={made_for})")
+    if stochastic != job.halving.stochastic:
+        kind = "stochastic-sampler (2/N jumps)" if stochastic else "deterministic (1/N jumps)"
+        raise ConfigError("halving.stochastic", f"is {str(job.halving.stochastic).lower()}, but "
+                                                f"{job.pairs} holds {kind} targets")
+
+
+def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
+           student: nn.Module) -> ProgressiveDistillation:
+    distilled = teacher.distilled_sampler
+    return ProgressiveDistillation(
+        teacher=teacher.w_denoiser, student=student, student_config=student_config,
+        schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
+        weighting=job.loss_weighting,
+        teacher_is_stochastic=distilled is not None and distilled.stochastic)
+
+
+SPEC = MethodSpec(
+    name="progressive", pairs_mode="progressive",
+    round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
+    student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build)

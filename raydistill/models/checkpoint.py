@@ -110,6 +110,20 @@ def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class DistilledSampler:
+    """How a progressive student was distilled to be sampled: `steps` DDIM steps on the uniform t
+    grid, or Meng et al.'s stochastic sampler with `steps` steps."""
+
+    steps: int
+    stochastic: bool
+
+    def __str__(self) -> str:
+        if self.stochastic:
+            return f"Meng et al.'s stochastic sampler with {self.steps} steps"
+        return f"{self.steps} DDIM steps on the uniform t grid"
+
+
 @dataclass
 class Checkpoint:
     network: nn.Module
@@ -139,12 +153,48 @@ class Checkpoint:
             return None
         return float(self.extra["w_min"])
 
-    def check_guidance(self, w_min: float, w_max: float, key: str) -> None:
-        """Refuse guidance strengths other than the one a student has built in."""
+    def check_guidance(self, w_min: float, w_max: float, key: str, *, force: bool = False,
+                       force_key: str = "") -> None:
+        """Refuse guidance strengths other than the one a student has built in, or (unless
+        `force`, the flag or config key `force_key`) outside the range a w-conditioned student was
+        distilled for."""
         w = self.built_in_w
         if w is not None and not w_min == w_max == w:
             raise ConfigError(key, f"the model is a distilled student with guidance w={w:g} built "
                                    f"in (no w input); it cannot give w in [{w_min:g}, {w_max:g}]")
+        if self.config.w_conditioned and "method" in self.extra and not force:
+            lo, hi = float(self.extra["w_min"]), float(self.extra["w_max"])
+            if w_min < lo or w_max > hi:
+                span = f"{w_min:g}" if w_min == w_max else f"[{w_min:g}, {w_max:g}]"
+                raise ConfigError(key, f"{span} is outside the guidance range [{lo:g}, {hi:g}] "
+                                       f"the student was distilled for{_forcing(force_key)}")
+
+    @property
+    def distilled_sampler(self) -> DistilledSampler | None:
+        """How a progressive student must be sampled; None for any other model, which samples
+        with any solver and step count."""
+        if self.extra.get("method") != "progressive":
+            return None
+        return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")))
+
+    def check_sampler(self, *, steps: int, solver: str, spacing: str, stochastic: bool,
+                      keys: dict[str, str], force: bool = False, force_key: str = "") -> None:
+        """Refuse sampling a distilled student with settings it was not distilled for, unless
+        `force` (the flag or config key `force_key`): ConfigError naming the setting by `keys`
+        (steps, solver, spacing, stochastic -> its flag or config key)."""
+        distilled = self.distilled_sampler
+        if distilled is None or force:
+            return
+        problems = {"steps": f"is {steps}" if steps != distilled.steps else "",
+                    "stochastic": "" if stochastic == distilled.stochastic else
+                    "asks for the stochastic sampler" if stochastic else "asks for an ODE solver"}
+        if not stochastic:
+            problems["solver"] = f"is {solver}" if solver != "ddim" else ""
+            problems["spacing"] = f"is {spacing}" if spacing != "uniform_t" else ""
+        for name, problem in problems.items():
+            if problem:
+                raise ConfigError(keys[name], f"{problem}, but the model is a progressive student "
+                                              f"distilled for {distilled}{_forcing(force_key)}")
 
     @property
     def w_denoiser(self) -> Denoiser:
@@ -154,6 +204,10 @@ class Checkpoint:
         if self.config.w_conditioned or self.built_in_w is not None:
             return self.denoiser
         return CFG(self.denoiser)
+
+
+def _forcing(force_key: str) -> str:
+    return f" ({force_key} samples it anyway)" if force_key else ""
 
 
 def check_replaceable(directory: str) -> None:

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
-from raydistill.diffusion.parameterization import broadcast_like
-from raydistill.diffusion.progressive import two_step_target
 from raydistill.diffusion.schedule import uniform_t
 from raydistill.diffusion.solvers import sample
+from raydistill.methods.guided import guided_target
+from raydistill.methods.progressive import halving_target
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.gmm import GaussianMixture
 
@@ -39,6 +39,8 @@ class ShardMaker:
         self.job, self.device = job, torch.device(device)
         teacher.network.to(self.device)
         self.teacher = teacher.w_denoiser
+        self.teacher_is_stochastic = bool(teacher.distilled_sampler and
+                                          teacher.distilled_sampler.stochastic)
         self.schedule = teacher.denoiser.schedule
         self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
         self.data = self._real_data(teacher) if job.mode != "ode" else None
@@ -74,8 +76,7 @@ class ShardMaker:
                 if job.mode == "guided":
                     row["t"] = uniform_t(1, generator=g)[0]
                 else:
-                    n = job.student_steps
-                    row["t"] = torch.randint(1, n + 1, (), generator=g).float() / n
+                    row["i"] = torch.randint(1, job.student_steps + 1, (), generator=g)
             rows.append(row)
         return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
@@ -104,14 +105,13 @@ class ShardMaker:
             image = sample(self.teacher, batch["noise"], cond, self.schedule, steps=job.solver.steps,
                            solver=job.solver.solver, spacing=job.solver.spacing)
             return {"noise": batch["noise"], "image": image}
-        t = batch["t"]
-        alpha, sigma = (broadcast_like(v, batch["x"]) for v in self.schedule.alpha_sigma(t))
-        z_t = alpha * batch["x"] + sigma * batch["eps"]
         if job.mode == "guided":
-            target = self.teacher(z_t, t, cond)
-        else:
-            target = two_step_target(self.teacher, z_t, t, cond, self.schedule, job.student_steps)
-        out = {"z_t": z_t, "target": target, "t": batch["t"]}
-        if job.mode == "progressive":
-            out["N"] = torch.full((len(t),), job.student_steps)
-        return out
+            t = batch["t"]
+            z_t, target = guided_target(self.teacher, x=batch["x"], eps=batch["eps"], t=t,
+                                        cond=cond, schedule=self.schedule)
+            return {"z_t": z_t, "target": target, "t": t}
+        z_t, t, target = halving_target(
+            self.teacher, x=batch["x"], eps=batch["eps"], i=batch["i"], cond=cond,
+            schedule=self.schedule, student_steps=job.student_steps, stochastic=job.stochastic,
+            teacher_is_stochastic=self.teacher_is_stochastic)
+        return {"z_t": z_t, "target": target, "t": t, "N": torch.full((len(t),), job.student_steps)}

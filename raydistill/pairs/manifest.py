@@ -1,6 +1,14 @@
 """The manifest (`manifest.parquet`): one row per committed shard, rewritten atomically after each
 commit, plus `pairs.json`: the run's identity (teacher fingerprint, mode, solver, ...) that every
 later run on the same location must match.
+
+pairs.json formats (an identity must survive the schema growing, so sections are compared after
+filling the defaults of fields added since, and older formats are migrated explicitly on read):
+
+    1 (no `format` key)   no `stochastic` (its progressive targets were all deterministic) and no
+                          `teacher_steps`
+    raydistill-pairs/2    `stochastic` (progressive mode) and `teacher_steps`: the step count of a
+                          teacher that is itself a progressive student, else null
 """
 
 from __future__ import annotations
@@ -12,10 +20,19 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.config import ConfigError, PairsJob
+from raydistill.config import (
+    ConfigError,
+    DataConfig,
+    GuidanceRange,
+    PairsJob,
+    SolverConfig,
+)
+from raydistill.models.checkpoint import Checkpoint
 from raydistill.storage import Location
 
 MANIFEST, RUN = "manifest.parquet", "pairs.json"
+FORMAT = "raydistill-pairs/2"
+SECTIONS = {"guidance": GuidanceRange, "solver": SolverConfig, "data": DataConfig}
 
 SCHEMA = pa.schema([
     ("shard", pa.string()),
@@ -37,9 +54,12 @@ SCHEMA = pa.schema([
 COLUMNS = SCHEMA.names
 
 
-def run_identity(job: PairsJob, fingerprint: str) -> dict:
-    """What makes two runs' shards interchangeable: all of it must match to add to a location."""
-    identity = {"mode": job.mode, "teacher_fingerprint": fingerprint,
+def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
+    """What makes two runs' shards interchangeable: all of it must match to add to a location.
+    `teacher_steps` follows from the teacher's fingerprint; it is recorded for the reader."""
+    distilled = teacher.distilled_sampler
+    identity = {"mode": job.mode, "teacher_fingerprint": teacher.fingerprint,
+                "teacher_steps": distilled.steps if distilled else None,
                 "samples_per_shard": job.samples_per_shard, "seed": job.seed,
                 "guidance": asdict(job.guidance)}
     if job.mode == "ode":
@@ -48,7 +68,21 @@ def run_identity(job: PairsJob, fingerprint: str) -> dict:
         identity["data"] = asdict(job.data)
     if job.mode == "progressive":
         identity["student_steps"] = job.student_steps
+        identity["stochastic"] = job.stochastic
     return identity
+
+
+def _migrate(run: dict) -> dict:
+    """pairs.json in the current format (see the module docstring), sections with defaults filled."""
+    identity = dict(run["identity"])
+    if "format" not in run:
+        identity.setdefault("teacher_steps", None)
+        if identity["mode"] == "progressive":
+            identity.setdefault("stochastic", False)
+    for key, section in SECTIONS.items():
+        if key in identity:
+            identity[key] = asdict(section(**identity[key]))      # flat; no validation on read
+    return {**run, "format": FORMAT, "identity": identity}
 
 
 class Manifest:
@@ -83,17 +117,19 @@ class Manifest:
 
 
 def read_run(location: Location) -> dict | None:
+    """pairs.json (migrated to the current format), None if the location has none."""
     if not location.exists(RUN):
         return None
-    return json.loads(location.read(RUN))
+    return _migrate(json.loads(location.read(RUN)))
 
 
-def claim_location(location: Location, job: PairsJob, fingerprint: str) -> dict:
-    """Check that `location` is empty or holds shards of this same run; record the run there.
+def claim_location(location: Location, job: PairsJob, teacher: Checkpoint) -> dict:
+    """Check that `location` is empty or holds shards of this same run; record the run there
+    (its identity, shard count, and the job, from which `raydistill verify --repair` regenerates).
 
     Raises ConfigError naming the first difference, before any worker starts.
     """
-    identity = run_identity(job, fingerprint)
+    identity = run_identity(job, teacher)
     previous = read_run(location)
     if previous is None:
         if location.list():
@@ -109,6 +145,7 @@ def claim_location(location: Location, job: PairsJob, fingerprint: str) -> dict:
                 raise ConfigError(location.uri, f"holds shards with {key}={theirs!r}, "
                                                 f"this job has {key}={mine!r}")
     num_shards = max(job.num_shards, previous["num_shards"] if previous else 0)
-    run = {"identity": identity, "num_shards": num_shards}
+    run = {"format": FORMAT, "identity": identity, "num_shards": num_shards,
+           "job": asdict(job)}
     location.write_atomic(RUN, json.dumps(run, indent=2, sort_keys=True).encode())
     return run

@@ -25,7 +25,9 @@ import torch
 from tqdm import tqdm
 
 from raydistill.config import PairsJob, from_dict
-from raydistill.models.checkpoint import load_teacher
+from raydistill.methods.guided import check_continuous_teacher
+from raydistill.methods.progressive import check_halving_teacher
+from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.format import encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
@@ -41,22 +43,45 @@ def worker_device(job: PairsJob) -> torch.device:
     return torch.device("cpu")
 
 
-def teacher_work(job: PairsJob) -> tuple[str, int]:
-    """(solver, teacher steps) behind each target, for the manifest."""
+def teacher_work(job: PairsJob, teacher_is_stochastic: bool) -> tuple[str, int]:
+    """(solver, teacher steps) behind each target, for the manifest: for progressive targets, the
+    teacher's DDIM steps per 1/N of the student's time (a stochastic student's 2/N jumps take
+    twice as many)."""
     if job.mode == "ode":
         return job.solver.solver, job.solver.steps
     if job.mode == "progressive":
-        return "ddim", 2                        # two teacher DDIM steps per target
+        return "ddim", 1 if teacher_is_stochastic else 2
     return "x_hat", 1                           # one guided teacher prediction
 
 
-def shard_row(job: PairsJob, teacher_fingerprint: str, index: int, data: bytes,
-              count: int) -> dict:
-    solver, steps = teacher_work(job)
+def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
+    """A teacher that is a distilled student is sampled only as it was distilled: its w range,
+    its own sampler for ODE pairs (unless force_sampler), its time grid for progressive targets,
+    and no guided targets (they evaluate it at every t)."""
+    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance",
+                           force=job.force_sampler, force_key="force_sampler=true")
+    if job.mode == "ode":
+        solver = job.solver
+        teacher.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
+                              stochastic=False, force=job.force_sampler,
+                              force_key="force_sampler=true",
+                              keys={"steps": "solver.steps", "solver": "solver.solver",
+                                    "spacing": "solver.spacing", "stochastic": "mode"})
+    elif job.mode == "guided":
+        check_continuous_teacher(teacher, "teacher.checkpoint")
+    else:
+        check_halving_teacher(teacher, teacher_steps=2 * job.student_steps,
+                              stochastic=job.stochastic, keys=("student_steps", "stochastic"),
+                              value=job.student_steps)
+
+
+def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count: int) -> dict:
+    distilled = teacher.distilled_sampler
+    solver, steps = teacher_work(job, bool(distilled and distilled.stochastic))
     return {
         "shard": shard_name(index), "index": index, "count": count, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "seed": shard_seed(job.seed, index),
-        "mode": job.mode, "teacher_fingerprint": teacher_fingerprint, "solver": solver,
+        "mode": job.mode, "teacher_fingerprint": teacher.fingerprint, "solver": solver,
         "steps": steps, "w_min": job.guidance.w_min, "w_max": job.guidance.w_max,
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None),   # naive UTC for numpy
         "node": ray.get_runtime_context().get_node_id(),
@@ -71,11 +96,10 @@ class ShardWorker:
         self.job = from_dict(PairsJob, job)
         torch.set_num_threads(self.job.workers.threads)
         torch.set_flush_denormal(True)
-        checkpoint = load_teacher(self.job.teacher)
-        if checkpoint.fingerprint != fingerprint:
+        self.teacher = load_teacher(self.job.teacher)
+        if self.teacher.fingerprint != fingerprint:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
-        self.fingerprint = fingerprint
-        self.maker = ShardMaker(self.job, checkpoint, worker_device(self.job))
+        self.maker = ShardMaker(self.job, self.teacher, worker_device(self.job))
         self.location = Location.parse(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -84,7 +108,7 @@ class ShardWorker:
             columns = self.maker.make(index)
             data = encode_shard(index, self.job.mode, columns)
             self.location.write_atomic(shard_name(index), data)
-            rows.append(shard_row(self.job, self.fingerprint, index, data, len(columns["c"])))
+            rows.append(shard_row(self.job, self.teacher, index, data, len(columns["c"])))
         return {name: [row[name] for row in rows] for name in COLUMNS}
 
 
@@ -94,14 +118,15 @@ class PairsPlan:
     location: Location
     fingerprint: str
     manifest: Manifest
-    todo: list[int]           # shard indices the manifest lacks
+    todo: list[int]                  # shard indices to generate
+    lost: dict[str, str]             # shards the manifest listed but the listing lacks: why
 
 
 @dataclass
 class PairsResult:
     location: str
-    generated: int            # shards made by this call
-    total: int                # shards the location holds now
+    generated: int                   # shards made by this call
+    total: int                       # shards the location holds now (listed, right size)
     seconds: float
     pairs_per_second: float
 
@@ -109,28 +134,49 @@ class PairsResult:
 def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
     """Check everything about the inputs and claim `out`; no Ray needed, no worker started.
 
-    Raises ConfigError for a missing or mismatched teacher, data that does not fit it, or a
-    location holding another run's shards.
+    The shards to generate are those the manifest lacks and those it lists whose file is gone or
+    has another size (one listing of the location, no hashing; `raydistill verify --repair`
+    checks contents). Their manifest rows are dropped first, so the manifest never lists a shard
+    that is not there. Raises ConfigError for a missing or mismatched teacher, data that does not
+    fit it, or a location holding another run's shards.
     """
     teacher = load_teacher(job.teacher)
-    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
+    check_teacher(job, teacher)
     ShardMaker(job, teacher)                  # validates data and shapes against the teacher
     location = Location.parse(out)
     manifest = Manifest.read(location)
-    run = claim_location(location, job, teacher.fingerprint)
+    run = claim_location(location, job, teacher)
+    lost = lost_shards(location, manifest)
+    if lost:
+        for name in lost:
+            del manifest.rows[name]
+        manifest.write(location)
     todo = [k for k in range(run["num_shards"]) if shard_name(k) not in manifest]
-    return PairsPlan(job, location, teacher.fingerprint, manifest, todo)
+    return PairsPlan(job, location, teacher.fingerprint, manifest, todo, lost)
+
+
+def lost_shards(location: Location, manifest: Manifest) -> dict[str, str]:
+    """Shards the manifest lists whose file is missing or of another size, and why."""
+    sizes, lost = location.sizes(), {}
+    for name, row in sorted(manifest.rows.items()):
+        if name not in sizes:
+            lost[name] = "missing"
+        elif sizes[name] != row["bytes"]:
+            lost[name] = f"{sizes[name]} bytes, the manifest says {row['bytes']}"
+    return lost
 
 
 def run_pairs(plan: PairsPlan, *, progress: bool = True) -> PairsResult:
     """Generate the planned shards on the Ray actor pool (Ray must be initialised)."""
     start = time.perf_counter()
+    before = len(plan.manifest)
     if plan.todo:
         _run_pool(plan.job, plan.location, plan.fingerprint, plan.manifest, plan.todo, progress)
     seconds = time.perf_counter() - start
-    pairs = len(plan.todo) * plan.job.samples_per_shard
-    return PairsResult(plan.location.uri, len(plan.todo), len(plan.manifest), seconds,
-                       pairs / seconds if plan.todo else 0.0)
+    generated = len(plan.manifest) - before
+    present = len(plan.manifest) - len(lost_shards(plan.location, plan.manifest))
+    return PairsResult(plan.location.uri, generated, present, seconds,
+                       generated * plan.job.samples_per_shard / seconds if generated else 0.0)
 
 
 def generate_pairs(job: PairsJob, out: str, *, progress: bool = True) -> PairsResult:

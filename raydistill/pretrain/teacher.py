@@ -131,7 +131,7 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
                                "lr": optim.param_groups[0]["lr"]})
 
     result.eval_loss_end = eval_loss(ema)
-    extra = {"trained_on": job.data.source, "steps": job.optim.steps,
+    extra = {"trained_on": job.data.source, "train_steps": job.optim.steps,
              "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
     images, _ = sample_classes(CFG(ModelDenoiser(ema, schedule, prediction)), schedule,
                                shape=(unet.in_channels, unet.resolution, unet.resolution),

@@ -1,5 +1,6 @@
 """From a TrainJob to a teacher, a student and a method; and every check that can fail before any
-worker starts (the driver runs `prepare`, workers rebuild the same objects with `build_method`)."""
+worker starts (the driver runs `prepare`, workers rebuild the same objects with `build_method`).
+What differs between methods comes from their registry entry (raydistill.methods.registry)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import torch
 from torch import nn
 
 from raydistill.config import ConfigError, ModelConfig, TrainJob
-from raydistill.methods import GuidedDistillation, Method, ProgressiveDistillation, round_steps
+from raydistill.methods import Method
+from raydistill.methods.base import require_distillable
+from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
-
-# Pair-shard modes that carry each method's targets.
-PAIRS_MODE = {"guided": "guided", "progressive": "progressive"}
 
 
 @dataclass
@@ -28,18 +28,16 @@ class Plan:
 
 
 def student_config(job: TrainJob, teacher: Checkpoint) -> ModelConfig:
-    """The configured student, or the teacher's own network (with a w input for stage 1)."""
+    """The configured student, or the method's default from the teacher's own network; an
+    eps-prediction teacher's network predicts v as a student (see require_distillable)."""
     if job.student is not None:
         return job.student
     if teacher.config.kind == "gmm":
         raise ConfigError("student", "is required with an analytic teacher (e.g. kind: mlp)")
     config = copy.deepcopy(teacher.config)
-    if job.method == "guided":
-        if config.kind == "unet":
-            config.unet.w_embedding = True
-        else:
-            config.mlp.w_embedding = True
-    return config
+    if config.prediction == "eps":
+        config.prediction = "v"
+    return method_spec(job.method).student(config)
 
 
 def build_student(config: ModelConfig, teacher: Checkpoint) -> nn.Module:
@@ -57,8 +55,15 @@ def build_student(config: ModelConfig, teacher: Checkpoint) -> nn.Module:
 
 def prepare(job: TrainJob) -> Plan:
     """Every check that needs the teacher, the data or the pair set, done on the driver."""
+    spec = method_spec(job.method)
+    key, round_length = spec.round_length(job)
+    if job.optim.warmup_steps >= round_length:
+        raise ConfigError("optim.warmup_steps", f"is {job.optim.warmup_steps}, not below {key} = "
+                                                f"{round_length}: the learning rate would never "
+                                                "leave warm-up")
     teacher = load_teacher(job.teacher)
     config = student_config(job, teacher)
+    require_distillable(config)
     if model_data_shape(config) != teacher.data_shape:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
@@ -68,11 +73,7 @@ def prepare(job: TrainJob) -> Plan:
     if job.optim.batch_size % world:
         raise ConfigError("optim.batch_size", f"{job.optim.batch_size} is not divisible by "
                                               f"workers.num x deepspeed.grad_accum = {world}")
-    if job.method == "guided" and not config.w_conditioned:
-        raise ConfigError("student", "a guided (stage-1) student must take w as an input "
-                                     "(w_embedding: true)")
-    if job.method == "progressive":
-        _check_progressive(job, teacher, config)
+    spec.check(job, teacher, config)
     plan = Plan(teacher, config)
     if job.pairs:
         plan.pairs_rows = _check_pairs(job, teacher)
@@ -87,44 +88,32 @@ def prepare(job: TrainJob) -> Plan:
     return plan
 
 
-def _check_progressive(job: TrainJob, teacher: Checkpoint, config: ModelConfig) -> None:
-    made_by = teacher.extra.get("method")
-    if made_by == "progressive" and teacher.extra.get("steps") != job.halving.start_steps:
-        raise ConfigError("halving.start_steps", f"is {job.halving.start_steps}, but the teacher is "
-                                                 f"a {teacher.extra.get('steps')}-step progressive "
-                                                 "student")
-    if teacher.extra.get("stochastic") and not job.halving.stochastic:
-        raise ConfigError("halving.stochastic", "is false, but the teacher is a student of the "
-                                                "stochastic sampler (its jumps are 1/N, not 1/(2N))")
-    if not config.w_conditioned and job.guidance.w_min != job.guidance.w_max:
-        raise ConfigError("guidance", "a student without a w input distils one guidance strength: "
-                                      "set w_min = w_max")
-
-
 def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
-    """The pair set must hold this method's targets, made by this teacher (pairs.json identity)."""
+    """The pair set must hold this method's targets, made by this teacher over this job's w range
+    (its pairs.json identity), and pass the method's own checks."""
     from raydistill.pairs.format import ShardError
     from raydistill.pairs.manifest import read_run
     from raydistill.pairs.reader import open_pairs
 
+    spec = method_spec(job.method)
     try:
         location, manifest, mode = open_pairs(job.pairs)
     except ShardError as err:
         raise ConfigError("pairs", str(err)) from None
     identity = read_run(location)["identity"]
-    if mode != PAIRS_MODE[job.method]:
+    if mode != spec.pairs_mode:
         raise ConfigError("pairs", f"{job.pairs} holds {mode} pairs; method {job.method} needs "
-                                   f"{PAIRS_MODE[job.method]} pairs")
+                                   f"{spec.pairs_mode} pairs")
     if identity["teacher_fingerprint"] != teacher.fingerprint:
         raise ConfigError("pairs", f"{job.pairs} was made by teacher "
                                    f"{identity['teacher_fingerprint'][:16]}, the configured teacher "
                                    f"is {teacher.fingerprint[:16]}")
-    if job.method == "progressive":
-        rounds, made_for = round_steps(job.halving), identity["student_steps"]
-        if rounds != [made_for]:
-            raise ConfigError("pairs", f"{job.pairs} holds targets for {made_for}-step students: "
-                                       f"train that one round (halving.start_steps={2 * made_for} "
-                                       f"halving.end_steps={made_for})")
+    made = identity["guidance"]
+    if (made["w_min"], made["w_max"]) != (job.guidance.w_min, job.guidance.w_max):
+        raise ConfigError("guidance", f"is [{job.guidance.w_min:g}, {job.guidance.w_max:g}], but "
+                                      f"{job.pairs} holds targets for w in [{made['w_min']:g}, "
+                                      f"{made['w_max']:g}]")
+    spec.check_pairs(job, identity)
     return sum(int(r["count"]) for r in manifest.rows.values())
 
 
@@ -133,15 +122,7 @@ def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
     """The method with its student (on `device`) and the frozen teacher."""
     teacher.network.to(device).requires_grad_(False).eval()
     student = build_student(config, teacher).to(device)
-    schedule = teacher.denoiser.schedule
-    if job.method == "guided":
-        return GuidedDistillation(teacher=teacher.w_denoiser, student=student, student_config=config,
-                                  schedule=schedule, guidance=job.guidance,
-                                  weighting=job.loss_weighting, steps=job.optim.steps)
-    return ProgressiveDistillation(teacher=teacher.w_denoiser, student=student, student_config=config,
-                                   schedule=schedule, guidance=job.guidance, halving=job.halving,
-                                   weighting=job.loss_weighting,
-                                   teacher_is_stochastic=bool(teacher.extra.get("stochastic")))
+    return method_spec(job.method).build(job, teacher, config, student)
 
 
 def with_teacher_shape(job: TrainJob, teacher: Checkpoint) -> TrainJob:

@@ -14,7 +14,6 @@ DIR/student appears only when the run has finished; until then the directory hol
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,7 +22,16 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from raydistill.config import ConfigError, ModelConfig, TeacherJob, TrainJob, from_dict, load, to_dict
+from raydistill.config import (
+    ConfigError,
+    ModelConfig,
+    TeacherJob,
+    TrainJob,
+    from_dict,
+    load,
+    to_dict,
+    with_absolute_paths,
+)
 from raydistill.methods import Method
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.generate import derive_seed
@@ -33,8 +41,6 @@ RUN_NAME, JOB_FILE = "train", "train.yaml"
 # What a resumed run may change: logging, checkpoint cadence, retries and per-worker CPU use.
 RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps",
                      "workers.cpus", "workers.threads"}
-PAIR_COLUMNS = {"guided": ["z_t", "target", "c", "w", "t"],
-                "progressive": ["z_t", "target", "c", "w", "t", "N"]}
 
 
 class TrainingFailed(RuntimeError):
@@ -57,17 +63,6 @@ def ensure_teacher(job: TrainJob, progress: bool) -> None:
 
     print(f"train: no teacher at {ref.checkpoint}; training one from {ref.build}", flush=True)
     train_teacher(load(TeacherJob, ref.build), ref.checkpoint, progress=progress)
-
-
-def with_absolute_paths(job: TrainJob) -> TrainJob:
-    """Local paths made absolute: Ray Train workers run in another working directory."""
-    def absolute(path: str) -> str:
-        return os.path.abspath(path) if path and "://" not in path else path
-
-    teacher = dataclasses.replace(job.teacher, checkpoint=absolute(job.teacher.checkpoint),
-                                  build=absolute(job.teacher.build))
-    data = dataclasses.replace(job.data, path=absolute(job.data.path))
-    return dataclasses.replace(job, teacher=teacher, data=data, pairs=absolute(job.pairs))
 
 
 def check_out_dir(job: TrainJob, out: str, resume: bool) -> None:
@@ -188,9 +183,13 @@ def _datasets(job: TrainJob) -> dict:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if job.pairs:
+        from raydistill.methods.registry import method_spec
+        from raydistill.pairs.format import SCHEMAS
         from raydistill.pairs.reader import ray_dataset
 
-        return {"train": ray_dataset(job.pairs).select_columns(PAIR_COLUMNS[job.method])}
+        arrays, fields = SCHEMAS[method_spec(job.method).pairs_mode]
+        columns = [name for name in (*arrays, *fields) if name != "seed"]
+        return {"train": ray_dataset(job.pairs).select_columns(columns)}
     if job.data.source == "mixture":
         return {}
     from raydistill.data.ray_source import image_dataset
