@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
-from raydistill.diffusion import CFG, CosineSchedule, sample
+from raydistill.diffusion import CFG, CosineSchedule, ddim, sample
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.methods.guided import GuidedDistillation
 from raydistill.methods.progressive import ProgressiveDistillation, round_steps
@@ -172,8 +172,8 @@ def test_stochastic_variant_samples_the_teacher_distribution(oracle, stage1):
                 reference = sample(exact, noise, cond, SCHEDULE, steps=256)
                 ours = stochastic_sample(student, torch.randn(4000, 2, generator=g), cond, SCHEDULE,
                                          steps=2, generator=g)
-                ddim = sample(exact, noise, cond, SCHEDULE, steps=2)
-            fd_ours, fd_ddim = frechet(ours, reference), frechet(ddim, reference)
+                ddim_x = sample(exact, noise, cond, SCHEDULE, steps=2)
+            fd_ours, fd_ddim = frechet(ours, reference), frechet(ddim_x, reference)
             print(f"  w={w:.0f} c={c}: stochastic student {fd_ours:.4f}, DDIM(exact) {fd_ddim:.4f}")
             assert fd_ours < 0.25 * fd_ddim
     # The sampler's first move is a DDIM jump of 2/N = 1 from t = 1 straight to t = 0, which only a
@@ -217,9 +217,9 @@ def test_progressive_student_with_guidance_built_in(oracle):
             net.load_state_dict(weights)
             ours = rms(sample(ModelDenoiser(net.eval(), SCHEDULE, config.prediction), noise, cond,
                               SCHEDULE, steps=n))
-            ddim = rms(sample(exact, noise, cond, SCHEDULE, steps=n))
-            print(f"{n:5d}  {ours:7.4f}  {ddim:.4f}")
-            assert ours < 0.5 * ddim
+            ddim_err = rms(sample(exact, noise, cond, SCHEDULE, steps=n))
+            print(f"{n:5d}  {ours:7.4f}  {ddim_err:.4f}")
+            assert ours < 0.5 * ddim_err
 
 
 def test_seeded_methods_draw_from_their_own_generator(oracle):
