@@ -23,7 +23,6 @@ from raydistill.config import (
     to_dict,
     with_absolute_paths,
 )
-from raydistill.train import loop
 from raydistill.train.build import prepare
 from raydistill.train.driver import check_resumable, setup_worker
 from raydistill.train.engine import fp32_master
@@ -54,7 +53,7 @@ def zero_stages_worker(config: dict) -> None:
             if directory and metrics["step"] == base.optim.steps:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
 
-        run_worker(job, setup.method, setup.batches, WorkerContext(rank, world, setup.device, report),
+        run_worker(job, setup.method, setup.stream, WorkerContext(rank, world, setup.device, report),
                    student, setup.teacher.fingerprint)
         if rank == 0:
             with open(f"{out}.json", "w") as f:
@@ -145,14 +144,47 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
 
         setup.method.loss = flaky_loss
         context = WorkerContext(0, 1, setup.device, lambda m, d: reports.append(m))
-        run_worker(job, setup.method, setup.batches, context, plan.student_config,
+        run_worker(job, setup.method, setup.stream, context, plan.student_config,
                    setup.teacher.fingerprint)
 
     run({2, 4, 5})                        # three skipped micro-batches, never three in a row
     assert reports[-1]["step"] == 6 and reports[-1]["nan_skipped"] == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
-    with pytest.raises(NonFiniteLoss, match=r"step 3: the loss was non-finite for 3 micro-batches"):
+    with pytest.raises(NonFiniteLoss, match=r"step 3: 3 micro-batches in a row had a non-finite"):
         run({3, 4, 5})
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_group, stage,
+                                                               precision):
+    """sqrt(0 * p) adds 0 to the loss and NaN to the gradient. The update is skipped (DeepSpeed's
+    own check at ZeRO-2 and under bf16, FiniteAdamW at ZeRO-0 in fp32, where DeepSpeed hands the
+    step to the torch optimizer unchecked), counted, and the weights stay as they were."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=4", "log_every=1",
+                                    f"deepspeed.zero_stage={stage}",
+                                    f"deepspeed.precision={precision}"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    calls, loss, seen = [0], setup.method.loss, {}
+
+    def poisoned_loss(batch, phase):
+        calls[0] += 1
+        out = loss(batch, phase)
+        params = list(setup.method.student.module.parameters())
+        if calls[0] == 3:
+            seen["before"] = [p.detach().clone() for p in params]
+            return {"loss": out["loss"] + torch.sqrt((params[0] * 0).sum())}
+        if calls[0] == 4:
+            seen["after"] = [p.detach().clone() for p in params]
+        return out
+
+    setup.method.loss, reports = poisoned_loss, []
+    run_worker(job, setup.method, setup.stream,
+               WorkerContext(0, 1, setup.device, lambda m, d: reports.append(m)),
+               plan.student_config, setup.teacher.fingerprint)
+    assert reports[-1]["grad_skipped"] == 1 and reports[-1]["nan_skipped"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
+    assert all(torch.isfinite(p).all() for p in setup.method.student.module.parameters())
 
 
 @pytest.mark.parametrize("override, message", [
@@ -220,7 +252,7 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
         if directory:
             final["student"] = load_file(os.path.join(directory, "student", "model.safetensors"))
 
-    run_worker(job, setup.method, setup.batches, WorkerContext(0, 1, setup.device, report),
+    run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device, report),
                plan.student_config, setup.teacher.fingerprint)
     assert calls[0] == 12
     raw = setup.method.student.module.state_dict()
@@ -230,44 +262,68 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     assert differs, "the saved student should be the EMA, not the raw weights"
 
 
-def test_resume_restores_ema_and_refuses_a_checkpoint_without_engines(single_process_group,
-                                                                      tmp_path, monkeypatch):
-    """A worker started from a checkpoint continues at its step with its EMA; a checkpoint whose
-    DeepSpeed state is missing stops the worker instead of training fresh weights."""
-    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=6", "optim.ema_decay=0.5",
-                                    "checkpoint_every=3", "log_every=3"])
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])
+def test_a_restored_run_continues_exactly(single_process_group, tmp_path, stage, precision):
+    """Restored from its step-4 checkpoint, a run reports the same losses at steps 5-8, and saves
+    the same student (the EMA), as the run that never stopped: the engines, the EMA, the data
+    position and the method's draws all continue where they were. A checkpoint without its
+    DeepSpeed state stops the worker instead of training fresh weights."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=8", "optim.ema_decay=0.5",
+                                    "checkpoint_every=4", "log_every=1",
+                                    f"deepspeed.zero_stage={stage}",
+                                    f"deepspeed.precision={precision}"])
     plan = prepare(job)
-    saved, reports = str(tmp_path / "step3"), []
+    kept = {}
 
-    def keep_first(metrics, directory):
-        reports.append(metrics)
-        if directory and not os.path.exists(saved):
-            shutil.copytree(directory, saved)
+    def keep(metrics, directory):
+        kept.setdefault("losses", {})[metrics["step"]] = metrics["loss"]
+        if directory:
+            kept[metrics["step"]] = str(tmp_path / f"step{metrics['step']}")
+            shutil.copytree(directory, kept[metrics["step"]], dirs_exist_ok=True)
 
     def run(report, restored=None):
         setup = setup_worker(job, plan.student_config, 0, 1)
-        run_worker(job, setup.method, setup.batches,
+        run_worker(job, setup.method, setup.stream,
                    WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
                    setup.teacher.fingerprint)
 
-    run(keep_first)
-    ema_at_3 = load_file(os.path.join(saved, "ema.safetensors"))
-    restored_ema = {}
-    original_restore = loop._restore
-
-    def spying_restore(directory, engines, ema, workdir):
-        out = original_restore(directory, engines, ema, workdir)
-        restored_ema.update({n: v.clone() for n, v in ema.shadow.items()})
-        return out
-
-    reports.clear()
-    monkeypatch.setattr(loop, "_restore", spying_restore)
-    run(lambda m, d: reports.append(m), saved)
-    assert [r["step"] for r in reports] == [6] and reports[-1]["resumes"] == 1
-    assert all(torch.equal(restored_ema[n], v) for n, v in ema_at_3.items())
-    shutil.rmtree(os.path.join(saved, "engines"))
+    run(keep)
+    uninterrupted = kept["losses"]
+    final = load_file(os.path.join(kept[8], "student", "model.safetensors"))
+    resumed = str(tmp_path / "resumed")
+    kept.clear()
+    run(lambda m, d: (keep(m, None), d and shutil.copytree(d, resumed)), str(tmp_path / "step4"))
+    assert kept["losses"] == {step: uninterrupted[step] for step in (5, 6, 7, 8)}
+    student = load_file(os.path.join(resumed, "student", "model.safetensors"))
+    assert all(torch.equal(student[name], value) for name, value in final.items())
+    shutil.rmtree(tmp_path / "step4" / "engines")
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint for module student"):
-        run(lambda m, d: None, saved)
+        run(lambda m, d: None, str(tmp_path / "step4"))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_path, stage):
+    """Saved students come from the fp32 master weights; so does their EMA (decay 1e-6 here, so it
+    equals the last master to 1e-6), not from the bf16 module weights that round them."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=4", "optim.ema_decay=1e-6",
+                                    "checkpoint_every=4", f"deepspeed.zero_stage={stage}",
+                                    "deepspeed.precision=bf16"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    final = {}
+
+    def report(metrics, directory):
+        if directory:
+            final.update(load_file(os.path.join(directory, "student", "model.safetensors")))
+
+    run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device, report),
+               plan.student_config, setup.teacher.fingerprint)
+    rounding = 0.0
+    for name, param in setup.method.student.module.named_parameters():
+        master = fp32_master(param).detach().float().reshape(param.shape)
+        torch.testing.assert_close(final[name], master, rtol=1e-5, atol=1e-7)
+        rounding = max(rounding, float((param.detach().float() - master).abs().max()))
+    assert rounding > 1e-4, "bf16 rounding too small to tell the master from the module weights"
 
 
 def test_resume_compares_the_job_with_absolute_paths(tmp_path, monkeypatch):
@@ -321,7 +377,7 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
         return loss(batch, phase)
 
     method.start_round, method.loss = spying_start, spying_loss
-    run_worker(job, method, setup.batches, WorkerContext(0, 1, setup.device, lambda m, d: None),
+    run_worker(job, method, setup.stream, WorkerContext(0, 1, setup.device, lambda m, d: None),
                plan.student_config, setup.teacher.fingerprint)
     assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
     for name, value in seen["teacher"].items():
@@ -352,7 +408,7 @@ def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tm
         started = []
         start_round = setup.method.start_round
         setup.method.start_round = lambda i, w: (started.append((i, w)), start_round(i, w))
-        run_worker(job, setup.method, setup.batches,
+        run_worker(job, setup.method, setup.stream,
                    WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
                    setup.teacher.fingerprint)
         return started

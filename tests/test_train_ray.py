@@ -99,6 +99,26 @@ def test_stopped_run_continues_with_resume(tmp_path, capsys):
     assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 200
 
 
+def test_an_error_that_would_repeat_stops_the_run_at_once(tmp_path, capsys):
+    """Eight images for two workers of micro-batch 8: too little data fails the same way on every
+    retry, so the run stops with that error instead of restarting max_failures times."""
+    import numpy as np
+
+    data = str(tmp_path / "few.npz")
+    np.savez(data, images=np.random.default_rng(0).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32),
+             labels=np.arange(8) % 3)
+    args = ["train", "--config", ANALYTIC, "--out", str(tmp_path / "run"), "--quiet",
+            "teacher.analytic=null", f"teacher.checkpoint={ROOT}/tests/data/unet-v1", "student=null",
+            "data.source=npz", f"data.path={data}", "data.resolution=8", "optim.batch_size=16",
+            "max_failures=2"]
+    started = time.time()
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "4 samples for this worker, fewer than one micro-batch of 8" in captured.err
+    assert "restarting" not in captured.out
+    print(f"stopped after {time.time() - started:.0f} s")
+
+
 PAIRS_ARGS = ["--config", f"{ROOT}/configs/smoke/pairs_progressive.yaml", "--quiet",
               "num_shards=2", "samples_per_shard=128", "batch_size=128"]
 FROM_PAIRS = ["method=progressive", "teacher.analytic.num_classes=4", "teacher.analytic.dim=16",

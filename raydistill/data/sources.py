@@ -144,7 +144,7 @@ def read_image_shards(config: DataConfig) -> tuple[list[str], Tensor, np.ndarray
     pixels, names, labels = [], [], []
     for shard in shards:
         where = f"{config.path.rstrip('/')}/{shard}"
-        for key, members in _tar_samples(location.read(shard), where):
+        for key, members in tar_samples(location.read(shard), where):
             name = f"{where}:{key}"
             pixels.append(decode_member_image(members, name))
             names.append(name)
@@ -165,7 +165,7 @@ def decode_member_image(members: dict[str, bytes], name: str) -> np.ndarray:
     return read_image(io.BytesIO(image), name)
 
 
-def _tar_samples(data: bytes, where: str):
+def tar_samples(data: bytes, where: str):
     """(key, {extension: bytes}) per sample of a tar, members grouped by key."""
     samples: dict[str, dict[str, bytes]] = {}
     try:

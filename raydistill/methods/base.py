@@ -56,8 +56,11 @@ class Method(ABC):
     generator: torch.Generator | None = None
 
     def seed(self, seed: int, device: torch.device) -> None:
-        """Draw the method's randomness from its own generator on `device`, seeded with `seed`."""
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        """Draw the method's randomness from its own generator on `device`, seeded with `seed`
+        (the loop reseeds it every step)."""
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:

@@ -19,12 +19,7 @@ from raydistill.methods.guided import guided_target
 from raydistill.methods.progressive import halving_target
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.gmm import GaussianMixture
-
-
-def derive_seed(*entropy: int) -> int:
-    """A 63-bit seed from integers (numpy SeedSequence: independent streams for distinct inputs)."""
-    words = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
-    return int(words[0]) << 31 ^ int(words[1])
+from raydistill.seeds import derive_seed
 
 
 def shard_seed(run_seed: int, shard: int) -> int:

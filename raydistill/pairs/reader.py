@@ -3,8 +3,8 @@ count) as it is read, so a truncated or altered shard raises a ShardError naming
 hanging or silently shortening an epoch.
 
 Two paths, one decoder: `PairReader` streams shards in-process (split across ranks and DataLoader
-workers), and `ray_dataset` reads them through Ray Data so decoding runs on Ray CPU workers and Ray
-Train ingests them with `get_dataset_shard(...)`.
+workers), and `PairShards` / `ray_dataset` read them through Ray Data so decoding runs on Ray CPU
+workers (training workers stream their part through raydistill.train.stream).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from raydistill.data.units import Source, Unit, shuffled
 from raydistill.pairs.format import ShardError, decode_shard
 from raydistill.pairs.manifest import Manifest, read_run
 from raydistill.storage import Location
@@ -78,16 +79,36 @@ class PairReader(IterableDataset):
                 yield {k: torch.as_tensor(v) for k, v in sample.items() if k != "__key__"}
 
 
+class PairShards(Source):
+    """Rank `rank` of `world`'s pair shards (every world-th, verified as they are read) for Ray Data;
+    an epoch visits them and their samples in seeded orders."""
+
+    CHECKED = ("shard", "bytes", "sha256", "count")        # what read_shard verifies against
+
+    def __init__(self, uri: str, *, rank: int = 0, world: int = 1):
+        _, manifest, self.mode = open_pairs(uri)
+        names = sorted(manifest.rows)
+        if len(names) < world:
+            raise ShardError(uri, f"holds {len(names)} shards for {world} workers: every worker "
+                                  "reads whole shards (generate at least one per worker)")
+        self.uri = uri
+        self.rows = [{k: manifest.rows[name][k] for k in self.CHECKED}
+                     for name in names[rank::world]]
+
+    def units(self, rng: np.random.Generator | None) -> list[Unit]:
+        if rng is None:
+            return [Unit({**row, "seed": None}, row["count"]) for row in self.rows]
+        return [Unit({**self.rows[i], "seed": int(rng.integers(2**63))}, self.rows[i]["count"])
+                for i in rng.permutation(len(self.rows))]
+
+    def read(self, item: dict) -> list[dict]:
+        samples = read_shard(Location.parse(self.uri), item, self.mode)
+        rows = [{k: np.asarray(v) for k, v in sample.items() if k != "__key__"}
+                for sample in samples]
+        return shuffled(rows, item["seed"])
+
+
 def ray_dataset(uri: str):
     """A Ray Dataset of verified samples (columns per the mode's schema), decoded on Ray workers."""
-    import ray
-
-    _, manifest, mode = open_pairs(uri)
-    checked = ("shard", "bytes", "sha256", "count")          # what read_shard verifies against
-    rows = [{k: manifest.rows[name][k] for k in checked} for name in sorted(manifest.rows)]
-
-    def expand(row: dict) -> list[dict]:
-        return [{k: np.asarray(v) for k, v in sample.items() if k != "__key__"}
-                for sample in read_shard(Location.parse(uri), row, mode)]
-
-    return ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(expand)
+    source = PairShards(uri)
+    return source.dataset(source.units(None))

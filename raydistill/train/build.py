@@ -16,6 +16,7 @@ from raydistill.methods import Method
 from raydistill.methods.base import require_distillable
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
+from raydistill.seeds import STUDENT_STREAM, derive_seed
 
 
 @dataclass
@@ -40,10 +41,14 @@ def student_config(job: TrainJob, teacher: Checkpoint) -> ModelConfig:
     return method_spec(job.method).student(config)
 
 
-def build_student(config: ModelConfig, teacher: Checkpoint) -> nn.Module:
+def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Module:
     """A fresh student, initialised from the teacher's weights when the networks match (a new w
-    embedding stays zero-initialised, so the student starts as the w = 0 teacher)."""
-    student = build_network(config)
+    embedding stays zero-initialised, so the student starts as the w = 0 teacher); what is not
+    copied is drawn from its own stream of `seed` (the same on every rank), not torch's global
+    generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, STUDENT_STREAM))
+        student = build_network(config)
     if teacher.config.kind != config.kind:
         return student
     missing, unexpected = student.load_state_dict(teacher.network.state_dict(), strict=False)
@@ -67,7 +72,7 @@ def prepare(job: TrainJob) -> Plan:
     if model_data_shape(config) != teacher.data_shape:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
-    build_student(config, teacher)
+    build_student(config, teacher, job.seed)
     teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
     world = job.workers.num * job.deepspeed.grad_accum
     if job.optim.batch_size % world:
@@ -121,7 +126,7 @@ def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                  device: torch.device) -> Method:
     """The method with its student (on `device`) and the frozen teacher."""
     teacher.network.to(device).requires_grad_(False).eval()
-    student = build_student(config, teacher).to(device)
+    student = build_student(config, teacher, job.seed).to(device)
     return method_spec(job.method).build(job, teacher, config, student)
 
 

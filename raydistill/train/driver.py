@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +33,14 @@ from raydistill.config import (
 )
 from raydistill.methods import Method
 from raydistill.models.checkpoint import Checkpoint, load_teacher
-from raydistill.pairs.generate import derive_seed
 from raydistill.train.build import build_method, prepare, with_teacher_shape
+from raydistill.train.errors import FatalTrainingError, TrainingFailed
+from raydistill.train.stream import Stream, mixture_stream, source_stream
 
 RUN_NAME, JOB_FILE = "train", "train.yaml"
 # What a resumed run may change: logging, checkpoint cadence, retries and per-worker CPU use.
 RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps",
                      "workers.cpus", "workers.threads"}
-
-
-class TrainingFailed(RuntimeError):
-    """The run stopped (a worker error beyond max_failures); its checkpoints remain."""
 
 
 @dataclass
@@ -132,27 +128,34 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     # Locally, Ray Data's read and decode tasks need CPUs beside the training workers'.
     local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
     init_ray(address, num_cpus=local_cpus, dashboard=True)
-    datasets = _datasets(job)
-    _check_data_headroom(job, datasets)
-    trainer = TorchTrainer(
-        worker_main,
-        train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
-                           "progress": progress},
-        scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
-                                     resources_per_worker={"CPU": workers.cpus,
-                                                           **({"GPU": workers.gpus}
-                                                              if workers.gpus else {})}),
-        torch_config=TorchConfig(backend="nccl" if workers.gpus > 0 else "gloo"),
-        run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets)
-    try:
-        result = trainer.fit()
-    except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
-        cause = next((line for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
-        raise TrainingFailed(f"{out}: training stopped ({cause.strip()}); continue it with "
-                             "--resume") from err
+    _check_data_headroom(job)
+    # Ray Train retries nothing itself (max_failures=0): a worker failure is retried here from the
+    # last checkpoint, up to job.max_failures times, unless it is an error that would repeat.
+    for attempt in range(job.max_failures + 1):
+        trainer = TorchTrainer(
+            worker_main,
+            train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
+                               "progress": progress},
+            scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
+                                         resources_per_worker={"CPU": workers.cpus,
+                                                               **({"GPU": workers.gpus}
+                                                                  if workers.gpus else {})}),
+            torch_config=TorchConfig(backend="nccl" if workers.gpus > 0 else "gloo"),
+            run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        try:
+            result = trainer.fit()
+            break
+        except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
+            fatal = _fatal_error(err)
+            cause = str(fatal) if fatal is not None else next(
+                (line for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
+            if fatal is not None or attempt == job.max_failures:
+                raise TrainingFailed(f"{out}: training stopped ({cause.strip()}); continue it "
+                                     "with --resume") from err
+            print(f"train: a worker failed ({cause.strip()}); restarting from the last "
+                  f"checkpoint (retry {attempt + 1} of {job.max_failures})", flush=True)
     with result.checkpoint.as_directory() as directory:
         for item in ("rounds", "train_log.jsonl", "student"):
             source, target = os.path.join(directory, item), os.path.join(out, item)
@@ -163,38 +166,23 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     return TrainResult(os.path.join(out, "student"), int(result.metrics["step"]), result.metrics)
 
 
-def _check_data_headroom(job: TrainJob, datasets: dict) -> None:
+def _fatal_error(err: Exception) -> FatalTrainingError | None:
+    """The error a worker raised that a retry would raise again, if that is why `fit` failed."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return next((e for e in failures.values() if isinstance(e, FatalTrainingError)), None)
+
+
+def _check_data_headroom(job: TrainJob) -> None:
     """Ray Data reads and decodes on CPUs the training workers do not hold; with none left over
-    the workers would wait for data forever, so say so before starting."""
+    the workers would wait for data forever, so say so before starting. (The analytic mixture's
+    exact draws are made by each worker itself.)"""
     import ray
 
     spare = ray.cluster_resources().get("CPU", 0) - job.workers.num * job.workers.cpus
-    if datasets and spare < 1:
+    if (job.pairs or job.data.source != "mixture") and spare < 1:
         raise ConfigError("workers.cpus", f"{job.workers.num} workers x {job.workers.cpus} CPUs "
                                           "leave no CPU on the cluster for Ray Data to read "
                                           "the training data")
-
-
-def _datasets(job: TrainJob) -> dict:
-    """Ray Datasets the workers stream from: pair shards, or real images (not for the mixture,
-    whose exact draws each worker makes itself). Ray Data's own bars stay off: the rank-0
-    progress line is the one to read."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if job.pairs:
-        from raydistill.methods.registry import method_spec
-        from raydistill.pairs.format import SCHEMAS
-        from raydistill.pairs.reader import ray_dataset
-
-        arrays, fields = SCHEMAS[method_spec(job.method).pairs_mode]
-        columns = [name for name in (*arrays, *fields) if name != "seed"]
-        return {"train": ray_dataset(job.pairs).select_columns(columns)}
-    if job.data.source == "mixture":
-        return {}
-    from raydistill.data.ray_source import image_dataset
-
-    return {"train": image_dataset(job.data).select_columns(["image", "label"])}
 
 
 def worker_main(config: dict) -> None:
@@ -217,7 +205,7 @@ def worker_main(config: dict) -> None:
     with restored.as_directory() if restored else contextlib.nullcontext() as directory:
         context = WorkerContext(rank, world, setup.device, report, directory,
                                 print_progress=config["progress"])
-        run_worker(job, setup.method, setup.batches, context, student_config,
+        run_worker(job, setup.method, setup.stream, context, student_config,
                    setup.teacher.fingerprint)
 
 
@@ -226,11 +214,13 @@ class WorkerSetup:
     device: torch.device
     teacher: Checkpoint
     method: Method
-    batches: Iterator[dict]
+    stream: Stream
 
 
 def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: int) -> WorkerSetup:
-    """Device, seeds, teacher, method and data stream of one training worker."""
+    """Device, teacher, method and data stream of one training worker (torch's global generator is
+    left alone: the student's initialisation, the data and the method's draws are seeded each from
+    their own stream of job.seed)."""
     if job.workers.gpus > 0:
         if not torch.cuda.is_available():
             raise RuntimeError(f"workers.gpus is {job.workers.gpus} but worker {rank} sees no CUDA "
@@ -243,32 +233,34 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
         torch.set_num_threads(job.workers.threads)
     # Zero-initialised layers make early gradients denormal floats, ~20x slower on x86 CPUs.
     torch.set_flush_denormal(True)
-    torch.manual_seed(derive_seed(job.seed, rank))
     teacher = load_teacher(job.teacher)
     method = build_method(job, teacher, student_config, device)
     micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
-    return WorkerSetup(device, teacher, method, _batches(job, teacher, micro, rank))
+    return WorkerSetup(device, teacher, method, data_stream(job, teacher, micro, rank, world))
 
 
-def _batches(job: TrainJob, teacher, micro: int, rank: int):
-    """An endless stream of micro-batches for this rank (CPU tensors)."""
+def data_stream(job: TrainJob, teacher: Checkpoint, micro: int, rank: int, world: int) -> Stream:
+    """This rank's micro-batches: exact draws of an analytic mixture, pair shards (precomputed
+    targets), or real images for inline targets, the last two read through Ray Data."""
+    common = {"micro": micro, "seed": job.seed, "rank": rank}
     if not job.pairs and job.data.source == "mixture":
-        mixture = teacher.network
-        g = torch.Generator().manual_seed(derive_seed(job.seed, rank, 1))
-        while True:
-            c = torch.randint(0, mixture.num_classes, (micro,), generator=g)
-            yield {"x": mixture.sample(c, generator=g).float(), "c": c}
-    import ray.train
+        return mixture_stream(teacher.network, **common)
+    import ray.data
 
-    shard = ray.train.get_dataset_shard("train")
-    rename = {} if job.pairs else {"image": "x", "label": "c"}
-    while True:
-        seen = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True,
-                                              local_shuffle_buffer_size=4 * micro):
-            seen += 1
-            yield {rename.get(k, k): v for k, v in batch.items()}
-        if not seen:
-            raise ValueError(f"{job.pairs or job.data.path or job.data.source}: fewer samples per "
-                             f"worker than one micro-batch of {micro}")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False             # the rank-0 step line is the one to read
+    context.execution_options.preserve_order = True  # rows in unit order: a resumable stream
+    if job.pairs:
+        from raydistill.methods.registry import method_spec
+        from raydistill.pairs.format import SCHEMAS
+        from raydistill.pairs.reader import PairShards
 
+        arrays, fields = SCHEMAS[method_spec(job.method).pairs_mode]
+        columns = {name: name for name in (*arrays, *fields) if name != "seed"}
+        return source_stream(PairShards(job.pairs, rank=rank, world=world), columns=columns,
+                             name=job.pairs, **common)
+    from raydistill.data.ray_source import image_source
+
+    return source_stream(image_source(job.data, rank=rank, world=world),
+                         columns={"image": "x", "label": "c"},
+                         name=job.data.path or job.data.source, **common)

@@ -1,8 +1,9 @@
 """One DeepSpeed engine per trainable module, built from the job's `deepspeed:` section.
 
 Everything DeepSpeed-specific but checkpoint files lives here: the generated config, the CPU
-start-up patch, and reading and setting full weights, from ZeRO-3 partitions and the optimizers'
-fp32 master copies (`loop.py` saves and loads each engine's checkpoint).
+start-up patch, the optimizer that skips non-finite gradients where DeepSpeed does not, reading
+and setting full weights (from ZeRO-3 partitions and the optimizers' fp32 master copies), and the
+student's EMA of those master copies (`loop.py` saves and loads each engine's checkpoint).
 """
 
 from __future__ import annotations
@@ -60,14 +61,34 @@ def build_engine(module: nn.Module, job: TrainJob, world_size: int, round_steps:
     if not on_cuda:
         _skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
-    optim = job.optim
-    optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    optim, ds = job.optim, job.deepspeed
+    checks_itself = ds.zero_stage > 0 or ds.precision != "fp32"
+    adamw = torch.optim.AdamW if checks_itself else FiniteAdamW
+    optimizer = adamw(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step % round_steps, optim.warmup_steps, round_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(job, world_size))
     _link_unfused_masters(engine.optimizer)
     return engine
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in `overflow`, which
+    DeepSpeed reads: it counts the step in `skipped_steps` and holds the LR schedule. DeepSpeed's
+    own optimizers (ZeRO 1-3, and any in bf16) check this themselves; at ZeRO-0 in fp32 it hands
+    the step to the torch optimizer unchecked. Every rank sees the same all-reduced gradients, so
+    all skip together. One host sync per step."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        self.overflow = bool(grads) and not bool(
+            torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        return None if self.overflow else super().step(closure)
 
 
 # Attribute linking a parameter to its fp32 copy in DeepSpeed's ZeRO-0 bf16 optimizer.
@@ -144,3 +165,67 @@ def load_full_weights(module: nn.Module, weights: dict[str, Tensor]) -> None:
         param.copy_(value.to(param.dtype))
         _set_fp32_master(param, value.float())
 
+
+
+def master_fragments(module: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """This rank's part of every parameter's fp32 master copy: name -> (a flat fp32 view into the
+    optimizer's own storage, its offset in the flattened parameter). A ZeRO 1-2 partition, ZeRO-0
+    bf16's linked copy, or at ZeRO-0 in fp32 the parameter itself; absent where this rank holds
+    no part of the parameter. No copy, no collective."""
+    fragments = {}
+    for name, param in module.named_parameters():
+        linked = getattr(param, UNFUSED_MASTER, None)
+        if linked is not None:
+            fragments[name] = (linked.view(-1), 0)
+        elif hasattr(param, "ds_id"):
+            raise ValueError("the fp32 master fragments of ZeRO-3 parameters are not supported")
+        elif hasattr(param, "_hp_mapping"):
+            if param._hp_mapping is not None:
+                fragments[name] = (param._hp_mapping.hp_fragment,
+                                   param._hp_mapping.lp_fragment_address.start)
+        else:
+            fragments[name] = (param.detach().view(-1), 0)
+    return fragments
+
+
+class StudentEMA:
+    """An fp32 exponential moving average of the student's fp32 master weights (what the saved
+    student is made of), kept as this rank's fragments of them: no copy of what other ranks hold,
+    no collective per step. Gathered in full only to be saved (ZeRO 0-2)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.shadow = {name: fragment.detach().clone()
+                       for name, (fragment, _) in master_fragments(self.module).items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, (fragment, _) in master_fragments(self.module).items():
+            self.shadow[name].lerp_(fragment, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The module's state dict, fp32 on the CPU, with the averages in place of its parameters.
+        A collective under ZeRO 1-2: every rank must call it."""
+        import deepspeed.comm as ds_comm
+
+        state = {n: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                 .clone() for n, v in self.module.state_dict().items()}
+        offsets = {name: offset for name, (_, offset) in master_fragments(self.module).items()}
+        for name, param in self.module.named_parameters():
+            full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            if name in self.shadow:
+                part = self.shadow[name]
+                full.narrow(0, offsets[name], part.numel()).copy_(part)
+            if hasattr(param, "_hp_mapping"):       # partitioned: the other ranks hold the rest
+                ds_comm.all_reduce(full, group=param._dp_group)
+            state[name] = full.reshape(param.shape).cpu()
+        return state
+
+    @torch.no_grad()
+    def load(self, full: dict[str, Tensor]) -> None:
+        """Take this rank's fragments of full averages (as `state_dict` gives), in place."""
+        for name, (fragment, offset) in master_fragments(self.module).items():
+            self.shadow[name].copy_(full[name].reshape(-1)[offset:offset + fragment.numel()])

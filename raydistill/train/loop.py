@@ -4,7 +4,8 @@ method's math: it asks the method for its modules, phases, rounds and `loss(batc
 A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ranks' files):
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
-    state.json            step, round, skipped micro-batches, resumes, method
+    state.json            step, round, skipped micro-batches and updates, resumes, method
+    streams/rank-<r>.json rank r's data position (epoch, rows consumed in it)
     round_weights.safetensors   from the second round on, the weights it started from (progressive:
                           the round's frozen teacher), so a resumed run rebuilds the same round
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
@@ -14,9 +15,13 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
     student/              the consolidated final student (last checkpoint only)
 
-Non-finite losses: every rank learns whether any rank's loss was non-finite (one all-reduce), and
-all skip that micro-batch together, so collectives stay aligned; `max_nan_steps` in a row stop the
-run with an error naming the step.
+A restored run continues exactly where the checkpoint was taken: the engines' states, the EMA,
+each rank's data position, and the method's draws (seeded per step from (seed, rank, step)).
+
+Non-finite values: every rank learns whether any rank's loss was non-finite (one all-reduce), and
+all skip that micro-batch together, so collectives stay aligned; an update whose gradients are
+non-finite behind a finite loss is skipped by the optimizer (raydistill.train.engine), on every
+rank alike. `max_nan_steps` skips in a row stop the run with an error naming the step.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,16 +44,18 @@ from torch import Tensor
 from raydistill.config import ModelConfig, TrainJob
 from raydistill.methods import Method
 from raydistill.models.checkpoint import build_network, save_checkpoint
-from raydistill.pairs.generate import derive_seed
-from raydistill.train.engine import build_engine, full_state_dict, load_full_weights
+from raydistill.seeds import METHOD_STREAM, derive_seed
+from raydistill.train.engine import StudentEMA, build_engine, full_state_dict, load_full_weights
+from raydistill.train.errors import FatalTrainingError
+from raydistill.train.stream import Position, Stream
 
-METHOD_STREAM = 2                  # (seed, rank, 1) seeds the mixture data stream (driver.py)
 STATE, ROUND_WEIGHTS, EMA_FILE, LOG = "state.json", "round_weights.safetensors", "ema.safetensors", \
     "train_log.jsonl"
+STREAMS = "streams"
 
 
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive non-finite losses."""
+class NonFiniteLoss(FatalTrainingError):
+    """Too many consecutive non-finite losses or gradients."""
 
 
 @dataclass
@@ -66,36 +73,13 @@ class Progress:
     step: int = 0                    # optimizer steps done
     round: int = 0
     nan_skipped: int = 0             # micro-batches skipped for a non-finite loss
+    grad_skipped: int = 0            # updates skipped for non-finite gradients
     resumes: int = 0                 # times the run restarted from a checkpoint
     method: str = ""
 
 
-class StudentEMA:
-    """An fp32 exponential moving average of the student's parameters (ZeRO 0-2: full parameters
-    live on every rank)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.module, self.decay = module, decay
-        self.reset()
-
-    def reset(self) -> None:
-        self.shadow = {n: p.detach().float().clone() for n, p in self.module.named_parameters()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for name, p in self.module.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The module's state dict with the averaged parameters in place of the live ones."""
-        state = {n: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
-                 for n, v in self.module.state_dict().items()}
-        state.update({n: v.cpu().clone() for n, v in self.shadow.items()})
-        return state
-
-
-def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor]],
-               ctx: WorkerContext, student_config: ModelConfig, teacher_fingerprint: str) -> None:
+def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext,
+               student_config: ModelConfig, teacher_fingerprint: str) -> None:
     """Train `method` to the end of its rounds, checkpointing and reporting through `ctx`."""
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
@@ -110,11 +94,8 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     progress = Progress(method=job.method)
     workdir = tempfile.mkdtemp(prefix="raydistill-train-")
     if ctx.restored:
-        progress, round_weights = _restore(ctx.restored, engines, ema, workdir)
+        progress, round_weights = _restore(ctx.restored, engines, ema, stream, ctx.rank, workdir)
         progress.resumes += 1
-    # The method's draws (t, noise, w): stream METHOD_STREAM of (seed, rank), at the step the run
-    # starts from, so a resumed run draws afresh instead of replaying those of step 0.
-    method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
     method.start_round(progress.round, round_weights)
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
@@ -136,13 +117,17 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
             for name, engine in engines.items():
                 engine.save_checkpoint(os.path.join(directory, "engines", name), tag="state")
             weights = final_weights() if final else None
+            averages = ema.state_dict() if ema is not None else None
+            os.makedirs(os.path.join(directory, STREAMS))
+            with open(os.path.join(directory, STREAMS, f"rank-{ctx.rank}.json"), "w") as f:
+                json.dump(asdict(stream.position), f)
             if ctx.rank == 0:
                 with open(os.path.join(directory, STATE), "w") as f:
                     json.dump(asdict(progress), f)
                 if round_weights:
                     save_file(_flatten(round_weights), os.path.join(directory, ROUND_WEIGHTS))
-                if ema is not None:
-                    save_file(ema.shadow, os.path.join(directory, EMA_FILE))
+                if averages is not None:
+                    save_file(averages, os.path.join(directory, EMA_FILE))
                 shutil.copytree(workdir, directory, dirs_exist_ok=True)
                 if final:
                     save_student(os.path.join(directory, "student"),
@@ -168,29 +153,32 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
                 load_full_weights(engines[method.student_module].module,
                                   round_weights[method.student_module])
                 ema.reset()
+        # The method's draws (t, noise, w) for this step: stream METHOD_STREAM of (seed, rank,
+        # step), so a restored run draws what the uninterrupted one would have.
+        method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
         losses = []
         for phase in method.phases():
             engine = engines[phase.module]
             done = 0
             while done < job.deepspeed.grad_accum:
                 wait_start = time.perf_counter()
-                batch = {k: v.to(ctx.device) for k, v in next(batches).items()}
+                batch = {k: v.to(ctx.device) for k, v in next(stream).items()}
                 waited += time.perf_counter() - wait_start
                 out = method.loss(batch, phase)
                 if not _all_finite(out["loss"]):
                     progress.nan_skipped += 1
-                    nan_streak += 1
-                    if nan_streak >= job.max_nan_steps:
-                        raise NonFiniteLoss(
-                            f"step {progress.step + 1}: the loss was non-finite for {nan_streak} "
-                            f"micro-batches in a row (max_nan_steps={job.max_nan_steps}); stopping "
-                            "before a broken checkpoint is written")
+                    nan_streak = _count_streak(nan_streak, job, progress.step)
                     continue
-                nan_streak = 0
                 engine.backward(out["loss"])
+                skipped = engine.skipped_steps
                 engine.step()
                 losses.append(float(out["loss"].detach()))
                 done += 1
+                if engine.skipped_steps > skipped:
+                    progress.grad_skipped += 1
+                    nan_streak = _count_streak(nan_streak, job, progress.step)
+                else:
+                    nan_streak = 0
         progress.step += 1
         window_steps += 1
         if ema is not None:
@@ -206,8 +194,8 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
                    "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
                    "data_wait": waited / max(now - window_start, 1e-9),
-                   "nan_skipped": progress.nan_skipped, "resumes": progress.resumes,
-                   "elapsed_s": now - started}
+                   "nan_skipped": progress.nan_skipped, "grad_skipped": progress.grad_skipped,
+                   "resumes": progress.resumes, "elapsed_s": now - started}
         window_start, window_steps, waited = now, 0, 0.0
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
@@ -226,7 +214,18 @@ def run_worker(job: TrainJob, method: Method, batches: Iterator[dict[str, Tensor
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str):
+def _count_streak(streak: int, job: TrainJob, step: int) -> int:
+    """One more skipped micro-batch in a row; `max_nan_steps` of them stop the run."""
+    streak += 1
+    if streak >= job.max_nan_steps:
+        raise NonFiniteLoss(
+            f"step {step + 1}: {streak} micro-batches in a row had a non-finite loss or gradients "
+            f"(max_nan_steps={job.max_nan_steps}); stopping before a broken checkpoint is written")
+    return streak
+
+
+def _restore(directory: str, engines: dict, ema: StudentEMA | None, stream: Stream, rank: int,
+             workdir: str) -> tuple[Progress, dict[str, dict[str, Tensor]]]:
     with open(os.path.join(directory, STATE)) as f:
         progress = Progress(**json.load(f))
     for name, engine in engines.items():
@@ -235,8 +234,12 @@ def _restore(directory: str, engines: dict, ema: StudentEMA | None, workdir: str
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint for module {name}")
         engine.load_checkpoint(saved, tag="state")
     if ema is not None:
-        for name, value in load_file(os.path.join(directory, EMA_FILE)).items():
-            ema.shadow[name].copy_(value)          # in place: keeps the device
+        ema.load(load_file(os.path.join(directory, EMA_FILE)))
+    position = os.path.join(directory, STREAMS, f"rank-{rank}.json")
+    if not os.path.isfile(position):
+        raise FileNotFoundError(f"{directory}: no data position for rank {rank}")
+    with open(position) as f:
+        stream.restore(Position(**json.load(f)))
     for item in (LOG, "rounds"):
         source = os.path.join(directory, item)
         if os.path.isdir(source):
