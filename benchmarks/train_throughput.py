@@ -10,7 +10,7 @@ progressive distillation under CFG (w = 1) toward a 4-step student, batch 32, 1 
      DeepSpeed engine at world size 1 (ZeRO-0 and ZeRO-2), without Ray;
   2. `raydistill train` with 1 worker from the same precomputed target shards (Ray Data streaming)
      -- goal >= 0.85x the bare loop. One worker runs ZeRO-0: ZeRO partitions state across ranks,
-     and with one rank stage 2 only adds the copy into its fp32 partition (step 1 measures what
+     and with one rank ZeRO-2 only adds the copy into its fp32 partition (step 1 measures what
      that costs);
   3. `raydistill train` with 1 worker and the teacher inline on real digits -- the pairs / inline
      ratio against the ideal ratio of (1), goal >= 0.9x that ideal;

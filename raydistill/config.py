@@ -69,7 +69,7 @@ class UNetConfig:
     num_res_blocks: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [8])
     num_classes: int = 10            # the null class for CFG is added on top
-    w_embedding: bool = False        # Meng et al. stage-1 students take w as an input
+    w_embedding: bool = False        # guided students (Meng et al.) take w as an input
     dropout: float = 0.0
 
     def validate(self) -> None:
@@ -142,7 +142,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Real images x in [-1, 1] (and class labels) for teachers, stage-1 targets and classifiers.
+    """Real images x in [-1, 1] (and class labels) for teachers, guided targets and classifiers.
 
     digits: scikit-learn's 8x8 digits; npz: arrays `images` ([N,H,W] or [N,C,H,W], uint8 in
     0..255 or float in [0, 1] / [-1, 1]) and optional integer `labels`; folder: PNG/JPEG files,

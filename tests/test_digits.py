@@ -70,7 +70,7 @@ def test_sample_verb_writes_a_grid(smoke_run, capsys):
 
 
 def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
-    """A stage-1 student takes w as an input (one call), not classifier-free guidance."""
+    """A guided student takes w as an input (one call), not classifier-free guidance."""
     from raydistill.config import ModelConfig, UNetConfig
     from raydistill.diffusion import CFG
     from raydistill.models import build_network, save_checkpoint

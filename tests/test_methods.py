@@ -1,4 +1,4 @@
-"""Guided (stage 1) and progressive distillation on the analytic teacher, with MLP students trained
+"""Guided and progressive distillation on the analytic teacher, with MLP students trained
 by a plain Adam loop (the method math alone; the Ray Train + DeepSpeed loop is tested elsewhere)."""
 
 import copy
@@ -54,7 +54,7 @@ def fit(method, mixture, *, lr=1e-2, batch=256):
 
 
 @pytest.fixture(scope="module")
-def stage1(oracle):
+def guided_student(oracle):
     mixture, teacher = oracle
     net, config = student()
     method = GuidedDistillation(teacher=teacher, student=net, student_config=config, schedule=SCHEDULE,
@@ -67,12 +67,12 @@ def relative_error(student_x, teacher_x):
     return float((student_x - teacher_x).norm() / teacher_x.norm())
 
 
-def test_stage1_student_matches_the_cfg_teacher_over_the_w_range(oracle, stage1):
+def test_guided_student_matches_the_cfg_teacher_over_the_w_range(oracle, guided_student):
     mixture, teacher = oracle
-    net, config = stage1
+    net, config = guided_student
     student_denoiser = ModelDenoiser(net, SCHEDULE, config.prediction)
     g = torch.Generator().manual_seed(7)
-    print("\nstage 1: relative x_hat error against the CFG teacher (t ~ U[0.05, 1])")
+    print("\nguided: relative x_hat error against the CFG teacher (t ~ U[0.05, 1])")
     for w in (0.0, 1.0, 2.0, 3.0):
         c = torch.randint(0, 3, (4096,), generator=g)
         t = 0.05 + 0.95 * torch.rand(4096, generator=g)
@@ -86,20 +86,20 @@ def test_stage1_student_matches_the_cfg_teacher_over_the_w_range(oracle, stage1)
         assert err < 0.08
 
 
-def test_progressive_rounds_reproduce_the_sampler_they_distil(oracle, stage1):
-    """Meng et al.'s second stage on the oracle: the stage-1 student sampled with 16 DDIM steps,
+def test_progressive_rounds_reproduce_the_sampler_they_distil(oracle, guided_student):
+    """Meng et al.'s Sec. 3.2 on the oracle: the guided student sampled with 16 DDIM steps,
     halved 16 -> 8 -> 4 -> 2 -> 1. What the rounds distil is that 16-step sampler, so each round's
     student, sampled with its N steps, is measured against the 16-step samples of the same noise,
-    c and w, beside N-step DDIM of the same stage-1 student: at 8 steps DDIM is itself close, at
+    c and w, beside N-step DDIM of the same guided student: at 8 steps DDIM is itself close, at
     4 steps and fewer the students must be far closer than DDIM. (An earlier version measured
-    against the exact teacher's 256-step ODE, which mixes in the stage-1 student's own 16-step
+    against the exact teacher's 256-step ODE, which mixes in the guided student's own 16-step
     error: it held for one training seed only.)"""
     mixture, exact = oracle
-    stage1_net, config = stage1
-    net = copy.deepcopy(stage1_net).train()
-    stage1_denoiser = ModelDenoiser(stage1_net, SCHEDULE, config.prediction)
+    guided_net, config = guided_student
+    net = copy.deepcopy(guided_net).train()
+    guided_denoiser = ModelDenoiser(guided_net, SCHEDULE, config.prediction)
     method = ProgressiveDistillation(
-        teacher=stage1_denoiser, student=net, student_config=config, schedule=SCHEDULE,
+        teacher=guided_denoiser, student=net, student_config=config, schedule=SCHEDULE,
         guidance=W_RANGE, halving=HalvingConfig(start_steps=16, end_steps=1, steps_per_round=500))
     assert round_steps(HalvingConfig(start_steps=16, end_steps=1)) == [8, 4, 2, 1]
     snapshots = fit(method, mixture, lr=2e-3)
@@ -107,12 +107,12 @@ def test_progressive_rounds_reproduce_the_sampler_they_distil(oracle, stage1):
     noise = torch.randn(2048, 2, generator=g)
     cond = {"c": torch.randint(0, 3, (2048,), generator=g), "w": 3.0 * torch.rand(2048, generator=g)}
     with torch.no_grad():
-        reference = sample(stage1_denoiser, noise, cond, SCHEDULE, steps=16)
+        reference = sample(guided_denoiser, noise, cond, SCHEDULE, steps=16)
         exact_ode = sample(exact, noise, cond, SCHEDULE, steps=256)
         rms = lambda a, b=reference: float((a - b).pow(2).sum(1).mean().sqrt())    # noqa: E731
-        print(f"\nRMS distance to the stage-1 student's 16-step DDIM (which is "
+        print(f"\nRMS distance to the guided student's 16-step DDIM (which is "
               f"{rms(reference, exact_ode):.4f} from the exact teacher's 256-step ODE)\n"
-              "steps  student  DDIM(stage-1 student)  ratio  | student vs exact ODE")
+              "steps  student  DDIM(guided student)  ratio  | student vs exact ODE")
         bounds = {8: 1.0, 4: 0.45, 2: 0.25, 1: 0.15}
         for n, weights in zip(method.round_steps, snapshots):
             round_net = copy.deepcopy(net)
@@ -120,7 +120,7 @@ def test_progressive_rounds_reproduce_the_sampler_they_distil(oracle, stage1):
             student_x = sample(ModelDenoiser(round_net.eval(), SCHEDULE, config.prediction), noise,
                                cond, SCHEDULE, steps=n)
             student_err = rms(student_x)
-            ddim_err = rms(sample(stage1_denoiser, noise, cond, SCHEDULE, steps=n))
+            ddim_err = rms(sample(guided_denoiser, noise, cond, SCHEDULE, steps=n))
             print(f"{n:5d}  {student_err:7.4f}  {ddim_err:21.4f}  {student_err / ddim_err:5.2f}  | "
                   f"{rms(student_x, exact_ode):.4f}")
             assert student_err / ddim_err < bounds[n]
@@ -150,14 +150,14 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
 
 
-def test_stochastic_variant_samples_the_teacher_distribution(oracle, stage1):
+def test_stochastic_variant_samples_the_teacher_distribution(oracle, guided_student):
     """Meng's stochastic sampler: rounds 8 -> 4 -> 2 trained for 2/N jumps; the 2-step stochastic
     samples of each class fit the exact teacher's sample distribution far better than 2-step DDIM."""
     mixture, exact = oracle
-    stage1_net, config = stage1
-    net = copy.deepcopy(stage1_net).train()
+    guided_net, config = guided_student
+    net = copy.deepcopy(guided_net).train()
     method = ProgressiveDistillation(
-        teacher=ModelDenoiser(stage1_net, SCHEDULE, config.prediction), student=net,
+        teacher=ModelDenoiser(guided_net, SCHEDULE, config.prediction), student=net,
         student_config=config, schedule=SCHEDULE, guidance=W_RANGE,
         halving=HalvingConfig(start_steps=8, end_steps=2, steps_per_round=500, stochastic=True))
     fit(method, mixture, lr=2e-3)
@@ -177,19 +177,19 @@ def test_stochastic_variant_samples_the_teacher_distribution(oracle, stage1):
             print(f"  w={w:.0f} c={c}: stochastic student {fd_ours:.4f}, DDIM(exact) {fd_ddim:.4f}")
             assert fd_ours < 0.25 * fd_ddim
     # The sampler's first move is a DDIM jump of 2/N = 1 from t = 1 straight to t = 0, which only a
-    # student trained for 2/N jumps makes well: it must land near the 8-step DDIM of the stage-1
+    # student trained for 2/N jumps makes well: it must land near the 8-step DDIM of the guided
     # student the rounds distil. (A deterministic 2-step student, trained for 1/N jumps, lands 1.1
     # away, 0.57 of 1-step DDIM's distance; this student about 0.25, 0.13 of it.)
     noise = torch.randn(4000, 2, generator=g)
     cond = {"c": torch.randint(0, 3, (4000,), generator=g), "w": 3.0 * torch.rand(4000, generator=g)}
     jump = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    stage1_denoiser = ModelDenoiser(stage1_net, SCHEDULE, config.prediction)
+    guided_denoiser = ModelDenoiser(guided_net, SCHEDULE, config.prediction)
     with torch.no_grad():
-        reference = sample(stage1_denoiser, noise, cond, SCHEDULE, steps=8)
+        reference = sample(guided_denoiser, noise, cond, SCHEDULE, steps=8)
         rms = lambda a: float((a - reference).pow(2).sum(1).mean().sqrt())    # noqa: E731
         ours = rms(ddim(student, noise, jump, cond, SCHEDULE))
-        one_step = rms(ddim(stage1_denoiser, noise, jump, cond, SCHEDULE))
-    print(f"jump 1 -> 0: RMS to the stage-1 student's 8-step DDIM {ours:.4f}; its 1-step DDIM "
+        one_step = rms(ddim(guided_denoiser, noise, jump, cond, SCHEDULE))
+    print(f"jump 1 -> 0: RMS to the guided student's 8-step DDIM {ours:.4f}; its 1-step DDIM "
           f"{one_step:.4f}")
     assert ours < 0.3 * one_step
 

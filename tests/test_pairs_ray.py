@@ -301,7 +301,7 @@ def test_readers_split_ranks_and_agree_with_ray_data(smoke_ode):
 
 
 def test_guided_targets_from_the_smoke_digits_teacher(tmp_path):
-    """Stage-1 targets on real digits from the trained smoke teacher: x_hat_w(z_t, c), recomputed."""
+    """Guided targets on real digits from the trained smoke teacher: x_hat_w(z_t, c), recomputed."""
     from raydistill.diffusion import cfg_x
     from raydistill.models import load_checkpoint
 

@@ -1,5 +1,5 @@
 """Image sources (digits, npz arrays, image folders): every consumer of real data (teacher
-training, stage-1 targets, classifiers) reads through `load_images(config)`, which returns a
+training, guided targets, classifiers) reads through `load_images(config)`, which returns a
 train / held-out Split of images in [-1, 1] at the configured resolution and channel count, with
 labels.
 

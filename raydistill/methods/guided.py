@@ -1,4 +1,4 @@
-"""Guided distillation (Meng et al., CVPR 2023, Sec. 3.1: their first stage).
+"""Guided distillation (Meng et al., CVPR 2023, Sec. 3.1).
 
 Notation: x real data with class c; w the guidance strength; t ~ U(0, 1]; z_t = alpha_t x + sigma_t xi;
 teacher x_hat_theta; student x_hat_eta(z_t, c, w), one network evaluation instead of two.

@@ -1,5 +1,5 @@
-"""Progressive distillation (Salimans & Ho, ICLR 2022, Alg. 2), also Meng et al.'s second stage on a
-w-conditioned student, with their stochastic-sampler variant.
+"""Progressive distillation (Salimans & Ho, ICLR 2022, Alg. 2), also Meng et al.'s Sec. 3.2 on a
+w-conditioned (guided) student, with their stochastic-sampler variant.
 
 Notation: a round distils a 2N-step teacher x_hat_eta1 into an N-step student x_hat_eta2 (initialised
 from the teacher). t = i/N with i ~ U{1..N}; z_t = alpha_t x + sigma_t xi; the teacher takes two DDIM

@@ -2,7 +2,7 @@
 must train students in seconds on a CPU.
 
 It sees z_t flattened, Fourier features of t, a class embedding with a null row (NULL_CLASS, for
-classifier-free guidance) and, for w-conditioned students (Meng et al. stage 1), Fourier features of
+classifier-free guidance) and, for w-conditioned students (guided students, Meng et al.), Fourier features of
 w through a zero-initialised layer (the same conditioning as the UNet). Output has z_t's shape.
 """
 

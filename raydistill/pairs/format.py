@@ -10,9 +10,11 @@ pickle) and `<key>.json` (scalars). Schemas per mode:
 | `progressive` | `z_t`, `target`   | `c`, `w`, `t`, `N`, `seed` |
 
 `ode`: image = the teacher's ODE solution from noise z_1 under guidance w (class c). `guided`:
-target = x_hat_w(z_t, c), the guided teacher's prediction (Meng stage 1). `progressive`: target =
-x_tilde, the x for which one DDIM step of 1/N from z_t equals two teacher steps of 1/(2N). `c = -1`
-is the null class. Tar members carry fixed metadata, so regenerating a shard gives the same bytes.
+target = x_hat_w(z_t, c), the guided teacher's prediction (methods.guided.guided_target).
+`progressive`: target = x_tilde, the x_hat for which one student DDIM step from z_t lands where the
+teacher's own steps do (methods.progressive.halving_target: a jump of 1/N, or 2/N for Meng et
+al.'s stochastic sampler). `c = -1` is the null class. Tar members carry fixed metadata, so
+regenerating a shard gives the same bytes.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def gathered(module: nn.Module):
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """The module's whole state dict as fp32 CPU tensors. Parameters an engine's optimizer keeps
-    an fp32 master copy of (ZeRO 1-3, and bf16 at any stage: see `fp32_master`) come from that
+    an fp32 master copy of (ZeRO 1-3, and bf16 at any ZeRO stage: see `fp32_master`) come from that
     copy, not from the module's own, possibly bf16, weights. A collective under ZeRO: every rank
     must call it."""
     with gathered(module):
