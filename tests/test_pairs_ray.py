@@ -52,6 +52,15 @@ def smoke_ode(tmp_path_factory):
     return out
 
 
+def flip_byte(path: str, offset: int = 3000) -> None:
+    """Alter one byte of a file in place: its size stays, only a checksum can tell."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def test_smoke_ode_pairs_are_the_solver_output(smoke_ode, capsys):
     assert main(["verify", smoke_ode]) == 0
     assert "verify: ok" in capsys.readouterr().out
@@ -137,11 +146,7 @@ def test_verify_repair_regenerates_shards_whose_checksum_fails(smoke_ode, tmp_pa
     out = str(tmp_path / "copy")
     subprocess.run(["cp", "-r", smoke_ode, out], check=True)
     before = Manifest.read(Location.parse(out)).rows
-    with open(os.path.join(out, shard_name(2)), "r+b") as f:
-        f.seek(3000)
-        byte = f.read(1)
-        f.seek(3000)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(os.path.join(out, shard_name(2)))
     os.remove(os.path.join(out, shard_name(0)))
     capsys.readouterr()
     assert main(["verify", out]) == 1
@@ -178,11 +183,7 @@ def test_verify_and_reader_catch_bad_shards(smoke_ode, tmp_path, capsys):
     truncated, altered = os.path.join(out, shard_name(0)), os.path.join(out, shard_name(2))
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) // 2)
-    with open(altered, "r+b") as f:
-        f.seek(3000)
-        byte = f.read(1)
-        f.seek(3000)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(altered)
     os.remove(os.path.join(out, shard_name(3)))
     capsys.readouterr()
     assert main(["verify", out]) == 1
