@@ -29,7 +29,7 @@ from raydistill.diffusion.parameterization import (
     x_from_v,
     x_jacobian,
 )
-from raydistill.diffusion.progressive import progressive_target, stochastic_sample, two_step_target
+from raydistill.diffusion.progressive import jump_target, progressive_target, stochastic_sample
 from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Schedule, uniform_t
 from raydistill.diffusion.solvers import (
     SOLVERS,
@@ -67,6 +67,7 @@ __all__ = [
     "fourier_embedding",
     "cfg_x",
     "heun",
+    "jump_target",
     "loss_weight",
     "null_cond",
     "prediction_from_x",
@@ -76,7 +77,6 @@ __all__ = [
     "solve",
     "stochastic_sample",
     "time_grid",
-    "two_step_target",
     "uniform_t",
     "v_from_eps",
     "v_from_x",

@@ -29,23 +29,14 @@ def progressive_target(
     return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
 
 
-def two_step_target(
-    teacher: Denoiser, z_t: Tensor, t: Tensor, cond: Cond, schedule: Schedule, student_steps: int
-) -> Tensor:
-    """The progressive target for a student with `student_steps` steps at per-sample times t [B].
-
-    The teacher takes two DDIM steps of 1/(2N); call under no_grad when the teacher is frozen.
-    """
-    return jump_target(teacher, z_t, t, t - 1.0 / student_steps, cond, schedule, teacher_steps=2)
-
-
 def jump_target(
     teacher: Denoiser, z_t: Tensor, t: Tensor, s: Tensor, cond: Cond, schedule: Schedule, *,
     teacher_steps: int,
 ) -> Tensor:
     """The x_hat that takes one DDIM step from z_t (time t [B]) to where `teacher_steps` equal
-    teacher DDIM steps from t land at time s [B]: two_step_target's x_tilde for any jump (Meng et
-    al.'s stochastic sampler needs the student to jump 2/N for t > 1/N)."""
+    teacher DDIM steps from t land at time s [B]: x_tilde for any jump. Salimans & Ho's target is
+    s = t - 1/N with two teacher steps; Meng et al.'s stochastic sampler needs the student to jump
+    2/N for t > 1/N. Call under no_grad when the teacher is frozen."""
     z, here = z_t, t
     for k in range(1, teacher_steps + 1):
         there = t + (s - t) * (k / teacher_steps)
