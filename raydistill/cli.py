@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "classifier directory to write")
     p.set_defaults(handler=cmd_classifier)
 
-    p = verbs.add_parser("sample", help="write a PNG grid of class-conditional samples")
+    p = verbs.add_parser("sample", help="class-conditional samples as a PNG grid or .npz arrays")
     p.add_argument("--checkpoint", required=True, help="teacher or student checkpoint directory")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True,
+                   help="FILE.png: a grid, one row per class; FILE.npz: uint8 images [N,H,W,C] as "
+                        "arr_0 and labels as arr_1 (guided-diffusion's evaluator layout)")
     p.add_argument("--steps", type=int, help="solver steps (default: a distilled student's own "
                                              "step count, else 64)")
     p.add_argument("--w", type=float, help="guidance strength, 0 = conditional (default: the one "
@@ -137,7 +139,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from raydistill.devices import resolve_device
     from raydistill.models import load_checkpoint, load_classifier
-    from raydistill.sampling import sample_classes, save_grid
+    from raydistill.sampling import sample_classes, save_arrays, save_grid
 
     fields = {"steps": 1 if args.steps is None else args.steps,
               "w": 1.0 if args.w is None else args.w, "solver": args.solver,
@@ -150,8 +152,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--checkpoint", f"no such directory: {args.checkpoint}")
     if args.classifier and not os.path.isdir(args.classifier):
         raise ConfigError("--classifier", f"no such directory: {args.classifier}")
-    if not args.out.lower().endswith(".png"):
-        raise ConfigError("--out", f"must be a .png file, got {args.out}")
+    if not args.out.lower().endswith((".png", ".npz")):
+        raise ConfigError("--out", f"must be a .png (grid) or .npz (arrays) file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
     distilled = checkpoint.distilled_sampler
@@ -177,7 +179,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
                                     seed=args.seed, stochastic=stochastic, device=device)
-    save_grid(images, model.unet.num_classes, args.out)
+    if args.out.lower().endswith(".npz"):
+        save_arrays(images, labels, args.out)
+    else:
+        save_grid(images, model.unet.num_classes, args.out)
     how = "stochastic" if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"

@@ -1,10 +1,13 @@
-"""Class-conditional sample grids: one row per class, written as PNG."""
+"""Class-conditional samples, written as a PNG grid (one row per class) or as arrays: an .npz with
+uint8 images [N, H, W, C] as `arr_0` and labels as `arr_1`, the layout the guided-diffusion
+evaluation suite (openai/guided-diffusion's evaluations/evaluator.py) reads."""
 
 from __future__ import annotations
 
 import io
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +43,11 @@ def sample_classes(
     return images.clamp(-1, 1).cpu(), labels.cpu()
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """Images [N, C, H, W] in [-1, 1] as uint8 pixels in 0..255 (clamped, rounded), on the CPU."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def grid_png(images: Tensor, rows: int, *, scale: int = 4) -> bytes:
     """PNG bytes of images [N, C, H, W] in [-1, 1] tiled into `rows` rows (nearest upscaling)."""
     from matplotlib.image import imsave
@@ -51,7 +59,7 @@ def grid_png(images: Tensor, rows: int, *, scale: int = 4) -> bytes:
         r, col = divmod(i, cols)
         top, left = 1 + r * (h + 1), 1 + col * (w + 1)
         canvas[:, top:top + h, left:left + w] = image
-    pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = to_uint8(canvas[None])[0]
     pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     if c == 1:
@@ -65,3 +73,14 @@ def save_grid(images: Tensor, rows: int, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(grid_png(images, rows))
+
+
+def save_arrays(images: Tensor, labels: Tensor, path: str) -> None:
+    """images [N, C, H, W] in [-1, 1] and labels [N] as an .npz: `arr_0` uint8 [N, H, W, C],
+    `arr_1` int64 [N]. Written under a temporary name and renamed, so a partial file never looks
+    complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        np.savez(f, to_uint8(images).permute(0, 2, 3, 1).numpy(), labels.cpu().long().numpy())
+    os.replace(partial, path)

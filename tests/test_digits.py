@@ -4,6 +4,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,27 @@ def test_sample_verb_writes_a_grid(smoke_run, capsys):
     stochastic = str(out / "stochastic.png")
     assert main(["sample", "--checkpoint", teacher, "--steps", "4", "--stochastic",
                  "--per-class", "1", "--out", stochastic]) == 0
+
+
+def test_sample_verb_writes_arrays_in_the_evaluation_suites_layout(smoke_run):
+    """--out FILE.npz: uint8 [N, H, W, C] images as arr_0 (the same samples a grid shows, at the
+    same seed) and their labels as arr_1."""
+    out, teacher, _ = smoke_run
+    arrays = str(out / "samples.npz")
+    assert main(["sample", "--checkpoint", teacher, "--steps", "4", "--w", "2", "--per-class",
+                 "3", "--seed", "5", "--out", arrays]) == 0
+    with np.load(arrays) as saved:
+        images, labels = saved["arr_0"], saved["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (30, 16, 16, 1)
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    checkpoint = load_checkpoint(teacher)
+    want, _ = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule, shape=(1, 16, 16),
+                             num_classes=10, sampler=SamplerConfig(steps=4, w=2.0, per_class=3),
+                             seed=5)
+    pixels = ((want.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(images, pixels.astype(np.uint8))
+    assert images.min() < 40 and images.max() > 215       # dark background, bright strokes
+    assert main(["sample", "--checkpoint", teacher, "--out", str(out / "samples.jpg")]) == 2
 
 
 def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
