@@ -338,7 +338,8 @@ class PairsJob:
     solver: SolverConfig = field(default_factory=SolverConfig)   # ode mode
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
     student_steps: int = 0           # progressive mode: targets for an N-step student
-    stochastic: bool = False         # progressive mode: for Meng et al.'s stochastic sampler (2/N)
+    stochastic: bool = False         # Meng et al.'s stochastic sampler: ode mode samples with it
+                                     # (solver.steps), progressive mode makes its 2/N targets
     force_sampler: bool = False      # ode mode: sample a distilled student off its own sampler
     num_shards: int = 8
     samples_per_shard: int = 256
@@ -354,8 +355,8 @@ class PairsJob:
                     f"must be positive in progressive mode, got {self.student_steps}")
             require(_is_power_of_two(self.student_steps), "student_steps",
                     f"must be a power of two for halving, got {self.student_steps}")
-        require(not self.stochastic or self.mode == "progressive", "stochastic",
-                "only applies to progressive targets (mode: progressive)")
+        require(not self.stochastic or self.mode != "guided", "stochastic",
+                "applies to ode pairs and progressive targets, not to mode guided")
 
 
 @dataclass

@@ -35,8 +35,9 @@ def sample_classes(
     labels = labels.to(device)
     cond = {"c": labels, "w": torch.full((len(labels),), float(sampler.w), device=device)}
     if stochastic:
+        xi = torch.randn(len(labels), sampler.steps - 1, *shape, generator=generator)
         images = stochastic_sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
-                                   generator=torch.Generator(device).manual_seed(seed + 1))
+                                   xi=xi.to(device))
     else:
         images = sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
                         solver=sampler.solver, spacing=sampler.spacing)

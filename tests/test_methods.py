@@ -171,7 +171,7 @@ def test_stochastic_variant_samples_the_teacher_distribution(oracle, guided_stud
             with torch.no_grad():
                 reference = sample(exact, noise, cond, SCHEDULE, steps=256)
                 ours = stochastic_sample(student, torch.randn(4000, 2, generator=g), cond, SCHEDULE,
-                                         steps=2, generator=g)
+                                         steps=2, xi=torch.randn(4000, 1, 2, generator=g))
                 ddim_x = sample(exact, noise, cond, SCHEDULE, steps=2)
             fd_ours, fd_ddim = frechet(ours, reference), frechet(ddim_x, reference)
             print(f"  w={w:.0f} c={c}: stochastic student {fd_ours:.4f}, DDIM(exact) {fd_ddim:.4f}")

@@ -10,7 +10,7 @@ import torch
 
 from raydistill.config import ConfigError, PairsJob, from_dict
 from raydistill.diffusion import CFG, cfg_x, sample
-from raydistill.diffusion.progressive import jump_target
+from raydistill.diffusion.progressive import jump_target, stochastic_sample
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
 from raydistill.pairs.generate import ShardMaker
@@ -122,6 +122,32 @@ def test_shards_regenerate_identically_and_independently_of_batching():
     assert len(set(a["seed"].tolist())) == 12
     other = ShardMaker(job(), teacher).make(4)
     assert not np.allclose(a["noise"], other["noise"])
+
+
+def test_stochastic_ode_pairs_draw_each_samples_renoise_from_its_own_seed():
+    """ode pairs with stochastic: true are Meng et al.'s sampler from the stored noise, its re-noise
+    drawn from the sample's own seed (after c, w and noise): the same images at any batch size,
+    and not the deterministic ones."""
+    spec = job(stochastic=True, solver={"steps": 4})
+    teacher = load_teacher(spec.teacher)
+    cols = {k: torch.as_tensor(v) for k, v in ShardMaker(spec, teacher).make(2).items()}
+    want = []
+    for i in range(12):
+        g = torch.Generator().manual_seed(int(cols["seed"][i]))
+        c, w = torch.randint(0, 3, (1,), generator=g), 3.0 * torch.rand((1,), generator=g)
+        noise = torch.randn(1, 2, 2, 2, generator=g)
+        assert int(c) == int(cols["c"][i]) and torch.equal(noise, cols["noise"][i:i + 1])
+        xi = torch.randn(1, 3, 2, 2, 2, generator=g)
+        with torch.no_grad():
+            want.append(stochastic_sample(teacher.w_denoiser, noise, {"c": c, "w": w},
+                                          teacher.denoiser.schedule, steps=4, xi=xi)[0])
+    torch.testing.assert_close(cols["image"], torch.stack(want).float(), rtol=0, atol=1e-5)
+    rebatched = ShardMaker(dataclasses.replace(spec, batch_size=12), teacher).make(2)
+    np.testing.assert_allclose(rebatched["image"], cols["image"], rtol=0, atol=1e-6)
+    deterministic = ShardMaker(job(solver={"steps": 4}), teacher).make(2)
+    assert np.abs(deterministic["image"] - cols["image"].numpy()).max() > 0.1
+    with pytest.raises(ConfigError, match="stochastic: applies to ode pairs and progressive"):
+        job("guided", stochastic=True)
 
 
 @pytest.mark.parametrize("mode, overrides", [("ode", {}), ("guided", {}), ("progressive", {}),

@@ -82,7 +82,8 @@ def test_stochastic_sampler_follows_its_exact_gaussian_recursion(schedule):
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(400_000, 1, generator=g, dtype=torch.float64)
     cond = {"c": torch.zeros(len(noise), dtype=torch.long)}
-    x = stochastic_sample(exact, noise, cond, schedule, steps=4, generator=g)
+    x = stochastic_sample(exact, noise, cond, schedule, steps=4,
+                         xi=torch.randn(len(noise), 3, 1, generator=g, dtype=torch.float64))
     want_mean, want_var = recursion(4, back=2)
     ddim_x = sample(exact, noise, cond, schedule, steps=4)
     one_back_var = recursion(4, back=1)[1]

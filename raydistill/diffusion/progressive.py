@@ -55,16 +55,20 @@ def stochastic_sample(
     schedule: Schedule,
     *,
     steps: int,
-    generator: torch.Generator | None = None,
+    xi: Tensor,
 ) -> Tensor:
     """Meng et al. (2023, Sec. 4) stochastic N-step sampling of a distilled student.
 
     From t = i/N (i > 1): one deterministic DDIM step of 2/N to u = (i-2)/N, then forward diffusion
     back to s = (i-1)/N: z_s = (alpha_s / alpha_u) z_u + sigma_{s|u} xi. The last step (t = 1/N) is
-    plain DDIM.
+    plain DDIM. `xi` [B, N - 1, *sample shape] holds each sample's standard normal re-noise draws,
+    the first for t = 1, so a sample depends on its own draws only, never on its batch.
     """
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    if xi.shape != (noise.shape[0], steps - 1, *noise.shape[1:]):
+        raise ValueError(f"xi must have shape {(noise.shape[0], steps - 1, *noise.shape[1:])}, "
+                         f"got {tuple(xi.shape)}")
     z = noise
     batch = z.shape[0]
     for i in range(steps, 0, -1):
@@ -79,6 +83,5 @@ def stochastic_sample(
                           alpha_s=alpha_u, sigma_s=sigma_u)
         alpha_su = alpha_s / alpha_u
         sigma_su = (sigma_s**2 - alpha_su**2 * sigma_u**2).clamp(min=0).sqrt()
-        xi = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        z = alpha_su * z_u + sigma_su * xi
+        z = alpha_su * z_u + sigma_su * xi[:, steps - i].to(z)
     return z

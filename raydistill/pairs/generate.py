@@ -13,6 +13,7 @@ from torch import Tensor
 
 from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
+from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.schedule import uniform_t
 from raydistill.diffusion.solvers import sample
 from raydistill.methods.guided import guided_target
@@ -65,6 +66,8 @@ class ShardMaker:
                    * torch.rand((), generator=g)}
             if job.mode == "ode":
                 row["noise"] = torch.randn(self.shape, generator=g)
+                if job.stochastic:
+                    row["xi"] = torch.randn(job.solver.steps - 1, *self.shape, generator=g)
             else:
                 row["x"] = self._draw_x(row["c"], g)
                 row["eps"] = torch.randn(self.shape, generator=g)
@@ -96,6 +99,10 @@ class ShardMaker:
     def _compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         job = self.job
         cond = {"c": batch["c"], "w": batch["w"]}
+        if job.mode == "ode" and job.stochastic:
+            image = stochastic_sample(self.teacher, batch["noise"], cond, self.schedule,
+                                      steps=job.solver.steps, xi=batch["xi"])
+            return {"noise": batch["noise"], "image": image}
         if job.mode == "ode":
             image = sample(self.teacher, batch["noise"], cond, self.schedule, steps=job.solver.steps,
                            solver=job.solver.solver, spacing=job.solver.spacing)

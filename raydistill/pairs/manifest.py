@@ -8,7 +8,9 @@ filling the defaults of fields added since, and older formats are migrated expli
     1 (no `format` key)   no `stochastic` (its progressive targets were all deterministic) and no
                           `teacher_steps`
     raydistill-pairs/2    `stochastic` (progressive mode) and `teacher_steps`: the step count of a
-                          teacher that is itself a progressive student, else null
+                          teacher that is itself a progressive student, else null; since ode
+                          pairs can come from the stochastic sampler, ode identities record
+                          `stochastic` too (absent: false, as every earlier ode set was made)
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
         identity["data"] = asdict(job.data)
     if job.mode == "progressive":
         identity["student_steps"] = job.student_steps
+    if job.mode != "guided":
         identity["stochastic"] = job.stochastic
     return identity
 
@@ -77,8 +80,8 @@ def _migrate(run: dict) -> dict:
     identity = dict(run["identity"])
     if "format" not in run:
         identity.setdefault("teacher_steps", None)
-        if identity["mode"] == "progressive":
-            identity.setdefault("stochastic", False)
+    if identity["mode"] != "guided":
+        identity.setdefault("stochastic", False)
     for key, section in SECTIONS.items():
         if key in identity:
             identity[key] = asdict(section(**identity[key]))      # flat; no validation on read

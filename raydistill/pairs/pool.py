@@ -48,7 +48,7 @@ def teacher_work(job: PairsJob, teacher_is_stochastic: bool) -> tuple[str, int]:
     teacher's DDIM steps per 1/N of the student's time (a stochastic student's 2/N jumps take
     twice as many)."""
     if job.mode == "ode":
-        return job.solver.solver, job.solver.steps
+        return "stochastic" if job.stochastic else job.solver.solver, job.solver.steps
     if job.mode == "progressive":
         return "ddim", 1 if teacher_is_stochastic else 2
     return "x_hat", 1                           # one guided teacher prediction
@@ -63,10 +63,10 @@ def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
     if job.mode == "ode":
         solver = job.solver
         teacher.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
-                              stochastic=False, force=job.force_sampler,
+                              stochastic=job.stochastic, force=job.force_sampler,
                               force_key="force_sampler=true",
                               keys={"steps": "solver.steps", "solver": "solver.solver",
-                                    "spacing": "solver.spacing", "stochastic": "mode"})
+                                    "spacing": "solver.spacing", "stochastic": "stochastic"})
     elif job.mode == "guided":
         check_continuous_teacher(teacher, "teacher.checkpoint")
     else:
