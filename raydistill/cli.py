@@ -15,6 +15,7 @@ from collections.abc import Callable
 from raydistill.config import (
     ClassifierJob,
     ConfigError,
+    EvalJob,
     PairsJob,
     SamplerConfig,
     TeacherJob,
@@ -29,7 +30,7 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
 PLANNED = {
     "pairs": "generate teacher pairs / targets into WebDataset shards on Ray actors",
     "train": "distill a student with Ray Train + DeepSpeed ZeRO",
-    "eval": "FID and exact distances of students vs teacher",
+    "eval": "score the teacher, plain solvers and students: FID / KID, or exact distances",
     "run": "the whole pipeline: teacher -> pairs -> students -> report",
     "verify": "recompute shard checksums and counts against the manifest",
     "submit": "submit a pipeline to a Ray cluster as a Ray job",
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the stopped run in --out from its last checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     p.set_defaults(handler=cmd_train)
-    for verb in ("eval", "run", "submit"):
+    p = verbs.add_parser("eval", help=PLANNED["eval"])
+    _config_args(p, "evaluation directory: DIR/eval.json, DIR/samples/ROW (reused by a re-run)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(handler=cmd_eval)
+    for verb in ("run", "submit"):
         p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(handler=_planned(verb))
@@ -222,6 +227,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"train: {job.method} student after {result.steps} steps (loss {metrics['loss']:.4g}; "
           f"{metrics['nan_skipped']} non-finite micro-batches skipped; resumed "
           f"{metrics['resumes']} times): {result.student}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raydistill.cluster import init_ray
+    from raydistill.eval.evaluate import evaluate
+
+    job = with_absolute_paths(load(EvalJob, args.config, args.overrides))
+    init_ray(args.address)
+    report = evaluate(job, args.out, progress=not args.quiet)
+    print(f"eval: {len(report['rows'])} samplers scored on {job.num_samples} samples each at "
+          f"w={job.w:g} ({report['metric'].split(':')[0]}); {os.path.join(args.out, 'eval.json')}")
     return 0
 
 

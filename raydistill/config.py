@@ -424,6 +424,80 @@ class TrainJob:
                                                          "(e.g. kind: mlp)")
 
 
+@dataclass
+class FeaturesConfig:
+    """The feature extractor behind FID / KID (raydistill.eval.features)."""
+
+    kind: Literal["classifier", "inception"] = "classifier"
+    path: str = ""                   # classifier directory, or a TorchScript Inception-v3 file
+    batch_size: int = 500
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", f"is required (the {self.kind} to extract features with)")
+        if self.kind == "classifier":
+            require(os.path.isdir(self.path), "path", f"no such directory: {self.path}")
+        else:
+            require(os.path.isfile(self.path), "path", f"no such file: {self.path}")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+
+
+@dataclass
+class EvalStudent:
+    """A student to score: sampled only as it was distilled (a progressive student at its own
+    steps and sampler; any other at `steps` DDIM steps, default the teacher's full count)."""
+
+    name: str = ""
+    checkpoint: str = ""
+    steps: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        require(bool(self.name), "name", "is required (the row's label)")
+        require(os.path.isdir(self.checkpoint), "checkpoint",
+                f"no such directory: {self.checkpoint!r}")
+        require(all(n >= 1 for n in self.steps), "steps", "must all be at least 1")
+
+
+@dataclass
+class EvalJob:
+    """`raydistill eval`: every sampler scored the same way, at one w and the same seeds.
+
+    The teacher at its full step count, plain DDIM and DPM-Solver++(2M) at `baseline_steps`, and
+    each student; FID / KID against `data` in the space of `features`, or, for an analytic teacher,
+    exact distances to the true class-conditional distribution."""
+
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    teacher_steps: int = 64
+    baseline_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    baseline_solvers: list[Literal["ddim", "heun", "dpmpp_2m"]] = field(
+        default_factory=lambda: ["ddim", "dpmpp_2m"])
+    students: list[EvalStudent] = field(default_factory=list)
+    w: float = 1.0
+    num_samples: int = 2000
+    samples_per_shard: int = 250
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)           # the reference images
+    features: FeaturesConfig | None = None                         # required for image teachers
+    kid_subset_size: int = 1000
+    reference_cache: str = ""        # default: DIR/reference next to the sample sets
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    def validate(self) -> None:
+        require(self.teacher_steps >= 1, "teacher_steps", "must be at least 1")
+        require(all(n >= 1 for n in self.baseline_steps), "baseline_steps",
+                "must all be at least 1")
+        require(self.num_samples >= 2, "num_samples", "must be at least 2")
+        require(self.samples_per_shard >= 1, "samples_per_shard", "must be at least 1")
+        require(self.num_samples % self.samples_per_shard == 0, "num_samples",
+                f"must be a multiple of samples_per_shard ({self.samples_per_shard}), got "
+                f"{self.num_samples}")
+        require(self.kid_subset_size >= 2, "kid_subset_size", "must be at least 2")
+        names = [student.name for student in self.students]
+        require(len(set(names)) == len(names), "students", f"names must differ, got {names}")
+        if self.teacher.analytic is None:
+            require(self.features is not None, "features",
+                    "is required for an image teacher (kind classifier or inception, and path)")
+
+
 # ----------------------------------------------------------------------------------- loading
 
 
@@ -446,8 +520,9 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
 
 
 def with_absolute_paths(job: T) -> T:
-    """The job with its local paths (teacher, data, pairs) made absolute: workers run in another
-    working directory, and a recorded job outlives the one it was started in."""
+    """The job with its local paths (teacher, data, pairs, features, students) made absolute:
+    workers run in another working directory, and a recorded job outlives the one it was started
+    in."""
     def absolute(path: str) -> str:
         return os.path.abspath(path) if path and "://" not in path else path
 
@@ -460,6 +535,11 @@ def with_absolute_paths(job: T) -> T:
         changes["data"] = dataclasses.replace(job.data, path=absolute(job.data.path))
     if hasattr(job, "pairs"):
         changes["pairs"] = absolute(job.pairs)
+    if getattr(job, "features", None) is not None:
+        changes["features"] = dataclasses.replace(job.features, path=absolute(job.features.path))
+    if hasattr(job, "students"):
+        changes["students"] = [dataclasses.replace(s, checkpoint=absolute(s.checkpoint))
+                               for s in job.students]
     return dataclasses.replace(job, **changes)
 
 

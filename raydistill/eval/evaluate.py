@@ -1,0 +1,170 @@
+"""`raydistill eval`: every sampler scored the same way, at one w and the same seeds.
+
+Rows: the teacher at its full step count, plain DDIM and DPM-Solver++(2M) (`baseline_solvers`) on
+the teacher at `baseline_steps`, and each student as it was distilled. A row's samples are an `ode`
+pair set drawn on the pairs actor pool (raydistill.pairs.pool: elastic, exactly-once, resumable)
+under DIR/samples/ROW with the job's seed, so every row sees the same noise and classes, and a
+re-run reuses the sample sets it already has. Each row is then scored against the reference
+images (FID / KID, reference features cached by extractor and data set) or, for an analytic
+teacher, by exact distances to p(x | c).
+
+NFE counts the network evaluations per sample: the solver's calls (counted by running it on a stub
+denoiser), doubled for a model guided by CFG (conditional and unconditional branches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from raydistill.config import EvalJob, GuidanceRange, PairsJob, SolverConfig, TeacherRef
+from raydistill.data import load_images
+from raydistill.diffusion.guidance import CFG
+from raydistill.diffusion.progressive import stochastic_sample
+from raydistill.diffusion.solvers import sample
+from raydistill.eval.distances import exact_distances, fid_kid
+from raydistill.eval.features import Features, load_features
+from raydistill.models.checkpoint import Checkpoint, load_teacher
+from raydistill.pairs.pool import plan_pairs, run_pairs
+from raydistill.pairs.reader import PairReader
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str                        # teacher | a baseline solver | a student's name
+    model: TeacherRef
+    solver: str                      # ddim | heun | dpmpp_2m | stochastic
+    steps: int
+
+    @property
+    def key(self) -> str:
+        """The row's sample-set directory name."""
+        return f"{self.name}-{self.solver}-{self.steps}"
+
+
+def plan_rows(job: EvalJob) -> list[Row]:
+    rows = [Row("teacher", job.teacher, "ddim", job.teacher_steps)]
+    rows += [Row(solver, job.teacher, solver, steps)
+             for solver in job.baseline_solvers for steps in job.baseline_steps]
+    for student in job.students:
+        ref = TeacherRef(checkpoint=student.checkpoint)
+        distilled = load_teacher(ref).distilled_sampler
+        solver = "stochastic" if distilled and distilled.stochastic else "ddim"
+        steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
+        rows += [Row(student.name, ref, solver, n) for n in steps]
+    return rows
+
+
+def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
+    """Network evaluations per sample: the solver's denoiser calls, times 2 under CFG."""
+    calls = 0
+
+    def stub(z, t, cond):
+        nonlocal calls
+        calls += 1
+        return torch.zeros_like(z)
+
+    z = torch.zeros(1, *model.data_shape)
+    schedule = model.denoiser.schedule
+    if solver == "stochastic":
+        stochastic_sample(stub, z, {}, schedule, steps=steps,
+                          xi=torch.zeros(1, steps - 1, *model.data_shape))
+    else:
+        sample(stub, z, {}, schedule, steps=steps, solver=solver)
+    return calls * (2 if isinstance(model.w_denoiser, CFG) else 1)
+
+
+def sample_job(job: EvalJob, row: Row) -> PairsJob:
+    """The ode pair set that holds a row's samples."""
+    solver = "ddim" if row.solver == "stochastic" else row.solver
+    return PairsJob(mode="ode", teacher=row.model, stochastic=row.solver == "stochastic",
+                    solver=SolverConfig(steps=row.steps, solver=solver),
+                    guidance=GuidanceRange(w_min=job.w, w_max=job.w),
+                    num_shards=job.num_samples // job.samples_per_shard,
+                    samples_per_shard=job.samples_per_shard, batch_size=job.samples_per_shard,
+                    seed=job.seed, workers=job.workers)
+
+
+def read_samples(uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample set's images and classes, in shard order."""
+    samples = list(PairReader(uri))
+    return (torch.stack([s["image"] for s in samples]),
+            torch.tensor([int(s["c"]) for s in samples]))
+
+
+def reference_features(job: EvalJob, features: Features, cache: str) -> torch.Tensor:
+    """Features of every reference image (train and held-out), cached under a key of the
+    extractor's identity and the data set (its config, and the size and mtime of its file)."""
+    data = dataclasses.asdict(job.data)
+    if job.data.path and os.path.exists(job.data.path):
+        stat = os.stat(job.data.path)
+        data["stat"] = [stat.st_size, stat.st_mtime_ns]
+    key = hashlib.sha256(json.dumps({"features": features.identity, "data": data},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache, f"{key}.pt")
+    if os.path.isfile(path):
+        return torch.load(path)["features"]
+    split = load_images(job.data)
+    feats = features(torch.cat([split.train.images, split.test.images]))
+    os.makedirs(cache, exist_ok=True)
+    torch.save({"features": feats, "identity": features.identity, "data": data}, path + ".partial")
+    os.replace(path + ".partial", path)
+    return feats
+
+
+def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dict:
+    """Draw (or reuse) every row's sample set on Ray (initialised by the caller), score it, and
+    write DIR/eval.json; returns its contents."""
+    rows = plan_rows(job)
+    teacher = load_teacher(job.teacher)
+    analytic = job.teacher.analytic is not None
+    plans = {row.key: plan_pairs(sample_job(job, row), os.path.join(out, "samples", row.key))
+             for row in rows}                     # every input checked before any work starts
+    features = None if analytic else load_features(job.features)
+    real = None if analytic else reference_features(
+        job, features, job.reference_cache or os.path.join(out, "reference"))
+    results = []
+    for row in rows:
+        start = time.perf_counter()
+        run_pairs(plans[row.key], progress=progress)
+        images, labels = read_samples(plans[row.key].location.uri)
+        if analytic:
+            scores = exact_distances(images, labels, teacher.network, seed=job.seed)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will save all extracted features")
+                scores = fid_kid(real, features(images), kid_subset_size=job.kid_subset_size,
+                                 seed=job.seed)
+        model = teacher if row.model == job.teacher else load_teacher(row.model)
+        result = {"name": row.name, "solver": row.solver, "steps": row.steps,
+                  "nfe": network_evaluations(model, row.solver, row.steps),
+                  "samples": len(labels), "fingerprint": model.fingerprint, **scores,
+                  "sample_set": row.key, "seconds": time.perf_counter() - start}
+        results.append(result)
+        log(format_row(result))
+    report = {"w": job.w, "seed": job.seed, "num_samples": job.num_samples,
+              "metric": "exact" if analytic else features.identity,
+              "reference_images": None if analytic else len(real),
+              "teacher_fingerprint": teacher.fingerprint, "rows": results,
+              "job": dataclasses.asdict(job)}
+    path = os.path.join(out, "eval.json")
+    with open(path + ".partial", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".partial", path)
+    return report
+
+
+def format_row(result: dict) -> str:
+    if "fid" in result:
+        score = f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}"
+    else:
+        score = f"Frechet {result['frechet']:.4f}  sliced W2 {result['sliced_w2']:.4f}"
+    return (f"{result['name']:>12} {result['solver']:>10} {result['steps']:>4} steps "
+            f"{result['nfe']:>4} NFE  {score}")
