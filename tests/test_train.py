@@ -187,6 +187,27 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
     assert all(torch.isfinite(p).all() for p in setup.method.student.module.parameters())
 
 
+def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_process_group):
+    """With grad_accum 2 every update is skipped: the streak counts skipped updates, and the
+    finite micro-batches between accumulation boundaries do not reset it."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=8", "max_nan_steps=3",
+                                    "deepspeed.grad_accum=2"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    loss = setup.method.loss
+
+    def poisoned_loss(batch, phase):
+        out = loss(batch, phase)
+        first = next(setup.method.student.module.parameters())
+        return {"loss": out["loss"] + torch.sqrt((first * 0).sum())}
+
+    setup.method.loss = poisoned_loss
+    with pytest.raises(NonFiniteLoss, match=r"step 3: 3 micro-batches in a row"):
+        run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device,
+                                                                  lambda m, d: None),
+                   plan.student_config, setup.teacher.fingerprint)
+
+
 @pytest.mark.parametrize("override, message", [
     ("deepspeed.zero_stage=3", "optim.ema_decay: must be 0 with deepspeed.zero_stage 3"),
     ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by workers.num x"),

@@ -170,14 +170,14 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
                     nan_streak = _count_streak(nan_streak, job, progress.step)
                     continue
                 engine.backward(out["loss"])
-                skipped = engine.skipped_steps
+                skipped, boundary = engine.skipped_steps, engine.is_gradient_accumulation_boundary()
                 engine.step()
                 losses.append(float(out["loss"].detach()))
                 done += 1
                 if engine.skipped_steps > skipped:
                     progress.grad_skipped += 1
                     nan_streak = _count_streak(nan_streak, job, progress.step)
-                else:
+                elif boundary:            # an applied update ends a streak, an accumulation not
                     nan_streak = 0
         progress.step += 1
         window_steps += 1
