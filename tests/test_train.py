@@ -233,7 +233,7 @@ def test_eps_prediction_students_are_refused_and_eps_teachers_get_v_students(tmp
     from raydistill.config import UNetConfig
     from raydistill.diffusion import CosineSchedule, loss_weight, x_jacobian
     from raydistill.models import build_network, save_checkpoint
-    from raydistill.train.build import student_config
+    from raydistill.train.build import build_student, starts_from_teacher, student_config
 
     schedule, t = CosineSchedule(), torch.ones(1)
     alpha, sigma = schedule.alpha_sigma(t)
@@ -250,6 +250,14 @@ def test_eps_prediction_students_are_refused_and_eps_teachers_get_v_students(tmp
         assert plan.student_config.prediction == "v" == student_config(job, plan.teacher).prediction
         with pytest.raises(ConfigError, match="^student.prediction: an eps-prediction student"):
             prepare(dataclasses.replace(job, student=config))
+    # The eps weights read as v would start the student as another function: it starts fresh.
+    teacher_weights = plan.teacher.network.state_dict()
+    student = build_student(plan.student_config, plan.teacher, seed=0).state_dict()
+    assert not starts_from_teacher(plan.student_config, plan.teacher)
+    assert not all(torch.equal(student[k], teacher_weights[k]) for k in teacher_weights)
+    v_teacher = dataclasses.replace(plan.teacher, config=plan.student_config)
+    copied = build_student(plan.student_config, v_teacher, seed=0).state_dict()
+    assert all(torch.equal(copied[k], teacher_weights[k]) for k in teacher_weights)
 
 
 def test_gradient_accumulation_and_ema(single_process_group, tmp_path):

@@ -30,7 +30,8 @@ class Plan:
 
 def student_config(job: TrainJob, teacher: Checkpoint) -> ModelConfig:
     """The configured student, or the method's default from the teacher's own network; an
-    eps-prediction teacher's network predicts v as a student (see require_distillable)."""
+    eps-prediction teacher's network predicts v as a student (see require_distillable), and then
+    starts from its own initialisation (see starts_from_teacher)."""
     if job.student is not None:
         return job.student
     if teacher.config.kind == "gmm":
@@ -41,15 +42,22 @@ def student_config(job: TrainJob, teacher: Checkpoint) -> ModelConfig:
     return method_spec(job.method).student(config)
 
 
+def starts_from_teacher(config: ModelConfig, teacher: Checkpoint) -> bool:
+    """Whether the student starts as a copy of the teacher: same network kind and the same
+    parameterization. The teacher's weights in a student that reads its output as another
+    prediction (eps as v) would start it as another function, so it starts fresh instead."""
+    return teacher.config.kind == config.kind and teacher.config.prediction == config.prediction
+
+
 def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Module:
-    """A fresh student, initialised from the teacher's weights when the networks match (a new w
+    """A fresh student, initialised from the teacher's weights when `starts_from_teacher` (a new w
     embedding stays zero-initialised, so the student starts as the w = 0 teacher); what is not
     copied is drawn from its own stream of `seed` (the same on every rank), not torch's global
     generator."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, STUDENT_STREAM))
         student = build_network(config)
-    if teacher.config.kind != config.kind:
+    if not starts_from_teacher(config, teacher):
         return student
     missing, unexpected = student.load_state_dict(teacher.network.state_dict(), strict=False)
     if unexpected or any(not name.startswith("w_mlp.") for name in missing):

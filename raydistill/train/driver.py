@@ -33,7 +33,7 @@ from raydistill.config import (
 )
 from raydistill.methods import Method
 from raydistill.models.checkpoint import Checkpoint, load_teacher
-from raydistill.train.build import build_method, prepare, with_teacher_shape
+from raydistill.train.build import build_method, prepare, starts_from_teacher, with_teacher_shape
 from raydistill.train.errors import FatalTrainingError, TrainingFailed
 from raydistill.train.stream import Stream, mixture_stream, source_stream
 
@@ -112,6 +112,12 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     ensure_teacher(job, progress)
     plan = prepare(job)
     job = with_teacher_shape(job, plan.teacher)
+    student, teacher = plan.student_config, plan.teacher.config
+    if student.kind == teacher.kind and not starts_from_teacher(student, plan.teacher) \
+            and not resume:
+        print(f"train: the student predicts {student.prediction}, the teacher "
+              f"{teacher.prediction}: it starts from its own initialisation, not from the "
+              "teacher's weights", flush=True)
     if resume:
         check_resumable(job, out)
 
