@@ -1,7 +1,6 @@
 """Pair generation on a local Ray (2 CPUs, loopback): smoke configs, numbers, resume, verify,
 failures of workers and of the driver, and bad input."""
 
-import json
 import os
 import shutil
 import signal
@@ -162,19 +161,25 @@ def test_verify_repair_regenerates_shards_whose_checksum_fails(smoke_ode, tmp_pa
 
 def test_a_pair_set_written_before_pairs_json_had_a_format(tmp_path, capsys):
     """tests/data/pairs-v1 was written by raydistill 5cc79d4: its pairs.json has no format, no
-    `stochastic`, no `teacher_steps` and no recorded job. It still verifies, and the same job
-    re-run on it is accepted (nothing to generate) and records the current format."""
+    `stochastic`, no `teacher_steps` and no recorded job. It still verifies and reads, but its
+    draws (guided t) and discrete-schedule targets are not today's, so a re-run or a repair, which
+    would mix two definitions in one set, is refused by name and leaves it as it was."""
     out = str(tmp_path / "pairs-v1")
     shutil.copytree(os.path.join(ROOT, "tests", "data", "pairs-v1"), out)
     teacher = os.path.join(ROOT, "tests", "data", "unet-v1")
+    before = open(os.path.join(out, "pairs.json")).read()
     assert main(["verify", out]) == 0
     assert main(["verify", out, "--repair"]) == 0                 # nothing to repair
+    assert len(read_all(out)) == sum(r["count"] for r in
+                                     Manifest.read(Location.parse(out)).rows.values())
+    capsys.readouterr()
     assert pairs("--config", os.path.join(ROOT, "tests", "data", "pairs-v1.yaml"), "--out", out,
-                 f"teacher.checkpoint={teacher}") == 0
-    assert "0 shards generated" in capsys.readouterr().out
-    run = json.load(open(os.path.join(out, "pairs.json")))
-    assert run["format"] == "raydistill-pairs/2" and run["identity"]["teacher_steps"] is None
-    assert run["job"]["teacher"]["checkpoint"] == teacher
+                 f"teacher.checkpoint={teacher}") == 2
+    assert "holds a pair set of format 1" in capsys.readouterr().err
+    os.remove(os.path.join(out, shard_name(0)))
+    assert main(["verify", out, "--repair", "--quiet"]) == 2
+    assert "not extended or regenerated" in capsys.readouterr().err
+    assert open(os.path.join(out, "pairs.json")).read() == before
 
 
 def test_verify_and_reader_catch_bad_shards(smoke_ode, tmp_path, capsys):

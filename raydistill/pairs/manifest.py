@@ -6,7 +6,8 @@ pairs.json formats (an identity must survive the schema growing, so sections are
 filling the defaults of fields added since, and older formats are migrated explicitly on read):
 
     1 (no `format` key)   no `stochastic` (its progressive targets were all deterministic) and no
-                          `teacher_steps`
+                          `teacher_steps`; read and verified, never extended or regenerated
+                          (its guided t draws and discrete-schedule targets differ from today's)
     raydistill-pairs/2    `stochastic` (progressive mode) and `teacher_steps`: the step count of a
                           teacher that is itself a progressive student, else null; since ode
                           pairs can come from the stochastic sampler, ode identities record
@@ -85,7 +86,7 @@ def _migrate(run: dict) -> dict:
     for key, section in SECTIONS.items():
         if key in identity:
             identity[key] = asdict(section(**identity[key]))      # flat; no validation on read
-    return {**run, "format": FORMAT, "identity": identity}
+    return {**run, "format": FORMAT, "written_format": run.get("format", 1), "identity": identity}
 
 
 class Manifest:
@@ -126,6 +127,16 @@ def read_run(location: Location) -> dict | None:
     return _migrate(json.loads(location.read(RUN)))
 
 
+def check_regenerable(run: dict, uri: str) -> None:
+    """Refuse to add shards to a format-1 set (see the module docstring): they would mix two
+    definitions of its samples in one set."""
+    if run["written_format"] == 1:
+        raise ConfigError(uri, "holds a pair set of format 1, whose per-sample draws and "
+                               "discrete-schedule targets today's code no longer makes: it can be "
+                               "read and verified as it is, but not extended or regenerated; "
+                               "generate a new set")
+
+
 def claim_location(location: Location, job: PairsJob, teacher: Checkpoint) -> dict:
     """Check that `location` is empty or holds shards of this same run; record the run there
     (its identity, shard count, and the job, from which `raydistill verify --repair` regenerates).
@@ -134,6 +145,8 @@ def claim_location(location: Location, job: PairsJob, teacher: Checkpoint) -> di
     """
     identity = run_identity(job, teacher)
     previous = read_run(location)
+    if previous is not None:
+        check_regenerable(previous, location.uri)
     if previous is None:
         if location.list():
             stray = [n for n in location.list() if n.endswith(".tar")]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from raydistill.config import ConfigError, PairsJob, from_dict
 from raydistill.pairs.format import ShardError, shard_name
-from raydistill.pairs.manifest import RUN, Manifest, read_run
+from raydistill.pairs.manifest import RUN, Manifest, check_regenerable, read_run
 from raydistill.pairs.reader import read_shard
 from raydistill.storage import Location
 
@@ -62,10 +62,7 @@ def recorded_job(uri: str) -> PairsJob:
     run = read_run(Location.parse(uri))
     if run is None:
         raise ConfigError(uri, f"no {RUN} (not a pairs location)")
-    if "job" not in run:
-        raise ConfigError(uri, f"its {RUN} records no job (written by an older raydistill): "
-                               "re-run `raydistill pairs` with the config that made it, which "
-                               "regenerates missing and resized shards")
+    check_regenerable(run, uri)
     try:
         return from_dict(PairsJob, run["job"])
     except ConfigError as err:
