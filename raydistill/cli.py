@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="solver steps (default: a distilled student's own "
                                              "step count, else 64)")
     p.add_argument("--w", type=float, help="guidance strength, 0 = conditional (default: the one "
-                                           "a distilled student has built in, else 1)")
+                                           "a distilled student has built in, else 1, clamped "
+                                           "into a w-conditioned student's range)")
     p.add_argument("--solver", default="ddim", help="ddim | heun | dpmpp_2m")
     p.add_argument("--spacing", default="uniform_t", help="uniform_t | uniform_logsnr")
     p.add_argument("--stochastic", action=argparse.BooleanOptionalAction,
@@ -164,8 +165,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     distilled = checkpoint.distilled_sampler
     if args.steps is None:
         sampler = dataclasses.replace(sampler, steps=distilled.steps if distilled else 64)
-    if args.w is None and checkpoint.built_in_w is not None:
-        sampler = dataclasses.replace(sampler, w=checkpoint.built_in_w)
+    if args.w is None:
+        sampler = dataclasses.replace(sampler, w=checkpoint.default_w)
     stochastic = (distilled is not None and distilled.stochastic) if args.stochastic is None \
         else args.stochastic
     force = {"force": args.force_sampler, "force_key": "--force-sampler"}

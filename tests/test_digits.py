@@ -111,6 +111,12 @@ def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
                      "--w", w, "--per-class", "1", "--out", path]) == 0
         grids.append(open(path, "rb").read())
     assert grids[0] != grids[1]
+    # Distilled for w in [2, 4]: without --w it samples at w = 2 (1 clamped into its range).
+    save_checkpoint(str(tmp_path / "narrow"), network, config,
+                    extra={"method": "guided", "w_min": 2.0, "w_max": 4.0})
+    assert load_checkpoint(str(tmp_path / "narrow")).default_w == 2.0
+    assert main(["sample", "--checkpoint", str(tmp_path / "narrow"), "--steps", "2",
+                 "--per-class", "1", "--out", str(tmp_path / "narrow.png")]) == 0
 
 
 def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):

@@ -153,6 +153,16 @@ class Checkpoint:
             return None
         return float(self.extra["w_min"])
 
+    @property
+    def default_w(self) -> float:
+        """The guidance strength to sample with when none is given: a student's built-in w, else
+        1 (clamped into the range a w-conditioned student was distilled for)."""
+        if self.built_in_w is not None:
+            return self.built_in_w
+        if self.config.w_conditioned and "method" in self.extra:
+            return min(max(1.0, float(self.extra["w_min"])), float(self.extra["w_max"]))
+        return 1.0
+
     def check_guidance(self, w_min: float, w_max: float, key: str, *, force: bool = False,
                        force_key: str = "") -> None:
         """Refuse guidance strengths other than the one a student has built in, or (unless
