@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raydistill import config as config_module
+from raydistill.models import checkpoint as checkpoint_module
 from raydistill.config import (
     ConfigError,
     MixtureConfig,
@@ -173,6 +174,24 @@ def test_written_checkpoints_hold_only_the_sections_they_use(tmp_path, grown_sch
     model = json.load(open(os.path.join(path, "config.json")))["model"]
     assert set(model) == {"kind", "prediction", "schedule", "unet"}
     assert load_checkpoint(path).fingerprint == digest
+
+
+def test_a_top_level_model_field_added_later_is_written_and_hashed(tmp_path, monkeypatch):
+    """Only the other kinds' sections are left out: a new top-level field (a latent scale, say) is
+    written, read back and part of the fingerprint."""
+    grown = dataclasses.make_dataclass("ModelConfig", [("latent_scale", float, dataclasses.field(
+        default=1.0))], bases=(ModelConfig,))
+    monkeypatch.setattr(config_module, "ModelConfig", grown)
+    monkeypatch.setattr(checkpoint_module, "ModelConfig", grown)
+    digests = []
+    for scale in (1.0, 0.18):
+        config = grown(unet=SMALL, latent_scale=scale)
+        path = str(tmp_path / f"ckpt-{scale}")
+        digests.append(save_checkpoint(path, build_network(config), config))
+        model = json.load(open(os.path.join(path, "config.json")))["model"]
+        assert set(model) == {"kind", "prediction", "schedule", "unet", "latent_scale"}
+        assert load_checkpoint(path).config.latent_scale == scale
+    assert digests[0] != digests[1]
 
 
 def test_analytic_teacher_identity_survives_schema_growth(monkeypatch):

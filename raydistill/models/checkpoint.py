@@ -1,6 +1,6 @@
 """Teacher/student checkpoints: a directory with `model.safetensors` and `config.json`.
 
-config.json holds the model config (kind, parameterization, schedule and the section of its kind:
+config.json holds the model config (every field but the sections of the other network kinds:
 enough to rebuild the network) plus a fingerprint: the sha256 of that config as written and of
 every tensor, in name order. Pair sets and students record the fingerprint of the teacher that made
 them, so a mismatch is caught up front.
@@ -10,7 +10,7 @@ as it was written, never from the config re-read into today's dataclasses (which
 field added since). Formats:
 
     raydistill-model/1   wrote every section of ModelConfig, the unused ones included
-    raydistill-model/2   writes only the sections the model uses
+    raydistill-model/2   leaves out the sections of the other network kinds
 
 Both hash the written dict the same way, so a format-1 checkpoint keeps its fingerprint. A model
 that is never written (an analytic teacher described inline) is identified by the fields that
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,11 +73,16 @@ def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
     return ModelDenoiser(network, schedule, config.prediction)
 
 
+def _in_use(key: str, config: ModelConfig) -> bool:
+    """Every field of a model config but the sections of the other network kinds."""
+    return key == config.kind or key not in typing.get_args(typing.get_type_hints(ModelConfig)["kind"])
+
+
 def written_config(config: ModelConfig) -> dict[str, Any]:
-    """The model config as a checkpoint writes it: kind, prediction, schedule and the section of
-    its kind, canonical (e.g. 3 -> 3.0 in float fields)."""
+    """The model config as a checkpoint writes it: every field but the sections of the other
+    network kinds, canonical (e.g. 3 -> 3.0 in float fields)."""
     full = to_dict(from_dict(ModelConfig, to_dict(config)))
-    return {key: full[key] for key in ("kind", "prediction", "schedule", config.kind)}
+    return {key: value for key, value in full.items() if _in_use(key, config)}
 
 
 def sparse_config(config: ModelConfig) -> dict[str, Any]:
@@ -95,8 +101,7 @@ def sparse_config(config: ModelConfig) -> dict[str, Any]:
         return out
 
     canonical = from_dict(ModelConfig, to_dict(config))
-    return {key: value for key, value in non_default(canonical).items()
-            if key in ("kind", "prediction", "schedule", config.kind)}
+    return {key: value for key, value in non_default(canonical).items() if _in_use(key, config)}
 
 
 def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
