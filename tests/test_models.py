@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from raydistill import config as config_module
-from raydistill.models import checkpoint as checkpoint_module
 from raydistill.config import (
     ConfigError,
     MixtureConfig,
@@ -26,6 +25,7 @@ from raydistill.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from raydistill.models import checkpoint as checkpoint_module
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMALL = UNetConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[4], resolution=8,

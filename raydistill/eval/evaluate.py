@@ -55,8 +55,9 @@ def plan_rows(job: EvalJob) -> list[Row]:
              for solver in job.baseline_solvers for steps in job.baseline_steps]
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
-        distilled = load_teacher(ref).distilled_sampler
-        solver = "stochastic" if distilled and distilled.stochastic else "ddim"
+        model = load_teacher(ref)
+        distilled = model.distilled_sampler
+        solver = "stochastic" if model.is_stochastic_student else "ddim"
         steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
         rows += [Row(student.name, ref, solver, n) for n in steps]
     return rows

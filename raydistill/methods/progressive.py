@@ -205,12 +205,11 @@ def _check_pairs(job: TrainJob, identity: dict) -> None:
 
 def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
            student: nn.Module) -> ProgressiveDistillation:
-    distilled = teacher.distilled_sampler
     return ProgressiveDistillation(
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
         weighting=job.loss_weighting,
-        teacher_is_stochastic=distilled is not None and distilled.stochastic)
+        teacher_is_stochastic=teacher.is_stochastic_student)
 
 
 SPEC = MethodSpec(

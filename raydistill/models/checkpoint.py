@@ -192,6 +192,13 @@ class Checkpoint:
             return None
         return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")))
 
+    @property
+    def is_stochastic_student(self) -> bool:
+        """Whether the model is a progressive student distilled for Meng et al.'s stochastic
+        sampler (its 2/N jumps)."""
+        distilled = self.distilled_sampler
+        return distilled is not None and distilled.stochastic
+
     def check_sampler(self, *, steps: int, solver: str, spacing: str, stochastic: bool,
                       keys: dict[str, str], force: bool = False, force_key: str = "") -> None:
         """Refuse sampling a distilled student with settings it was not distilled for, unless

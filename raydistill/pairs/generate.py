@@ -35,8 +35,7 @@ class ShardMaker:
         self.job, self.device = job, torch.device(device)
         teacher.network.to(self.device)
         self.teacher = teacher.w_denoiser
-        self.teacher_is_stochastic = bool(teacher.distilled_sampler and
-                                          teacher.distilled_sampler.stochastic)
+        self.teacher_is_stochastic = teacher.is_stochastic_student
         self.schedule = teacher.denoiser.schedule
         self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
         self.data = self._real_data(teacher) if job.mode != "ode" else None

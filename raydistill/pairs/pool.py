@@ -76,8 +76,7 @@ def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
 
 
 def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count: int) -> dict:
-    distilled = teacher.distilled_sampler
-    solver, steps = teacher_work(job, bool(distilled and distilled.stochastic))
+    solver, steps = teacher_work(job, teacher.is_stochastic_student)
     return {
         "shard": shard_name(index), "index": index, "count": count, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "seed": shard_seed(job.seed, index),
