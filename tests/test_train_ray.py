@@ -146,6 +146,8 @@ def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
     assert "halving.stochastic: is true, but" in err and "holds deterministic (1/N jumps)" in err
     assert main([*base[:-1], "guidance.w_max=3.0", "--quiet"]) == 2
     assert "guidance: is [0, 3], but" in capsys.readouterr().err
+    assert main([*base[:-1], "workers.num=3", "optim.batch_size=48", "--quiet"]) == 2
+    assert "pairs: holds 2 shards for 3 workers" in capsys.readouterr().err    # before any worker
     assert not os.path.exists(run)
     assert main(base) == 0
     with open(os.path.join(run, "train_log.jsonl")) as f:

@@ -32,7 +32,7 @@ from raydistill.data.sources import (
     read_npz,
     tar_samples,
 )
-from raydistill.data.units import Source, Unit, shuffled, split_rows
+from raydistill.data.units import Source, Unit, require_shards_per_worker, shuffled, split_rows
 from raydistill.storage import Location
 
 BLOCK_ROWS = 256                     # array rows per read task
@@ -118,20 +118,23 @@ class FolderImages(Source):
                      int(self.labels[i]), self.config) for i in item["index"]]
 
 
+def tar_shards(config: DataConfig) -> list[str]:
+    """The .tar shards of a webdataset image source, by name."""
+    shards = [name for name in Location.parse(config.path).list() if name.endswith(".tar")]
+    if not shards:
+        raise ConfigError(config.path, "holds no .tar shards")
+    return shards
+
+
 class TarImages(Source):
     """WebDataset image tars (LAION-style: per key a jpg / png / webp and a label in cls or json);
     a rank reads whole tars, an epoch visits them and their samples in seeded orders."""
 
     def __init__(self, config: DataConfig, rank: int, world: int):
         self.config = config
-        location = Location.parse(config.path)
-        shards = [name for name in location.list() if name.endswith(".tar")]
-        if not shards:
-            raise ConfigError(config.path, "holds no .tar shards")
+        shards = tar_shards(config)
+        require_shards_per_worker(len(shards), world, config.path)
         self.shards = shards[rank::world]
-        if not self.shards:
-            raise ConfigError(config.path, f"holds {len(shards)} .tar shards for {world} workers: "
-                                           "every worker reads whole shards")
 
     def units(self, rng: np.random.Generator | None) -> list[Unit]:
         if rng is None:

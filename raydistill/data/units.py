@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raydistill.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -56,3 +58,11 @@ def shuffled(rows: list[dict], seed: int | None) -> list[dict]:
 def split_rows(count: int, rank: int, world: int) -> np.ndarray:
     """The row indices rank `rank` of `world` reads: every world-th row from `rank`."""
     return np.arange(rank, count, world)
+
+
+def require_shards_per_worker(count: int, world: int, where: str) -> None:
+    """Every worker reads whole shards, so a set needs at least one per worker."""
+    if count < world:
+        raise ConfigError(where, f"holds {count} shards for {world} workers: every worker reads "
+                                 "whole shards (make at least one per worker, or use fewer "
+                                 "workers)")

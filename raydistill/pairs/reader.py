@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from raydistill.data.units import Source, Unit, shuffled
+from raydistill.data.units import Source, Unit, require_shards_per_worker, shuffled
 from raydistill.pairs.format import ShardError, decode_shard
 from raydistill.pairs.manifest import Manifest, read_run
 from raydistill.storage import Location
@@ -88,9 +88,7 @@ class PairShards(Source):
     def __init__(self, uri: str, *, rank: int = 0, world: int = 1):
         _, manifest, self.mode = open_pairs(uri)
         names = sorted(manifest.rows)
-        if len(names) < world:
-            raise ShardError(uri, f"holds {len(names)} shards for {world} workers: every worker "
-                                  "reads whole shards (generate at least one per worker)")
+        require_shards_per_worker(len(names), world, uri)
         self.uri = uri
         self.rows = [{k: manifest.rows[name][k] for k in self.CHECKED}
                      for name in names[rank::world]]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from raydistill.config import ConfigError, ModelConfig, TrainJob
+from raydistill.data.units import require_shards_per_worker
 from raydistill.methods import Method
 from raydistill.methods.base import require_distillable
 from raydistill.methods.registry import method_spec
@@ -98,6 +99,9 @@ def prepare(job: TrainJob) -> Plan:
         if (data.channels, data.resolution, data.resolution) != teacher.data_shape:
             raise ConfigError("data", f"{data.channels}x{data.resolution}x{data.resolution} images "
                                       f"do not fit the teacher's {teacher.data_shape}")
+        if data.source == "webdataset":
+            from raydistill.data.ray_source import tar_shards
+            require_shards_per_worker(len(tar_shards(data)), job.workers.num, "data.path")
     return plan
 
 
@@ -127,6 +131,7 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
                                       f"{job.pairs} holds targets for w in [{made['w_min']:g}, "
                                       f"{made['w_max']:g}]")
     spec.check_pairs(job, identity)
+    require_shards_per_worker(len(manifest.rows), job.workers.num, "pairs")
     return sum(int(r["count"]) for r in manifest.rows.values())
 
 
