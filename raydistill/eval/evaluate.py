@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -93,9 +94,10 @@ def sample_job(job: EvalJob, row: Row) -> PairsJob:
                     seed=job.seed, workers=job.workers)
 
 
-def read_samples(uri: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sample set's images and classes, in shard order."""
-    samples = list(PairReader(uri))
+def read_samples(uri: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images and classes of a sample set, in shard order (a set drawn earlier
+    for more samples holds these same ones first)."""
+    samples = list(itertools.islice(PairReader(uri), count))
     return (torch.stack([s["image"] for s in samples]),
             torch.tensor([int(s["c"]) for s in samples]))
 
@@ -135,7 +137,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
     for row in rows:
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
-        images, labels = read_samples(plans[row.key].location.uri)
+        images, labels = read_samples(plans[row.key].location.uri, job.num_samples)
         if analytic:
             scores = exact_distances(images, labels, teacher.network, seed=job.seed)
         else:
