@@ -17,6 +17,7 @@ from raydistill.config import (
     ConfigError,
     EvalJob,
     PairsJob,
+    PipelineJob,
     SamplerConfig,
     TeacherJob,
     TrainJob,
@@ -31,7 +32,7 @@ PLANNED = {
     "pairs": "generate teacher pairs / targets into WebDataset shards on Ray actors",
     "train": "distill a student with Ray Train + DeepSpeed ZeRO",
     "eval": "score the teacher, plain solvers and students: FID / KID, or exact distances",
-    "run": "the whole pipeline: teacher -> pairs -> students -> report",
+    "run": "the whole pipeline: teacher -> classifier -> students -> eval -> report",
     "verify": "recompute shard checksums and counts against the manifest",
     "submit": "submit a pipeline to a Ray cluster as a Ray job",
 }
@@ -110,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "evaluation directory: DIR/eval.json, DIR/samples/ROW (reused by a re-run)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     p.set_defaults(handler=cmd_eval)
-    for verb in ("run", "submit"):
+    p = verbs.add_parser("run", help=PLANNED["run"])
+    _config_args(p, "pipeline directory: one subdirectory per stage, report.md, metrics.json")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(handler=cmd_run)
+    for verb in ("submit",):
         p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(handler=_planned(verb))
@@ -240,6 +245,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(job, args.out, progress=not args.quiet)
     print(f"eval: {len(report['rows'])} samplers scored on {job.num_samples} samples each at "
           f"w={job.w:g} ({report['metric'].split(':')[0]}); {os.path.join(args.out, 'eval.json')}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raydistill.pipeline.report import write_report
+    from raydistill.pipeline.run import Pipeline
+    from raydistill.train.driver import TrainingFailed
+
+    job = load(PipelineJob, args.config, args.overrides)
+    pipeline = Pipeline(job, args.out, address=args.address, progress=not args.quiet)
+    try:
+        outcomes = pipeline.run()
+    except TrainingFailed as err:
+        print(f"raydistill run: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:                         # the report states what finished, and only that
+        if os.path.isdir(pipeline.out):
+            write_report(pipeline.out, pipeline.stages,
+                         {o.name: o.ran for o in pipeline.outcomes})
+    ran = [o.name for o in outcomes if o.ran]
+    print(f"run: {len(outcomes)} stages done ({len(ran)} ran, {len(outcomes) - len(ran)} reused); "
+          f"{os.path.join(pipeline.out, 'report.md')}")
     return 0
 
 

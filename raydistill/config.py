@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -496,6 +497,48 @@ class EvalJob:
         if self.teacher.analytic is None:
             require(self.features is not None, "features",
                     "is required for an image teacher (kind classifier or inception, and path)")
+
+
+@dataclass
+class StudentStage:
+    """One distillation of the pipeline: a `raydistill train` job (its `train` keys) whose teacher is
+    the pipeline's teacher or an earlier stage's student; `data` is the teacher's unless given."""
+
+    name: str = ""
+    teacher: str = "teacher"         # "teacher", or the name of an earlier stage
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = True            # a row of the evaluation (at the steps it was distilled for)
+
+    def validate(self) -> None:
+        require(bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.name)), "name",
+                f"must be a lower-case directory name, got {self.name!r}")
+        require(self.name not in ("teacher", "classifier", "eval"), "name",
+                f"{self.name!r} is the name of a built-in stage")
+        require("teacher" not in self.train, "train.teacher",
+                "is set by the pipeline (use the stage's `teacher: NAME`)")
+
+
+@dataclass
+class PipelineJob:
+    """`raydistill run`: teacher -> classifier -> students -> evaluation -> report, resumable by
+    lineage (raydistill.pipeline)."""
+
+    teacher: TeacherJob = field(default_factory=TeacherJob)
+    classifier: ClassifierJob = field(default_factory=ClassifierJob)
+    students: list[StudentStage] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)   # EvalJob keys; teacher, students,
+                                                          # features and data come from the run
+
+    def validate(self) -> None:
+        seen = {"teacher"}
+        for i, stage in enumerate(self.students):
+            require(stage.name not in seen, f"students[{i}].name",
+                    f"{stage.name!r} is used twice")
+            require(stage.teacher in seen, f"students[{i}].teacher",
+                    f"must be 'teacher' or an earlier stage, got {stage.teacher!r}")
+            seen.add(stage.name)
+        for key in ("teacher", "students", "features", "data"):
+            require(key not in self.eval, f"eval.{key}", "is set by the pipeline")
 
 
 # ----------------------------------------------------------------------------------- loading

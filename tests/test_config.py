@@ -145,7 +145,7 @@ def test_console_script_help_and_unbuilt_verbs():
     help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for verb in ("teacher", "pairs", "train", "sample", "eval", "run", "verify", "submit"):
         assert verb in help_text
-    done = subprocess.run([exe, "eval", "somewhere"], capture_output=True, text=True)
+    done = subprocess.run([exe, "submit", "somewhere"], capture_output=True, text=True)
     assert done.returncode == 3 and "not built yet" in done.stderr
     bad = subprocess.run([exe, "teacher", "--config", SMOKE_TEACHER, "--out", "x", "a.b=1"],
                          capture_output=True, text=True)

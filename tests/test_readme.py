@@ -62,13 +62,12 @@ def test_readme_command(command, tmp_path, monkeypatch):
 
 
 def test_the_exit_codes_the_readme_states(capsys, tmp_path):
-    """'dmd is refused as an unknown value (exit 2)'; 'eval, run, submit ... exit 3'."""
+    """'dmd is refused as an unknown value (exit 2)'; 'submit ... exit 3'."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "`method: dmd` is refused as an unknown value (exit 2)" in readme
-    assert "`eval`, `run`, `submit` verbs | not built yet: they say so and exit 3" in readme
+    assert "`submit` verb | not built yet: it says so and exits 3" in readme
     config = os.path.join(ROOT, "configs", "smoke", "guided.yaml")
     assert main(["train", "--config", config, "--out", str(tmp_path / "o"), "method=dmd"]) == 2
     assert "method: must be one of" in capsys.readouterr().err
-    for verb in ("eval", "run", "submit"):
-        assert main([verb]) == 3
+    assert main(["submit"]) == 3
     assert "../shared" not in readme, "the README must not point outside the repository"

@@ -1,0 +1,1 @@
+"""The main job: teacher -> classifier -> students -> evaluation -> report, resumable by lineage."""

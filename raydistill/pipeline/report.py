@@ -1,0 +1,127 @@
+"""DIR/report.md and DIR/metrics.json, written from the lineage records and eval.json only, so a
+report never claims a stage that did not finish.
+
+Quality goals (digits, issue 10): a progressive student at 4 steps within 1.25x the teacher's
+full-step FID, and at most 0.5x plain DDIM's FID at 4 steps. Each is stated with its measured
+ratio and whether it is met.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from raydistill.pipeline.lineage import read_record
+
+GOAL_VS_TEACHER, GOAL_VS_DDIM = 1.25, 0.5
+
+
+def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
+    """The 4-step goals for every progressive student row at 4 steps."""
+    teacher = next(r for r in rows if r["name"] == "teacher")
+    ddim4 = next((r for r in rows if r["name"] == "ddim" and r["steps"] == 4), None)
+    out = []
+    for row in rows:
+        if methods.get(row["name"]) != "progressive" or row["steps"] != 4 or "fid" not in row:
+            continue
+        out.append({"row": row["name"], "goal": f"FID <= {GOAL_VS_TEACHER}x the teacher's",
+                    "ratio": row["fid"] / teacher["fid"],
+                    "met": row["fid"] <= GOAL_VS_TEACHER * teacher["fid"]})
+        if ddim4 is not None:
+            out.append({"row": row["name"], "goal": f"FID <= {GOAL_VS_DDIM}x plain DDIM's at 4 "
+                                                    "steps",
+                        "ratio": row["fid"] / ddim4["fid"],
+                        "met": row["fid"] <= GOAL_VS_DDIM * ddim4["fid"]})
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import deepspeed
+    import ray
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
+            "deepspeed": deepspeed.__version__, "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_report(out: str, stages: list[str], ran: dict[str, bool]) -> dict:
+    """Write report.md and metrics.json from what the stages recorded; returns the metrics."""
+    records = {name: read_record(os.path.join(out, name)) for name in stages}
+    finished = {name: record for name, record in records.items() if record is not None}
+    evaluation = None
+    if "eval" in finished:
+        with open(os.path.join(out, "eval", "eval.json")) as f:
+            evaluation = json.load(f)
+    methods = {name: r.get("method") for name, r in finished.items()}
+    rows = evaluation["rows"] if evaluation else []
+    metrics = {"stages": {name: {"finished": name in finished,
+                                 "ran_this_time": ran.get(name, False),
+                                 **({"seconds": finished[name]["seconds"],
+                                     "fingerprint": finished[name]["fingerprint"],
+                                     "inputs": finished[name]["inputs"]}
+                                    if name in finished else {})}
+                          for name in stages},
+               "eval": rows, "goals": goals(rows, methods) if rows else [],
+               "environment": environment()}
+    if evaluation:
+        metrics.update(w=evaluation["w"], samples=evaluation["num_samples"],
+                       metric=evaluation["metric"])
+    _atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+    _atomic(os.path.join(out, "report.md"), _markdown(metrics, rows))
+    return metrics
+
+
+def _markdown(metrics: dict, rows: list[dict]) -> str:
+    lines = ["# raydistill report", ""]
+    if rows:
+        teacher = next(r for r in rows if r["name"] == "teacher")
+        exact = "fid" not in teacher
+        score = "frechet" if exact else "fid"
+        lines += [f"{metrics['samples']} samples per row at w = {metrics['w']:g}, the same noise "
+                  f"and classes in every row; features: `{metrics['metric'][:32]}`.", "",
+                  "| sampler | solver | steps | NFE | " +
+                  ("Fréchet | sliced W2 |" if exact else "FID | KID | FID / teacher |"),
+                  "| --- | --- | ---: | ---: | ---: | ---: |" + ("" if exact else " ---: |")]
+        for r in rows:
+            if exact:
+                lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
+                             f"{r['frechet']:.4f} | {r['sliced_w2']:.4f} |")
+            else:
+                lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
+                             f"{r['fid']:.3f} | {r['kid']:.4f} ± {r['kid_std']:.4f} | "
+                             f"{r[score] / teacher[score]:.2f} |")
+        lines.append("")
+    else:
+        lines += ["No evaluation finished yet: no quality figures.", ""]
+    if metrics["goals"]:
+        lines += ["## Goals", ""]
+        lines += [f"- {g['row']}: {g['goal']}: {g['ratio']:.2f}x, "
+                  f"{'met' if g['met'] else 'NOT met'}" for g in metrics["goals"]]
+        lines.append("")
+    lines += ["## Stages", "", "| stage | state | wall time | fingerprint | inputs |",
+              "| --- | --- | ---: | --- | --- |"]
+    for name, stage in metrics["stages"].items():
+        if not stage["finished"]:
+            lines.append(f"| {name} | not finished | | | |")
+            continue
+        state = "ran" if stage["ran_this_time"] else "reused (lineage matched)"
+        inputs = ", ".join(f"{k} {v[:12]}" for k, v in stage["inputs"].items()) or "config only"
+        lines.append(f"| {name} | {state} | {stage['seconds']:.0f} s | "
+                     f"{stage['fingerprint'][:12]} | {inputs} |")
+    env = metrics["environment"]
+    lines += ["", "## Environment", "",
+              f"Python {env['python']}, torch {env['torch']}, Ray {env['ray']}, DeepSpeed "
+              f"{env['deepspeed']}; {env['platform']}, {env['cpus']} CPUs, GPU: "
+              f"{env['gpu'] or 'none'}.", ""]
+    return "\n".join(lines)
+
+
+def _atomic(path: str, text: str) -> None:
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)

@@ -1,0 +1,213 @@
+"""`raydistill run`: the whole chain on one Ray instance, each stage skipped when its lineage
+matches (raydistill.pipeline.lineage).
+
+    DIR/teacher      the teacher checkpoint           (raydistill teacher)
+    DIR/classifier   the domain classifier            (raydistill classifier; FID features)
+    DIR/<student>    one training run per student      (raydistill train; DIR/<student>/student)
+    DIR/eval         sample sets and eval.json         (raydistill eval)
+    DIR/report.md, DIR/metrics.json                    (raydistill.pipeline.report)
+
+A student stage that was killed midway continues from its last checkpoint when its job is
+unchanged (train --resume), and starts over otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from raydistill.config import (
+    ConfigError,
+    EvalJob,
+    PipelineJob,
+    StudentStage,
+    TrainJob,
+    from_dict,
+    to_dict,
+    with_absolute_paths,
+)
+from raydistill.models.checkpoint import load_checkpoint
+from raydistill.pipeline.lineage import (
+    file_sha256,
+    forget_record,
+    read_record,
+    why_rerun,
+    write_record,
+)
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    ran: bool                        # False: skipped, its lineage matched
+    record: dict
+
+
+def checkpoint_fingerprint(directory: str) -> str:
+    return load_checkpoint(directory).fingerprint
+
+
+def classifier_fingerprint(directory: str) -> str:
+    from raydistill.models.classifier import load_classifier
+
+    load_classifier(directory)
+    return file_sha256(os.path.join(directory, "model.safetensors"))
+
+
+def student_fingerprint(directory: str) -> str:
+    return checkpoint_fingerprint(os.path.join(directory, "student"))
+
+
+def eval_fingerprint(directory: str) -> str:
+    return file_sha256(os.path.join(directory, "eval.json"))
+
+
+class Pipeline:
+    def __init__(self, job: PipelineJob, out: str, *, address: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print):
+        self.job, self.out, self.address = job, os.path.abspath(out), address
+        self.progress, self.log = progress, log
+        self.fingerprints: dict[str, str] = {}
+        self.outcomes: list[StageOutcome] = []
+        self.stages = ["teacher", "classifier", *(s.name for s in job.students), "eval"]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def run(self) -> list[StageOutcome]:
+        os.makedirs(self.out, exist_ok=True)
+        self.stage("teacher", to_dict(self.job.teacher), {}, checkpoint_fingerprint,
+                   self._train_teacher)
+        self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
+                   self._train_classifier)
+        for stage in self.job.students:
+            self.stage(stage.name, {"teacher": stage.teacher, "train": stage.train},
+                       {stage.teacher: self.fingerprints[stage.teacher]}, student_fingerprint,
+                       lambda directory, s=stage: self._train_student(s, directory))
+        evaluated = [s.name for s in self.job.students if s.evaluate]
+        self.stage("eval", {"eval": self.job.eval, "students": evaluated},
+                   {name: self.fingerprints[name] for name in ["teacher", "classifier",
+                                                               *evaluated]},
+                   eval_fingerprint, self._evaluate)
+        return self.outcomes
+
+    def ray(self) -> None:
+        """One Ray instance serves every stage that needs one, started by the first of them (Ray
+        Train wants the dashboard, and CPUs beside its workers for Ray Data)."""
+        from raydistill.cluster import init_ray
+
+        default = TrainJob().workers.num
+        workers = max([default] + [int(s.train.get("workers", {}).get("num", default))
+                                   for s in self.job.students])
+        init_ray(self.address, num_cpus=max(os.cpu_count() or 1, workers + 1), dashboard=True)
+
+    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, str],
+              fingerprint: Callable[[str], str],
+              make: Callable[[str], dict[str, Any] | None]) -> None:
+        directory = self.path(name)
+        index = f"[{self.stages.index(name) + 1}/{len(self.stages)}]"
+        reason = why_rerun(directory, config, inputs, fingerprint)
+        if reason is None:
+            record = read_record(directory)
+            self.log(f"run: {index} {name}: done already (lineage matches, "
+                     f"{record['fingerprint'][:12]}); skipped")
+            self.fingerprints[name] = record["fingerprint"]
+            self.outcomes.append(StageOutcome(name, False, record))
+            return
+        self.log(f"run: {index} {name}: running ({reason})")
+        forget_record(directory)         # until it finishes again, nothing claims it did
+        start = time.perf_counter()
+        extra = make(directory) or {}
+        seconds = time.perf_counter() - start
+        record = write_record(directory, name, config, inputs, fingerprint(directory), seconds,
+                              **extra)
+        self.fingerprints[name] = record["fingerprint"]
+        self.outcomes.append(StageOutcome(name, True, record))
+        self.log(f"run: {index} {name}: finished in {seconds:.0f} s "
+                 f"({record['fingerprint'][:12]})")
+
+    def _train_teacher(self, directory: str) -> dict:
+        from raydistill.pretrain.teacher import train_teacher
+
+        _clear(directory)
+        result = train_teacher(self.job.teacher, directory, progress=self.progress)
+        return {"eval_loss": result.eval_loss_end}
+
+    def _train_classifier(self, directory: str) -> dict:
+        from raydistill.pretrain.classifier import train_classifier
+
+        _clear(directory)
+        result = train_classifier(self.job.classifier, directory, progress=self.progress)
+        return {"test_accuracy": result.test_accuracy}
+
+    def train_job(self, stage: StudentStage) -> TrainJob:
+        teacher = self.path(stage.teacher) if stage.teacher == "teacher" else \
+            os.path.join(self.path(stage.teacher), "student")
+        data = {"data": to_dict(self.job.teacher.data)} if "data" not in stage.train else {}
+        try:
+            job = from_dict(TrainJob, {**data, **stage.train, "teacher": {"checkpoint": teacher}})
+        except ConfigError as err:
+            raise err.under(f"students[{self.job.students.index(stage)}].train") from None
+        return with_absolute_paths(job)
+
+    def _train_student(self, stage: StudentStage, directory: str) -> dict:
+        from raydistill.train.driver import train
+
+        job = self.train_job(stage)
+        self.ray()
+        resume = _same_run(directory, job)
+        if not resume:
+            _clear(directory)
+        else:
+            self.log(f"run: {stage.name}: continuing its stopped training run")
+        start = time.perf_counter()
+        result = train(job, directory, resume=resume, address=self.address,
+                       progress=self.progress)
+        wall = time.perf_counter() - start
+        loop = float(result.metrics.get("elapsed_s", wall))
+        self.log(f"run: {stage.name}: {result.steps} steps; {wall - loop:.0f} s of {wall:.0f} s "
+                 "outside the training loop (Ray Train + DeepSpeed start-up, consolidation)")
+        return {"method": job.method, "steps": result.steps, "loss": result.metrics["loss"],
+                "overhead_s": wall - loop}
+
+    def eval_job(self) -> EvalJob:
+        students = [{"name": s.name, "checkpoint": os.path.join(self.path(s.name), "student")}
+                    for s in self.job.students if s.evaluate]
+        try:
+            job = from_dict(EvalJob, {
+                **self.job.eval, "teacher": {"checkpoint": self.path("teacher")},
+                "students": students, "data": to_dict(self.job.teacher.data),
+                "features": {"kind": "classifier", "path": self.path("classifier")}})
+        except ConfigError as err:
+            raise err.under("eval") from None
+        return with_absolute_paths(job)
+
+    def _evaluate(self, directory: str) -> dict:
+        from raydistill.eval.evaluate import evaluate
+
+        job = self.eval_job()
+        self.ray()
+        report = evaluate(job, directory, progress=self.progress, log=self.log)
+        return {"rows": len(report["rows"])}
+
+
+def _same_run(directory: str, job: TrainJob) -> bool:
+    """Whether `directory` holds a stopped training run of exactly this job."""
+    path = os.path.join(directory, "train.yaml")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        recorded = yaml.safe_load(f)
+    return recorded == to_dict(with_absolute_paths(job)) and os.path.isdir(
+        os.path.join(directory, "ray"))
+
+
+def _clear(directory: str) -> None:
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)

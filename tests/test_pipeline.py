@@ -1,0 +1,92 @@
+"""The main job end to end in local Ray (configs/smoke/pipeline.yaml): report files with finite
+numbers and a complete lineage chain; a re-run reuses every finished stage; a changed config
+re-runs its stage only; a run killed mid-stage resumes without redoing finished stages, and its
+report never claims the unfinished one."""
+
+import json
+import math
+import os
+
+import pytest
+
+from raydistill.cli import main
+from raydistill.config import PipelineJob, load
+from raydistill.pipeline.run import Pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke", "pipeline.yaml")
+STAGES = ["teacher", "classifier", "guided", "progressive", "eval"]
+
+
+@pytest.fixture(scope="module")
+def smoke_pipeline(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pipeline") / "run")
+    assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
+    yield out
+    import ray
+
+    ray.shutdown()
+
+
+def lineage(out, stage):
+    with open(os.path.join(out, stage, "lineage.json")) as f:
+        return json.load(f)
+
+
+def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipeline, capsys):
+    out = smoke_pipeline
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    report = open(os.path.join(out, "report.md")).read()
+    rows = {(r["name"], r["steps"]): r for r in metrics["eval"]}
+    assert set(rows) == {("teacher", 32), ("ddim", 1), ("ddim", 4), ("dpmpp_2m", 1),
+                         ("dpmpp_2m", 4), ("guided", 32), ("progressive", 4)}
+    assert all(math.isfinite(r["fid"]) and math.isfinite(r["kid"]) for r in rows.values())
+    assert rows["teacher", 32]["nfe"] == 64 and rows["guided", 32]["nfe"] == 32
+    assert rows["progressive", 4]["nfe"] == 4 and rows["ddim", 4]["nfe"] == 8
+    assert rows["teacher", 32]["fid"] < rows["ddim", 1]["fid"]
+    assert len(metrics["goals"]) == 2 and all("met" in g for g in metrics["goals"])
+    fingerprints = {stage: lineage(out, stage)["fingerprint"] for stage in STAGES}
+    assert lineage(out, "guided")["inputs"] == {"teacher": fingerprints["teacher"]}
+    assert lineage(out, "progressive")["inputs"] == {"guided": fingerprints["guided"]}
+    assert lineage(out, "eval")["inputs"] == {k: fingerprints[k] for k in STAGES[:4]}
+    for stage in STAGES:
+        assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
+        assert f"| {stage} | ran |" in report
+    capsys.readouterr()
+    assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
+    assert "5 stages done (0 ran, 5 reused)" in capsys.readouterr().out
+
+
+def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipeline,
+                                                                    monkeypatch, capsys):
+    """Fewer eval samples change the eval stage's config only; killed after its first row, the
+    report shows no quality figures and eval as not finished; the re-run redoes eval alone and
+    reuses the sample set it had drawn."""
+    out = smoke_pipeline
+    job = load(PipelineJob, SMOKE, ["eval.num_samples=250"])
+    rows_logged = []
+
+    def killing_log(line):
+        rows_logged.append(line)
+        if "NFE" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(job, out, progress=False, log=killing_log).run()
+    assert not os.path.exists(os.path.join(out, "eval", "lineage.json"))
+    from raydistill.pipeline.report import write_report
+
+    metrics = write_report(out, STAGES, {})
+    assert not metrics["stages"]["eval"]["finished"] and metrics["eval"] == []
+    assert "No evaluation finished yet" in open(os.path.join(out, "report.md")).read()
+    first_set = os.path.join(out, "eval", "samples", "teacher-ddim-32", "manifest.parquet")
+    drawn = os.path.getmtime(first_set)
+    capsys.readouterr()
+    assert main(["run", "--config", SMOKE, "--out", out, "--quiet", "eval.num_samples=250"]) == 0
+    printed = capsys.readouterr().out
+    for stage in STAGES[:4]:
+        assert f"{stage}: done already (lineage matches" in printed
+    assert "eval: running (did not finish)" in printed and "(1 ran, 4 reused)" in printed
+    assert os.path.getmtime(first_set) == drawn
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["samples"] == 250 and {r["samples"] for r in metrics["eval"]} == {250}
