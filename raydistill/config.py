@@ -445,7 +445,9 @@ class FeaturesConfig:
 @dataclass
 class EvalStudent:
     """A student to score: sampled only as it was distilled (a progressive student at its own
-    steps and sampler; any other at `steps` DDIM steps, default the teacher's full count)."""
+    steps and sampler; any other at `steps` DDIM steps, default the teacher's full count). One
+    name may label several checkpoints (a progressive run's rounds): rows are told apart by their
+    steps."""
 
     name: str = ""
     checkpoint: str = ""
@@ -492,8 +494,9 @@ class EvalJob:
                 f"must be a multiple of samples_per_shard ({self.samples_per_shard}), got "
                 f"{self.num_samples}")
         require(self.kid_subset_size >= 2, "kid_subset_size", "must be at least 2")
-        names = [student.name for student in self.students]
-        require(len(set(names)) == len(names), "students", f"names must differ, got {names}")
+        entries = [(student.name, student.checkpoint) for student in self.students]
+        require(len(set(entries)) == len(entries), "students",
+                "lists one checkpoint twice under one name")
         if self.teacher.analytic is None:
             require(self.features is not None, "features",
                     "is required for an image teacher (kind classifier or inception, and path)")

@@ -15,7 +15,7 @@ from raydistill.pipeline.run import Pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke", "pipeline.yaml")
-STAGES = ["teacher", "classifier", "guided", "progressive", "eval"]
+STAGES = ["teacher", "classifier", "guided", "progressive", "stochastic", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +39,26 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     report = open(os.path.join(out, "report.md")).read()
     rows = {(r["name"], r["steps"]): r for r in metrics["eval"]}
     assert set(rows) == {("teacher", 32), ("ddim", 1), ("ddim", 4), ("dpmpp_2m", 1),
-                         ("dpmpp_2m", 4), ("guided", 32), ("progressive", 4)}
+                         ("dpmpp_2m", 4), ("guided", 32), ("progressive", 4), ("progressive", 2),
+                         ("progressive", 1), ("stochastic", 4), ("stochastic", 2)}
     assert all(math.isfinite(r["fid"]) and math.isfinite(r["kid"]) for r in rows.values())
     assert rows["teacher", 32]["nfe"] == 64 and rows["guided", 32]["nfe"] == 32
     assert rows["progressive", 4]["nfe"] == 4 and rows["ddim", 4]["nfe"] == 8
+    assert rows["stochastic", 2]["solver"] == "stochastic" and rows["stochastic", 2]["nfe"] == 2
     assert rows["teacher", 32]["fid"] < rows["ddim", 1]["fid"]
-    assert len(metrics["goals"]) == 2 and all("met" in g for g in metrics["goals"])
+    assert [g["row"] for g in metrics["goals"]] == ["progressive"] * 2 + ["stochastic"] * 2
+    assert all(isinstance(g["met"], bool) for g in metrics["goals"])
     fingerprints = {stage: lineage(out, stage)["fingerprint"] for stage in STAGES}
     assert lineage(out, "guided")["inputs"] == {"teacher": fingerprints["teacher"]}
     assert lineage(out, "progressive")["inputs"] == {"guided": fingerprints["guided"]}
-    assert lineage(out, "eval")["inputs"] == {k: fingerprints[k] for k in STAGES[:4]}
+    assert lineage(out, "stochastic")["inputs"] == {"guided": fingerprints["guided"]}
+    assert lineage(out, "eval")["inputs"] == {k: fingerprints[k] for k in STAGES[:5]}
     for stage in STAGES:
         assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
         assert f"| {stage} | ran |" in report
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
-    assert "5 stages done (0 ran, 5 reused)" in capsys.readouterr().out
+    assert "6 stages done (0 ran, 6 reused)" in capsys.readouterr().out
 
 
 def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipeline,
@@ -84,9 +88,9 @@ def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipe
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet", "eval.num_samples=250"]) == 0
     printed = capsys.readouterr().out
-    for stage in STAGES[:4]:
+    for stage in STAGES[:5]:
         assert f"{stage}: done already (lineage matches" in printed
-    assert "eval: running (did not finish)" in printed and "(1 ran, 4 reused)" in printed
+    assert "eval: running (did not finish)" in printed and "(1 ran, 5 reused)" in printed
     assert os.path.getmtime(first_set) == drawn
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["samples"] == 250 and {r["samples"] for r in metrics["eval"]} == {250}

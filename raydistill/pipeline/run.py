@@ -176,9 +176,18 @@ class Pipeline:
         return {"method": job.method, "steps": result.steps, "loss": result.metrics["loss"],
                 "overhead_s": wall - loop}
 
+    def students_to_score(self, stage: StudentStage) -> list[str]:
+        """The checkpoints a stage made: every round's student of a progressive run (each at its
+        own steps), else the student."""
+        rounds = os.path.join(self.path(stage.name), "rounds")
+        if os.path.isdir(rounds):
+            return [os.path.join(rounds, name) for name in sorted(os.listdir(rounds))]
+        return [os.path.join(self.path(stage.name), "student")]
+
     def eval_job(self) -> EvalJob:
-        students = [{"name": s.name, "checkpoint": os.path.join(self.path(s.name), "student")}
-                    for s in self.job.students if s.evaluate]
+        students = [{"name": s.name, "checkpoint": checkpoint}
+                    for s in self.job.students if s.evaluate
+                    for checkpoint in self.students_to_score(s)]
         try:
             job = from_dict(EvalJob, {
                 **self.job.eval, "teacher": {"checkpoint": self.path("teacher")},
