@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from raydistill.cli import build_parser, main
-from raydistill.config import ClassifierJob, PairsJob, TeacherJob, TrainJob, load
+from raydistill.config import ClassifierJob, PairsJob, PipelineJob, TeacherJob, TrainJob, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = {"teacher": TeacherJob, "classifier": ClassifierJob, "pairs": PairsJob, "train": TrainJob}
+JOBS = {"teacher": TeacherJob, "classifier": ClassifierJob, "pairs": PairsJob, "train": TrainJob,
+        "run": PipelineJob}
 
 
 def readme_commands() -> list[str]:
@@ -49,7 +50,8 @@ def test_readme_command(command, tmp_path, monkeypatch):
         if argv[1] == "-c":
             return
         assert os.path.isfile(argv[1]), command
-        verb = {"generate_pairs.py": "pairs", "train_student.py": "train"}[os.path.basename(argv[1])]
+        verb = {"generate_pairs.py": "pairs", "train_student.py": "train",
+                "pipeline.py": "run"}[os.path.basename(argv[1])]
         argv = ["raydistill", verb, *argv[2:]]
     assert argv[0] == "raydistill", command
     mine = str(tmp_path / "mine.npz")          # the README's placeholder for the user's arrays
