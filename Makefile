@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
-OUT    ?= runs/digits
+OUT    ?= runs/digits-quick
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-all bench lint clean
@@ -19,10 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/raydistill teacher --config configs/digits/teacher.yaml --out $(OUT)/teacher
-	$(BIN)/raydistill classifier --config configs/digits/classifier.yaml --out $(OUT)/classifier
-	$(BIN)/raydistill sample --checkpoint $(OUT)/teacher --steps 64 --w 1 --solver ddim \
-		--per-class 10 --out $(OUT)/samples.png --classifier $(OUT)/classifier
+	$(BIN)/raydistill run --config configs/digits/pipeline.yaml --preset quick --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_eval)
     p = verbs.add_parser("run", help=PLANNED["run"])
     _config_args(p, "pipeline directory: one subdirectory per stage, report.md, metrics.json")
+    p.add_argument("--preset", help="one of the config's presets (default: its default_preset)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     p.set_defaults(handler=cmd_run)
     for verb in ("submit",):
@@ -253,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raydistill.pipeline.run import Pipeline
     from raydistill.train.driver import TrainingFailed
 
-    job = load(PipelineJob, args.config, args.overrides)
+    job = load(PipelineJob, args.config, args.overrides, preset=args.preset)
     pipeline = Pipeline(job, args.out, address=args.address, progress=not args.quiet)
     try:
         outcomes = pipeline.run()

@@ -547,8 +547,13 @@ class PipelineJob:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
-    """Build a `cls` config from a YAML file (optional) and `key=value` overrides, then validate."""
+def load(cls: type[T], path: str | None = None, overrides: list[str] = (),
+         preset: str | None = None) -> T:
+    """Build a `cls` config from a YAML file (optional) and `key=value` overrides, then validate.
+
+    A file may hold `presets:`, a mapping of preset name -> list of overrides; `preset` applies
+    one of them (before `overrides`), and a file with presets names its default in
+    `default_preset:`."""
     data: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -560,6 +565,14 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
                 raise ConfigError(path, f"not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(path, "must hold a mapping of config keys")
+    presets = data.pop("presets", {})
+    preset = preset or data.pop("default_preset", None)
+    data.pop("default_preset", None)
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError("--preset", f"{preset!r} is not one of the presets "
+                                          f"{sorted(presets)} in {path}")
+        overrides = [*presets[preset], *overrides]
     for item in overrides:
         apply_override(data, item)
     return from_dict(cls, data)
@@ -594,12 +607,19 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(item, "overrides must look like key=value")
-    node = data
+    node: Any = data
     *parents, leaf = key.split(".")
     for name in parents:
-        node = node.setdefault(name, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):                 # students.1.train...: an item of a list
+            if not name.isdigit() or int(name) >= len(node):
+                raise ConfigError(key, f"{name} is not an index of a list of {len(node)}")
+            node = node[int(name)]
+        else:
+            node = node.setdefault(name, {})
+        if not isinstance(node, (dict, list)):
             raise ConfigError(key, f"{name} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(key, "replace a whole list, not one item")
     try:
         node[leaf] = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:

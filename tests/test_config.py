@@ -13,6 +13,7 @@ from raydistill.config import (
     ConfigError,
     HalvingConfig,
     OptimConfig,
+    PipelineJob,
     TeacherJob,
     TrainJob,
     from_dict,
@@ -166,3 +167,24 @@ def test_device_selection_never_falls_back_silently(capsys, tmp_path):
         code, err = run(capsys, "teacher", "--config", SMOKE_TEACHER, "--out",
                         str(tmp_path / "o"), "device=cuda")
         assert code == 2 and "error: device: cuda requested but no CUDA device" in err
+
+
+def test_pipeline_presets_and_list_item_overrides(capsys):
+    """configs/digits/pipeline.yaml: `full` by default, `quick` shortens every stage; an override
+    reaches into the students list by index, and bad indices or presets are named."""
+    path = os.path.join(ROOT, "configs", "digits", "pipeline.yaml")
+    full = load(PipelineJob, path)
+    quick = load(PipelineJob, path, preset="quick")
+    assert full.teacher.optim.steps == 640 and quick.teacher.optim.steps == 300
+    assert full.students[1].train["halving"]["start_steps"] == 16
+    assert quick.students[2].train["halving"] == {"start_steps": 8, "end_steps": 2,
+                                                  "steps_per_round": 100, "stochastic": True}
+    tuned = load(PipelineJob, path, ["students.0.train.optim.steps=7"], preset="quick")
+    assert tuned.students[0].train["optim"]["steps"] == 7
+    assert main(["run", "--config", path, "--out", "x", "--preset", "fast"]) == 2
+    assert "--preset: 'fast' is not one of the presets ['full', 'quick']" in capsys.readouterr().err
+    assert main(["run", "--config", path, "--out", "x", "students.5.name=a"]) == 2
+    assert "students.5.name: 5 is not an index of a list of 3" in capsys.readouterr().err
+    assert main(["run", "--config", path, "--out", "x", "students.1.teacher=nobody"]) == 2
+    assert "students[1].teacher: must be 'teacher' or an earlier stage" in capsys.readouterr().err
+    assert not os.path.exists("x")

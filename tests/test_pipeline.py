@@ -56,6 +56,10 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     for stage in STAGES:
         assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
         assert f"| {stage} | ran |" in report
+    assert os.path.getsize(os.path.join(out, "fid_vs_nfe.png")) > 0
+    grids = [os.path.join(out, "eval", r["grid"]) for r in metrics["eval"]]
+    assert len(grids) == 11 and all(os.path.getsize(g) > 0 for g in grids)
+    assert all(f"](eval/{r['grid']})" in report for r in metrics["eval"])
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
     assert "6 stages done (0 ran, 6 reused)" in capsys.readouterr().out

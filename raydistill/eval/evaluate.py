@@ -35,6 +35,9 @@ from raydistill.eval.features import Features, load_features
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.pool import plan_pairs, run_pairs
 from raydistill.pairs.reader import PairReader
+from raydistill.sampling import save_grid
+
+GRID_SAMPLES = 50                    # per row's grid: 5 rows of 10
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,10 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
         images, labels = read_samples(plans[row.key].location.uri, job.num_samples)
+        grid = None
+        if not analytic:              # the first samples: the same noise and classes in every grid
+            grid = os.path.join("grids", f"{row.key}.png")
+            save_grid(images[:GRID_SAMPLES], GRID_SAMPLES // 10, os.path.join(out, grid))
         if analytic:
             scores = exact_distances(images, labels, teacher.network, seed=job.seed)
         else:
@@ -149,7 +156,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
         result = {"name": row.name, "solver": row.solver, "steps": row.steps,
                   "nfe": network_evaluations(model, row.solver, row.steps),
                   "samples": len(labels), "fingerprint": model.fingerprint, **scores,
-                  "sample_set": row.key, "seconds": time.perf_counter() - start}
+                  "sample_set": row.key, "grid": grid, "seconds": time.perf_counter() - start}
         results.append(result)
         log(format_row(result))
     report = {"w": job.w, "seed": job.seed, "num_samples": job.num_samples,

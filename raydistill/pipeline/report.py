@@ -17,6 +17,7 @@ from typing import Any
 from raydistill.pipeline.lineage import read_record
 
 GOAL_VS_TEACHER, GOAL_VS_DDIM = 1.25, 0.5
+PLOT = "fid_vs_nfe.png"
 
 
 def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
@@ -71,9 +72,34 @@ def write_report(out: str, stages: list[str], ran: dict[str, bool]) -> dict:
     if evaluation:
         metrics.update(w=evaluation["w"], samples=evaluation["num_samples"],
                        metric=evaluation["metric"])
+    if rows:
+        plot_scores(rows, os.path.join(out, PLOT))
     _atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
     _atomic(os.path.join(out, "report.md"), _markdown(metrics, rows))
     return metrics
+
+
+def plot_scores(rows: list[dict], path: str) -> None:
+    """FID (or the exact Frechet distance) against NFE per sample, one line per sampler name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    score = "fid" if "fid" in rows[0] else "frechet"
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = sorted((r["nfe"], r[score]) for r in rows if r["name"] == name)
+        ax.plot(*zip(*mine), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("FID" if score == "fid" else "Fréchet distance to p(x | c)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".partial.png")
+    plt.close(fig)
+    os.replace(path + ".partial.png", path)
 
 
 def _markdown(metrics: dict, rows: list[dict]) -> str:
@@ -95,7 +121,13 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
                 lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
                              f"{r['fid']:.3f} | {r['kid']:.4f} ± {r['kid_std']:.4f} | "
                              f"{r[score] / teacher[score]:.2f} |")
-        lines.append("")
+        lines += ["", f"![{'FID' if not exact else 'Fréchet distance'} against NFE]({PLOT})", ""]
+        grids = [r for r in rows if r.get("grid")]
+        if grids:
+            lines += ["## Samples", "", "The first 50 samples of every row: the same noise and "
+                      "classes in every grid.", ""]
+            lines += [f"**{r['name']}, {r['solver']}, {r['steps']} steps**\n\n"
+                      f"![{r['name']} {r['steps']}](eval/{r['grid']})\n" for r in grids]
     else:
         lines += ["No evaluation finished yet: no quality figures.", ""]
     if metrics["goals"]:
