@@ -7,6 +7,7 @@ Writes are atomic: bytes go to a temporary name that no reader lists, then move 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -81,3 +82,12 @@ class Location:
 
     def delete(self, name: str) -> None:
         self.fs.delete_file(self.path(name))
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -14,7 +14,6 @@ statistics are cached under it and never reused across extractors.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import Tensor
 from raydistill.config import ConfigError, FeaturesConfig
 from raydistill.models.classifier import load_classifier
 from raydistill.sampling import to_uint8
+from raydistill.storage import file_sha256
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Features:
 def load_features(config: FeaturesConfig) -> Features:
     if config.kind == "classifier":
         classifier, _ = load_classifier(config.path)
-        digest = _sha256(os.path.join(config.path, "model.safetensors"))
+        digest = file_sha256(os.path.join(config.path, "model.safetensors"))
         return Features(f"classifier:{digest}", classifier.features, config.batch_size)
     try:
         detector = torch.jit.load(config.path, map_location="cpu").eval()
@@ -56,12 +56,4 @@ def load_features(config: FeaturesConfig) -> Features:
             pixels = pixels.repeat(1, 3, 1, 1)
         return detector(pixels, return_features=True)
 
-    return Features(f"inception:{_sha256(config.path)}", inception, config.batch_size)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return Features(f"inception:{file_sha256(config.path)}", inception, config.batch_size)

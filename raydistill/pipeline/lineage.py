@@ -9,7 +9,6 @@ inputs. A stage killed midway has no record, so it never counts as done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -19,14 +18,6 @@ from typing import Any
 from raydistill.config import ConfigError
 
 LINEAGE = "lineage.json"
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_record(directory: str) -> dict | None:

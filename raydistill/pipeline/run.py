@@ -34,12 +34,12 @@ from raydistill.config import (
 )
 from raydistill.models.checkpoint import load_checkpoint
 from raydistill.pipeline.lineage import (
-    file_sha256,
     forget_record,
     read_record,
     why_rerun,
     write_record,
 )
+from raydistill.storage import file_sha256
 
 
 @dataclass
