@@ -2,6 +2,7 @@
 the gathered ZeRO-3 shards, non-finite losses are skipped and bounded, bad input fails up front."""
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -289,6 +290,27 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     differs = [name for name, value in raw.items()
                if not torch.equal(final["student"][name], value.float())]
     assert differs, "the saved student should be the EMA, not the raw weights"
+
+
+@pytest.mark.parametrize("overrides, per_sample", [
+    (["optim.steps=6"], [2] * 6),                  # one CFG call, both branches: 2 per sample
+    (["method=progressive", "halving.start_steps=4", "halving.end_steps=1",
+      "halving.steps_per_round=2", "guidance.w_max=0.0", "optim.warmup_steps=0"],
+     [4] * 2 + [2] * 2),            # two DDIM steps of the CFG teacher, then of a w-student
+])
+def test_teacher_evaluations_are_counted(single_process_group, overrides, per_sample):
+    """The loop reports the samples the frozen teacher evaluated, counted at its network (the
+    progressive rounds' frozen students included), as a running total."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "log_every=1", *overrides])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    counts = []
+    run_worker(job, setup.method, setup.stream,
+               WorkerContext(0, 1, setup.device, lambda m, d: counts.append(
+                   m["teacher_evaluations"])),
+               plan.student_config, setup.teacher.fingerprint)
+    batch = job.optim.batch_size
+    assert counts == list(itertools.accumulate(n * batch for n in per_sample))
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])

@@ -54,6 +54,21 @@ class Method(ABC):
     keep_round_students: bool = False
     #: where the method draws t, noise and w (None: torch's global generator); see `seed`
     generator: torch.Generator | None = None
+    #: samples its frozen teacher networks evaluated since `take_teacher_evaluations` last ran
+    teacher_evaluations: int = 0
+
+    def count_evaluations(self, teacher: nn.Module) -> None:
+        """Count every sample a frozen teacher (its Denoiser or network module) evaluates; a CFG
+        call runs the conditional and unconditional branches as one [2B] batch: 2B evaluations."""
+        teacher.register_forward_pre_hook(self._count)
+
+    def _count(self, network: nn.Module, args: tuple) -> None:
+        self.teacher_evaluations += args[0].shape[0]
+
+    def take_teacher_evaluations(self) -> int:
+        """The teacher evaluations counted since the last call, and restart the count."""
+        counted, self.teacher_evaluations = self.teacher_evaluations, 0
+        return counted
 
     def seed(self, seed: int, device: torch.device) -> None:
         """Draw the method's randomness from its own generator on `device`, seeded with `seed`

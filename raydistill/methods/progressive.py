@@ -104,6 +104,7 @@ class ProgressiveDistillation(Method):
         self.round_steps, self.steps_per_round = round_steps(halving), halving.steps_per_round
         self.round, self.teacher_is_stochastic = 0, teacher_is_stochastic
         self._frozen = copy.deepcopy(student).requires_grad_(False).eval()
+        self.count_evaluations(self._frozen)     # the teacher from the second round on
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}

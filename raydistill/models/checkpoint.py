@@ -20,6 +20,7 @@ differ from their defaults, which a field added later with a default leaves unch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -146,8 +147,10 @@ class Checkpoint:
         config = self.config
         return {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind].num_classes
 
-    @property
+    @functools.cached_property
     def denoiser(self) -> Denoiser:
+        """One Denoiser per checkpoint (w_denoiser wraps this same one, so a hook on it sees
+        every evaluation)."""
         return as_denoiser(self.network, self.config)
 
     @property

@@ -137,10 +137,13 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
 
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                  device: torch.device) -> Method:
-    """The method with its student (on `device`) and the frozen teacher."""
+    """The method with its student (on `device`) and the frozen teacher, whose evaluations it
+    counts."""
     teacher.network.to(device).requires_grad_(False).eval()
     student = build_student(config, teacher, job.seed).to(device)
-    return method_spec(job.method).build(job, teacher, config, student)
+    method = method_spec(job.method).build(job, teacher, config, student)
+    method.count_evaluations(teacher.denoiser)
+    return method
 
 
 def with_teacher_shape(job: TrainJob, teacher: Checkpoint) -> TrainJob:

@@ -11,7 +11,9 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
     train_log.jsonl       one JSON line per logged step: step, round, loss (mean over ranks),
                           samples/s, lr, data_wait (the fraction of the window rank 0 spent
-                          waiting for its next micro-batch: near 0 unless input-bound), ...
+                          waiting for its next micro-batch: near 0 unless input-bound),
+                          teacher_evaluations (samples the frozen teacher evaluated so far, all
+                          ranks; a resumed run counts the path it replays once), ...
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
     student/              the consolidated final student (last checkpoint only)
 
@@ -76,6 +78,7 @@ class Progress:
     grad_skipped: int = 0            # updates skipped for non-finite gradients
     resumes: int = 0                 # times the run restarted from a checkpoint
     method: str = ""
+    teacher_evaluations: int = 0     # samples the frozen teacher evaluated, over all ranks
 
 
 def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext,
@@ -140,6 +143,7 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
             shutil.rmtree(directory, ignore_errors=True)
 
     nan_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
+    first_step = progress.step
     while progress.step < total:
         index = next(i for i, end in enumerate(ends) if progress.step < end)
         if index != progress.round:
@@ -190,12 +194,16 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
             continue
         now = time.time()
         rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
+        progress.teacher_evaluations += int(_sum_over_ranks(method.take_teacher_evaluations()))
         metrics = {"step": progress.step, "round": rounds[progress.round].name,
                    "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
                    "data_wait": waited / max(now - window_start, 1e-9),
                    "nan_skipped": progress.nan_skipped, "grad_skipped": progress.grad_skipped,
-                   "resumes": progress.resumes, "elapsed_s": now - started}
+                   "resumes": progress.resumes, "elapsed_s": now - started,
+                   "run_samples_per_s": (progress.step - first_step) * job.optim.batch_size
+                   / max(now - started, 1e-9),
+                   "teacher_evaluations": progress.teacher_evaluations}
         window_start, window_steps, waited = now, 0, 0.0
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
@@ -271,14 +279,19 @@ def _all_finite(loss: Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
-def _mean_over_ranks(value: float) -> float:
+def _sum_over_ranks(value: float) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    return float(tensor.item())
+
+
+def _mean_over_ranks(value: float) -> float:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return _sum_over_ranks(value) / world
 
 
 def _duration(seconds: float) -> str:
