@@ -131,5 +131,7 @@ def test_eval_scores_image_samplers_with_cached_reference_features(local_ray, cl
     assert report["reference_images"] == 1797 and report["metric"].startswith("classifier:")
     assert all(torch.isfinite(torch.tensor([r["fid"], r["kid"]])).all() for r in rows.values())
     assert rows["teacher", 16]["fid"] < rows["ddim", 1]["fid"]
+    assert rows["teacher", 16]["fid_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert 0 < rows["dpmpp_2m", 1]["fid_to_teacher"] and 0 < rows["ddim", 1]["fid_to_teacher"]
     cached = os.listdir(out / "eval" / "reference")
     assert len(cached) == 1 and cached[0].endswith(".pt")

@@ -46,6 +46,14 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert rows["progressive", 4]["nfe"] == 4 and rows["ddim", 4]["nfe"] == 8
     assert rows["stochastic", 2]["solver"] == "stochastic" and rows["stochastic", 2]["nfe"] == 2
     assert rows["teacher", 32]["fid"] < rows["ddim", 1]["fid"]
+    assert rows["teacher", 32]["fid_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert all(r["fid_to_teacher"] > 0 for key, r in rows.items() if key != ("teacher", 32))
+    stages = metrics["stages"]      # the CFG teacher: 2 per target; a guided student's DDIM: 2
+    assert stages["guided"]["teacher_evaluations"] == 30 * 32 * 2
+    assert stages["progressive"]["teacher_evaluations"] == 3 * 20 * 32 * 2
+    assert stages["stochastic"]["teacher_evaluations"] > 0
+    assert all(stages[s]["samples_per_s"] > 0 for s in ("guided", "progressive", "stochastic"))
+    assert stages["eval"]["network_evaluations"] == sum(r["nfe"] * 500 for r in rows.values())
     assert [g["row"] for g in metrics["goals"]] == ["progressive"] * 2 + ["stochastic"] * 2
     assert all(isinstance(g["met"], bool) for g in metrics["goals"])
     fingerprints = {stage: lineage(out, stage)["fingerprint"] for stage in STAGES}

@@ -5,7 +5,9 @@ the teacher at `baseline_steps`, and each student as it was distilled. A row's s
 pair set drawn on the pairs actor pool (raydistill.pairs.pool: elastic, exactly-once, resumable)
 under DIR/samples/ROW with the job's seed, so every row sees the same noise and classes, and a
 re-run reuses the sample sets it already has. Each row is then scored against the reference
-images (FID / KID, reference features cached by extractor and data set) or, for an analytic
+images (FID / KID, reference features cached by extractor and data set) and against the teacher's
+own samples (`fid_to_teacher`: how faithfully a fast sampler reproduces the teacher, which FID
+against the data cannot tell apart from a change of guidance strength), or, for an analytic
 teacher, by exact distances to p(x | c).
 
 NFE counts the network evaluations per sample: the solver's calls (counted by running it on a stub
@@ -30,7 +32,7 @@ from raydistill.data import load_images
 from raydistill.diffusion.guidance import CFG
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.solvers import sample
-from raydistill.eval.distances import exact_distances, fid_kid
+from raydistill.eval.distances import exact_distances, fid, fid_kid
 from raydistill.eval.features import Features, load_features
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.pool import plan_pairs, run_pairs
@@ -136,7 +138,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
     features = None if analytic else load_features(job.features)
     real = None if analytic else reference_features(
         job, features, job.reference_cache or os.path.join(out, "reference"))
-    results = []
+    results, teacher_features = [], None
     for row in rows:
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
@@ -148,10 +150,13 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
         if analytic:
             scores = exact_distances(images, labels, teacher.network, seed=job.seed)
         else:
+            mine = features(images)
+            if teacher_features is None:          # the first row is the teacher's
+                teacher_features = mine
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*will save all extracted features")
-                scores = fid_kid(real, features(images), kid_subset_size=job.kid_subset_size,
-                                 seed=job.seed)
+                scores = fid_kid(real, mine, kid_subset_size=job.kid_subset_size, seed=job.seed)
+                scores["fid_to_teacher"] = fid(teacher_features, mine)
         model = teacher if row.model == job.teacher else load_teacher(row.model)
         result = {"name": row.name, "solver": row.solver, "steps": row.steps,
                   "nfe": network_evaluations(model, row.solver, row.steps),
@@ -173,7 +178,8 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
 
 def format_row(result: dict) -> str:
     if "fid" in result:
-        score = f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}"
+        score = (f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}  "
+                 f"FID to teacher {result['fid_to_teacher']:.3f}")
     else:
         score = f"Frechet {result['frechet']:.4f}  sliced W2 {result['sliced_w2']:.4f}"
     return (f"{result['name']:>12} {result['solver']:>10} {result['steps']:>4} steps "

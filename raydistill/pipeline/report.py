@@ -18,6 +18,12 @@ from raydistill.pipeline.lineage import read_record
 
 GOAL_VS_TEACHER, GOAL_VS_DDIM = 1.25, 0.5
 PLOT = "fid_vs_nfe.png"
+#: what the report takes from a stage's lineage record (raydistill.pipeline.run says which
+#: stages record which): wall time, the training loop's start-up and consolidation time outside
+#: the loop, the samples its frozen teacher evaluated, the students' training samples per second,
+#: the network evaluations behind the evaluation's sample sets
+STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "teacher_evaluations",
+                "samples_per_s", "network_evaluations")
 
 
 def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
@@ -62,10 +68,8 @@ def write_report(out: str, stages: list[str], ran: dict[str, bool]) -> dict:
     rows = evaluation["rows"] if evaluation else []
     metrics = {"stages": {name: {"finished": name in finished,
                                  "ran_this_time": ran.get(name, False),
-                                 **({"seconds": finished[name]["seconds"],
-                                     "fingerprint": finished[name]["fingerprint"],
-                                     "inputs": finished[name]["inputs"]}
-                                    if name in finished else {})}
+                                 **({key: finished[name][key] for key in STAGE_FIELDS
+                                     if key in finished[name]} if name in finished else {})}
                           for name in stages},
                "eval": rows, "goals": goals(rows, methods) if rows else [],
                "environment": environment()}
@@ -111,8 +115,9 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
         lines += [f"{metrics['samples']} samples per row at w = {metrics['w']:g}, the same noise "
                   f"and classes in every row; features: `{metrics['metric'][:32]}`.", "",
                   "| sampler | solver | steps | NFE | " +
-                  ("Fréchet | sliced W2 |" if exact else "FID | KID | FID / teacher |"),
-                  "| --- | --- | ---: | ---: | ---: | ---: |" + ("" if exact else " ---: |")]
+                  ("Fréchet | sliced W2 |" if exact else
+                   "FID | KID | FID / teacher's | FID to the teacher's samples |"),
+                  "| --- | --- | ---: | ---: | ---: | ---: |" + ("" if exact else " ---: | ---: |")]
         for r in rows:
             if exact:
                 lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
@@ -120,7 +125,12 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
             else:
                 lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
                              f"{r['fid']:.3f} | {r['kid']:.4f} ± {r['kid_std']:.4f} | "
-                             f"{r[score] / teacher[score]:.2f} |")
+                             f"{r[score] / teacher[score]:.2f} | {r['fid_to_teacher']:.3f} |")
+        if not exact:
+            lines += ["", "FID is against the data (train and held-out images, features of the "
+                      "domain classifier); FID to the teacher's samples measures how faithfully "
+                      "a sampler reproduces the teacher, which FID against the data cannot tell "
+                      "apart from a change of guidance strength."]
         lines += ["", f"![{'FID' if not exact else 'Fréchet distance'} against NFE]({PLOT})", ""]
         grids = [r for r in rows if r.get("grid")]
         if grids:
@@ -135,15 +145,24 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
         lines += [f"- {g['row']}: {g['goal']}: {g['ratio']:.2f}x, "
                   f"{'met' if g['met'] else 'NOT met'}" for g in metrics["goals"]]
         lines.append("")
-    lines += ["## Stages", "", "| stage | state | wall time | fingerprint | inputs |",
-              "| --- | --- | ---: | --- | --- |"]
+    lines += ["## Stages", "", "Wall time as the stage last ran; outside the loop: Ray Train and "
+              "DeepSpeed start-up and the final consolidation; teacher evaluations: samples the "
+              "frozen teacher evaluated for training targets (CFG's two branches count two); "
+              "samples/s: student training samples per second inside the loop; the evaluation's "
+              "figure is the network evaluations behind its sample sets.", "",
+              "| stage | state | wall time | outside the loop | teacher evaluations | samples/s | "
+              "fingerprint | inputs |", "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, stage in metrics["stages"].items():
         if not stage["finished"]:
-            lines.append(f"| {name} | not finished | | | |")
+            lines.append(f"| {name} | not finished | | | | | | |")
             continue
         state = "ran" if stage["ran_this_time"] else "reused (lineage matched)"
         inputs = ", ".join(f"{k} {v[:12]}" for k, v in stage["inputs"].items()) or "config only"
-        lines.append(f"| {name} | {state} | {stage['seconds']:.0f} s | "
+        overhead = f"{stage['overhead_s']:.0f} s" if "overhead_s" in stage else ""
+        evaluations = stage.get("teacher_evaluations", stage.get("network_evaluations"))
+        rate = f"{stage['samples_per_s']:.0f}" if "samples_per_s" in stage else ""
+        lines.append(f"| {name} | {state} | {stage['seconds']:.0f} s | {overhead} | "
+                     f"{'' if evaluations is None else f'{evaluations:,}'} | {rate} | "
                      f"{stage['fingerprint'][:12]} | {inputs} |")
     env = metrics["environment"]
     lines += ["", "## Environment", "",

@@ -174,7 +174,9 @@ class Pipeline:
         self.log(f"run: {stage.name}: {result.steps} steps; {wall - loop:.0f} s of {wall:.0f} s "
                  "outside the training loop (Ray Train + DeepSpeed start-up, consolidation)")
         return {"method": job.method, "steps": result.steps, "loss": result.metrics["loss"],
-                "overhead_s": wall - loop}
+                "overhead_s": wall - loop,
+                "teacher_evaluations": int(result.metrics["teacher_evaluations"]),
+                "samples_per_s": float(result.metrics["run_samples_per_s"])}
 
     def students_to_score(self, stage: StudentStage) -> list[str]:
         """The checkpoints a stage made: every round's student of a progressive run (each at its
@@ -203,7 +205,8 @@ class Pipeline:
         job = self.eval_job()
         self.ray()
         report = evaluate(job, directory, progress=self.progress, log=self.log)
-        return {"rows": len(report["rows"])}
+        return {"rows": len(report["rows"]),
+                "network_evaluations": sum(r["nfe"] * r["samples"] for r in report["rows"])}
 
 
 def _same_run(directory: str, job: TrainJob) -> bool:
