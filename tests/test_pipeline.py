@@ -65,6 +65,10 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
         assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
         assert f"| {stage} | ran |" in report
     assert os.path.getsize(os.path.join(out, "fid_vs_nfe.png")) > 0
+    run_log = open(os.path.join(out, "run.log")).read()        # the stage lines, kept
+    assert all(f"{stage}: finished in" in run_log for stage in STAGES)
+    worker_log = open(os.path.join(out, "guided", "logs", "train-rank0.log")).read()
+    assert "Reporting training result" in worker_log
     grids = [os.path.join(out, "eval", r["grid"]) for r in metrics["eval"]]
     assert len(grids) == 11 and all(os.path.getsize(g) > 0 for g in grids)
     assert all(f"](eval/{r['grid']})" in report for r in metrics["eval"])

@@ -1,6 +1,7 @@
 """The smoke contract: `raydistill train` with configs/smoke/guided.yaml and progressive.yaml runs
 standalone (building the tiny teacher it needs) with 2 workers under ZeRO-2, and leaves a student
-that `raydistill sample --steps 2` loads."""
+that `raydistill sample --steps 2` loads. The terminal shows one progress bar for the run, and the
+engines' INFO lines go to the workers' log files."""
 
 import os
 
@@ -30,8 +31,13 @@ def test_smoke_config_trains_a_student_that_samples(tmp_path_factory, method, ca
     out = str(tmp_path_factory.mktemp(method) / "run")
     assert main(["train", "--config", f"{ROOT}/configs/smoke/{method}.yaml", "--out", out,
                  f"teacher.checkpoint={teacher}",
-                 f"teacher.build={ROOT}/configs/smoke/teacher.yaml", "--quiet"]) == 0
-    assert f"train: {method} student after 60 steps" in capsys.readouterr().out
+                 f"teacher.build={ROOT}/configs/smoke/teacher.yaml"]) == 0
+    console = capsys.readouterr()
+    assert f"train: {method} student after 60 steps" in console.out
+    assert f"train {method}: 100%" in console.err and "60/60" in console.err
+    for engine_line in ("Reporting training result", "Starting execution of Dataset"):
+        assert engine_line not in console.out + console.err
+        assert engine_line in open(os.path.join(out, "logs", "train-rank0.log")).read()
     student = load_checkpoint(os.path.join(out, "student"))
     assert student.extra["teacher_fingerprint"] == load_checkpoint(teacher).fingerprint
     if method == "guided":

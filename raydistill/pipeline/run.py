@@ -6,6 +6,8 @@ matches (raydistill.pipeline.lineage).
     DIR/<student>    one training run per student      (raydistill train; DIR/<student>/student)
     DIR/eval         sample sets and eval.json         (raydistill eval)
     DIR/report.md, DIR/metrics.json                    (raydistill.pipeline.report)
+    DIR/run.log      the stage lines, and the engines' INFO lines and warnings (raydistill.logs);
+                     each training stage's workers log to DIR/<student>/logs/
 
 A student stage that was killed midway continues from its last checkpoint when its job is
 unchanged (train --resume), and starts over otherwise.
@@ -13,6 +15,7 @@ unchanged (train --resume), and starts over otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -32,6 +35,7 @@ from raydistill.config import (
     to_dict,
     with_absolute_paths,
 )
+from raydistill.logs import engine_logs_to
 from raydistill.models.checkpoint import load_checkpoint
 from raydistill.pipeline.lineage import (
     forget_record,
@@ -40,6 +44,8 @@ from raydistill.pipeline.lineage import (
     write_record,
 )
 from raydistill.storage import file_sha256
+
+RUN_LOG = "run.log"
 
 
 @dataclass
@@ -72,16 +78,26 @@ class Pipeline:
     def __init__(self, job: PipelineJob, out: str, *, address: str | None = None,
                  progress: bool = True, log: Callable[[str], None] = print):
         self.job, self.out, self.address = job, os.path.abspath(out), address
-        self.progress, self.log = progress, log
+        self.progress, self._print = progress, log
         self.fingerprints: dict[str, str] = {}
         self.outcomes: list[StageOutcome] = []
         self.stages = ["teacher", "classifier", *(s.name for s in job.students), "eval"]
+
+    def log(self, line: str) -> None:
+        """A line for the terminal, also kept in DIR/run.log."""
+        self._print(line)
+        logging.getLogger("raydistill.run").info(line)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
     def run(self) -> list[StageOutcome]:
         os.makedirs(self.out, exist_ok=True)
+        with engine_logs_to(os.path.join(self.out, RUN_LOG)):
+            self._run()
+        return self.outcomes
+
+    def _run(self) -> None:
         self.stage("teacher", to_dict(self.job.teacher), {}, checkpoint_fingerprint,
                    self._train_teacher)
         self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
@@ -95,7 +111,6 @@ class Pipeline:
                    {name: self.fingerprints[name] for name in ["teacher", "classifier",
                                                                *evaluated]},
                    eval_fingerprint, self._evaluate)
-        return self.outcomes
 
     def ray(self) -> None:
         """One Ray instance serves every stage that needs one, started by the first of them (Ray

@@ -7,6 +7,8 @@ The output directory:
     DIR/student/            the consolidated final student: `raydistill sample --checkpoint DIR/student`
     DIR/rounds/<N>-steps/   progressive: the student after each round
     DIR/train_log.jsonl     one line per logged step
+    DIR/logs/               each worker's engine log (Ray, Ray Train, Ray Data, DeepSpeed INFO
+                            lines and Python warnings; the terminal shows WARNING and worse)
 
 DIR/student appears only when the run has finished; until then the directory holds no student.
 """
@@ -14,9 +16,11 @@ DIR/student appears only when the run has finished; until then the directory hol
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import yaml
@@ -31,13 +35,15 @@ from raydistill.config import (
     to_dict,
     with_absolute_paths,
 )
+from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.train.build import build_method, prepare, starts_from_teacher, with_teacher_shape
 from raydistill.train.errors import FatalTrainingError, TrainingFailed
+from raydistill.train.progress import StepBar
 from raydistill.train.stream import Stream, mixture_stream, source_stream
 
-RUN_NAME, JOB_FILE = "train", "train.yaml"
+RUN_NAME, JOB_FILE, LOGS = "train", "train.yaml", "logs"
 # What a resumed run may change: logging, checkpoint cadence, retries and per-worker CPU use.
 RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps",
                      "workers.cpus", "workers.threads"}
@@ -121,9 +127,6 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     if resume:
         check_resumable(job, out)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from raydistill.cluster import init_ray
 
     if not resume:
@@ -135,13 +138,31 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
     local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
     init_ray(address, num_cpus=local_cpus, dashboard=True)
     _check_data_headroom(job)
-    # Ray Train retries nothing itself (max_failures=0): a worker failure is retried here from the
-    # last checkpoint, up to job.max_failures times, unless it is an error that would repeat.
+    with StepBar(f"train {job.method}", enabled=progress) as bar:
+        result = _fit(job, plan.student_config, out, bar.channel)
+    with result.checkpoint.as_directory() as directory:
+        for item in ("rounds", "train_log.jsonl", "student"):
+            source, target = os.path.join(directory, item), os.path.join(out, item)
+            if os.path.isdir(source):
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            elif os.path.isfile(source):
+                shutil.copy(source, target)
+    return TrainResult(os.path.join(out, "student"), int(result.metrics["step"]), result.metrics)
+
+
+def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
+    """Run the workers to the end; a failure is retried here from the last checkpoint (Ray Train
+    retries nothing itself, max_failures=0), up to job.max_failures times, unless it is an error
+    that would repeat."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers = job.workers
     for attempt in range(job.max_failures + 1):
         trainer = TorchTrainer(
             worker_main,
-            train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
-                               "progress": progress},
+            train_loop_config={"job": to_dict(job), "student": to_dict(student),
+                               "progress": channel, "logs": os.path.join(out, LOGS)},
             scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
                                          resources_per_worker={"CPU": workers.cpus,
                                                                **({"GPU": workers.gpus}
@@ -149,10 +170,10 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
             torch_config=TorchConfig(backend="nccl" if workers.gpus > 0 else "gloo"),
             run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
                                  failure_config=FailureConfig(max_failures=0),
+                                 logging_config=LoggingConfig(log_level="WARNING"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         try:
-            result = trainer.fit()
-            break
+            return trainer.fit()
         except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
             fatal = _fatal_error(err)
             cause = str(fatal) if fatal is not None else next(
@@ -162,14 +183,7 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
                                      "with --resume") from err
             print(f"train: a worker failed ({cause.strip()}); restarting from the last "
                   f"checkpoint (retry {attempt + 1} of {job.max_failures})", flush=True)
-    with result.checkpoint.as_directory() as directory:
-        for item in ("rounds", "train_log.jsonl", "student"):
-            source, target = os.path.join(directory, item), os.path.join(out, item)
-            if os.path.isdir(source):
-                shutil.copytree(source, target, dirs_exist_ok=True)
-            elif os.path.isfile(source):
-                shutil.copy(source, target)
-    return TrainResult(os.path.join(out, "student"), int(result.metrics["step"]), result.metrics)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _fatal_error(err: Exception) -> FatalTrainingError | None:
@@ -201,18 +215,21 @@ def worker_main(config: dict) -> None:
     student_config = from_dict(ModelConfig, config["student"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    setup = setup_worker(job, student_config, rank, world)
+    channel = config["progress"]
 
     def report(metrics: dict, directory: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    restored = ray.train.get_checkpoint()
-    with restored.as_directory() if restored else contextlib.nullcontext() as directory:
-        context = WorkerContext(rank, world, setup.device, report, directory,
-                                print_progress=config["progress"])
-        run_worker(job, setup.method, setup.stream, context, student_config,
-                   setup.teacher.fingerprint)
+    with engine_logs_to(os.path.join(config["logs"], f"train-rank{rank}.log")):
+        setup = setup_worker(job, student_config, rank, world)
+        restored = ray.train.get_checkpoint()
+        with restored.as_directory() if restored else contextlib.nullcontext() as directory:
+            show = None if channel is None else functools.partial(StepBar.put, channel)
+            context = WorkerContext(rank, world, setup.device, report, directory,
+                                    show_progress=show)
+            run_worker(job, setup.method, setup.stream, context, student_config,
+                       setup.teacher.fingerprint)
 
 
 @dataclass

@@ -29,10 +29,8 @@ rank alike. `max_nan_steps` skips in a row stop the run with an error naming the
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,7 +65,9 @@ class WorkerContext:
     device: torch.device
     report: Callable[[dict, str | None], None]     # metrics, and a checkpoint directory or None
     restored: str | None = None                    # checkpoint directory to resume from
-    print_progress: bool = True                    # rank 0's step lines on stdout
+    #: rank 0 hands it each logged step's metrics, with "total" and "start" (the step this
+    #: attempt started from) added; raydistill.train.progress shows them on the driver
+    show_progress: Callable[[dict], None] | None = None
 
 
 @dataclass
@@ -208,13 +208,8 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if ctx.rank == 0 and ctx.print_progress:
-            eta = (total - progress.step) * job.optim.batch_size / max(rate, 1e-9)
-            # sys.stdout directly: Ray Train's patched print would show every line twice
-            sys.stdout.write(f"train  step {progress.step}/{total}  {metrics['round']}  loss "
-                             f"{metrics['loss']:.4g}  {rate:.0f} samples/s  data wait "
-                             f"{metrics['data_wait']:.0%}  ETA {_duration(eta)}\n")
-            sys.stdout.flush()
+        if ctx.rank == 0 and ctx.show_progress is not None:
+            ctx.show_progress({**metrics, "total": total, "start": first_step})
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
         else:
@@ -292,10 +287,3 @@ def _sum_over_ranks(value: float) -> float:
 def _mean_over_ranks(value: float) -> float:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return _sum_over_ranks(value) / world
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
