@@ -55,3 +55,12 @@ def engine_logs_to(path: str) -> Iterator[None]:
             logger.removeHandler(handler)
         handler.close()
         logging.captureWarnings(False)
+
+
+def without_ray_data_bars(context) -> None:
+    """Ray Data's progress bars off (raydistill draws its own), and its notice that they are off
+    counted as given (it is a WARNING, so it would reach the terminal)."""
+    from ray.util.debug import log_once
+
+    context.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")

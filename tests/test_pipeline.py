@@ -52,7 +52,12 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert stages["guided"]["teacher_evaluations"] == 30 * 32 * 2
     assert stages["progressive"]["teacher_evaluations"] == 3 * 20 * 32 * 2
     assert stages["stochastic"]["teacher_evaluations"] > 0
-    assert all(stages[s]["samples_per_s"] > 0 for s in ("guided", "progressive", "stochastic"))
+    for name in ("guided", "progressive", "stochastic"):
+        assert stages[name]["samples_per_s"] > 0
+        outside = stages[name]["outside_loop"]
+        assert all(seconds >= 0 for seconds in outside.values())
+        assert sum(outside.values()) == pytest.approx(stages[name]["overhead_s"])
+        assert sum(outside.values()) < stages[name]["seconds"]
     assert stages["eval"]["network_evaluations"] == sum(r["nfe"] * 500 for r in rows.values())
     assert [g["row"] for g in metrics["goals"]] == ["progressive"] * 2 + ["stochastic"] * 2
     assert all(isinstance(g["met"], bool) for g in metrics["goals"])

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from raydistill.config import PairsJob, from_dict
+from raydistill.logs import without_ray_data_bars
 from raydistill.methods.guided import check_continuous_teacher
 from raydistill.methods.progressive import check_halving_teacher
 from raydistill.models.checkpoint import Checkpoint, load_teacher
@@ -186,7 +187,7 @@ def generate_pairs(job: PairsJob, out: str, *, progress: bool = True) -> PairsRe
 def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Manifest,
               todo: list[int], progress: bool) -> None:
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    without_ray_data_bars(context)
     context.print_on_execution_start = False
     workers = job.workers
     pool = ray.data.ActorPoolStrategy(min_size=min(workers.min, len(todo)),

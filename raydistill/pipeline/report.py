@@ -22,8 +22,8 @@ PLOT = "fid_vs_nfe.png"
 #: stages record which): wall time, the training loop's start-up and consolidation time outside
 #: the loop, the samples its frozen teacher evaluated, the students' training samples per second,
 #: the network evaluations behind the evaluation's sample sets
-STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "teacher_evaluations",
-                "samples_per_s", "network_evaluations")
+STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "outside_loop",
+                "teacher_evaluations", "samples_per_s", "network_evaluations")
 
 
 def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
@@ -125,7 +125,8 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
             else:
                 lines.append(f"| {r['name']} | {r['solver']} | {r['steps']} | {r['nfe']} | "
                              f"{r['fid']:.3f} | {r['kid']:.4f} ± {r['kid_std']:.4f} | "
-                             f"{r[score] / teacher[score]:.2f} | {r['fid_to_teacher']:.3f} |")
+                             f"{r[score] / teacher[score]:.2f} | "
+                             f"{'(itself)' if r is teacher else format(r['fid_to_teacher'], '.3f')} |")
         if not exact:
             lines += ["", "FID is against the data (train and held-out images, features of the "
                       "domain classifier); FID to the teacher's samples measures how faithfully "
@@ -164,6 +165,14 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
         lines.append(f"| {name} | {state} | {stage['seconds']:.0f} s | {overhead} | "
                      f"{'' if evaluations is None else f'{evaluations:,}'} | {rate} | "
                      f"{stage['fingerprint'][:12]} | {inputs} |")
+    phases = [(name, stage["outside_loop"]) for name, stage in metrics["stages"].items()
+              if "outside_loop" in stage]
+    if phases:
+        lines += ["", "Time outside the training loop, by phase:", ""]
+        lines += [f"- {name}: " + ", ".join(
+            f"{phase} {seconds:.1f} s"
+            for phase, seconds in sorted(outside.items(), key=lambda item: -item[1]))
+            for name, outside in phases]
     env = metrics["environment"]
     lines += ["", "## Environment", "",
               f"Python {env['python']}, torch {env['torch']}, Ray {env['ray']}, DeepSpeed "

@@ -181,15 +181,14 @@ class Pipeline:
             _clear(directory)
         else:
             self.log(f"run: {stage.name}: continuing its stopped training run")
-        start = time.perf_counter()
         result = train(job, directory, resume=resume, address=self.address,
-                       progress=self.progress)
-        wall = time.perf_counter() - start
-        loop = float(result.metrics.get("elapsed_s", wall))
-        self.log(f"run: {stage.name}: {result.steps} steps; {wall - loop:.0f} s of {wall:.0f} s "
-                 "outside the training loop (Ray Train + DeepSpeed start-up, consolidation)")
+                       progress=self.progress, label=stage.name)
+        outside = result.outside_loop
+        self.log(f"run: {stage.name}: {result.steps} steps; {sum(outside.values()):.0f} s outside "
+                 "the training loop (" + ", ".join(f"{name} {seconds:.0f} s"
+                                                   for name, seconds in outside.items()) + ")")
         return {"method": job.method, "steps": result.steps, "loss": result.metrics["loss"],
-                "overhead_s": wall - loop,
+                "overhead_s": sum(outside.values()), "outside_loop": outside,
                 "teacher_evaluations": int(result.metrics["teacher_evaluations"]),
                 "samples_per_s": float(result.metrics["run_samples_per_s"])}
 

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,9 @@ class WorkerContext:
     #: rank 0 hands it each logged step's metrics, with "total" and "start" (the step this
     #: attempt started from) added; raydistill.train.progress shows them on the driver
     show_progress: Callable[[dict], None] | None = None
+    #: wall-clock times (time.time()) the worker reached before the loop, reported with every
+    #: step as <name>_at (the driver's start-up breakdown)
+    reached: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,7 +206,9 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
                    "resumes": progress.resumes, "elapsed_s": now - started,
                    "run_samples_per_s": (progress.step - first_step) * job.optim.batch_size
                    / max(now - started, 1e-9),
-                   "teacher_evaluations": progress.teacher_evaluations}
+                   "teacher_evaluations": progress.teacher_evaluations,
+                   **{f"{name}_at": at for name, at in ctx.reached.items()},
+                   "loop_at": started, "logged_at": now}
         window_start, window_steps, waited = now, 0, 0.0
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
