@@ -510,7 +510,15 @@ class StudentStage:
     name: str = ""
     teacher: str = "teacher"         # "teacher", or the name of an earlier stage
     train: dict[str, Any] = field(default_factory=dict)
+    #: PairsJob keys: the stage trains from a pair set the pipeline makes first (stage
+    #: `<name>-pairs`: its mode from the method, teacher, data, guidance and halving from `train`);
+    #: empty: the teacher runs inline
+    pairs: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = True            # a row of the evaluation (at the steps it was distilled for)
+
+    @property
+    def pairs_stage(self) -> str | None:
+        return f"{self.name}-pairs" if self.pairs else None
 
     def validate(self) -> None:
         require(bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.name)), "name",
@@ -519,6 +527,11 @@ class StudentStage:
                 f"{self.name!r} is the name of a built-in stage")
         require("teacher" not in self.train, "train.teacher",
                 "is set by the pipeline (use the stage's `teacher: NAME`)")
+        require(not (self.pairs and "pairs" in self.train), "train.pairs",
+                "is set by the pipeline when the stage has a `pairs:` section")
+        for key in ("mode", "teacher", "guidance", "student_steps", "stochastic"):
+            require(key not in self.pairs, f"pairs.{key}",
+                    "follows from the stage's method, teacher and train keys")
 
 
 @dataclass
@@ -533,10 +546,11 @@ class PipelineJob:
                                                           # features and data come from the run
 
     def validate(self) -> None:
-        seen = {"teacher"}
+        seen, names = {"teacher"}, {"teacher", "classifier", "eval"}
         for i, stage in enumerate(self.students):
-            require(stage.name not in seen, f"students[{i}].name",
-                    f"{stage.name!r} is used twice")
+            for name in filter(None, (stage.name, stage.pairs_stage)):
+                require(name not in names, f"students[{i}].name", f"{name!r} is used twice")
+                names.add(name)
             require(stage.teacher in seen, f"students[{i}].teacher",
                     f"must be 'teacher' or an earlier stage, got {stage.teacher!r}")
             seen.add(stage.name)

@@ -188,3 +188,26 @@ def test_pipeline_presets_and_list_item_overrides(capsys):
     assert main(["run", "--config", path, "--out", "x", "students.1.teacher=nobody"]) == 2
     assert "students[1].teacher: must be 'teacher' or an earlier stage" in capsys.readouterr().err
     assert not os.path.exists("x")
+
+
+def test_a_pipeline_stages_pairs_are_derived_from_its_train_keys(tmp_path):
+    """A stage's `pairs:` holds only what its train keys do not decide; the pair set's mode,
+    teacher, guidance and progressive student_steps come from the stage, and its stage name
+    (`<name>-pairs`) may not collide with another stage's."""
+    from raydistill.pipeline.run import Pipeline
+
+    smoke = os.path.join(ROOT, "configs", "smoke", "pipeline.yaml")
+    job = load(PipelineJob, smoke, ["students.1.pairs={num_shards: 2}"])
+    pipeline = Pipeline(job, str(tmp_path))
+    os.makedirs(tmp_path / "guided" / "student")        # the teacher the stage would have then
+    assert pipeline.stages[2:6] == ["guided-pairs", "guided", "progressive-pairs", "progressive"]
+    pairs = pipeline.pairs_job(job.students[1])
+    assert (pairs.mode, pairs.student_steps, pairs.stochastic) == ("progressive", 4, False)
+    assert (pairs.guidance.w_min, pairs.guidance.w_max) == (0.0, 2.0)
+    assert pairs.teacher.checkpoint == os.path.join(str(tmp_path), "guided", "student")
+    assert pipeline.train_job(job.students[1]).pairs == os.path.join(str(tmp_path),
+                                                                     "progressive-pairs")
+    with pytest.raises(ConfigError, match=r"students\[0\].pairs.mode: follows from the stage"):
+        load(PipelineJob, smoke, ["students.0.pairs.mode=ode"])
+    with pytest.raises(ConfigError, match="'guided-pairs' is used twice"):
+        load(PipelineJob, smoke, ["students.1.name=guided-pairs"])

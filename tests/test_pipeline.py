@@ -15,7 +15,7 @@ from raydistill.pipeline.run import Pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke", "pipeline.yaml")
-STAGES = ["teacher", "classifier", "guided", "progressive", "stochastic", "eval"]
+STAGES = ["teacher", "classifier", "guided-pairs", "guided", "progressive", "stochastic", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert rows["teacher", 32]["fid"] < rows["ddim", 1]["fid"]
     assert rows["teacher", 32]["fid_to_teacher"] == pytest.approx(0, abs=1e-6)
     assert all(r["fid_to_teacher"] > 0 for key, r in rows.items() if key != ("teacher", 32))
-    stages = metrics["stages"]      # the CFG teacher: 2 per target; a guided student's DDIM: 2
-    assert stages["guided"]["teacher_evaluations"] == 30 * 32 * 2
+    stages = metrics["stages"]      # guided: from pairs; two DDIM steps of a guided student
+    assert stages["guided-pairs"]["shards"] == 4 and stages["guided-pairs"]["samples_per_s"] > 0
+    assert stages["guided"]["teacher_evaluations"] == 0
     assert stages["progressive"]["teacher_evaluations"] == 3 * 20 * 32 * 2
     assert stages["stochastic"]["teacher_evaluations"] > 0
     for name in ("guided", "progressive", "stochastic"):
@@ -62,10 +63,13 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert [g["row"] for g in metrics["goals"]] == ["progressive"] * 2 + ["stochastic"] * 2
     assert all(isinstance(g["met"], bool) for g in metrics["goals"])
     fingerprints = {stage: lineage(out, stage)["fingerprint"] for stage in STAGES}
-    assert lineage(out, "guided")["inputs"] == {"teacher": fingerprints["teacher"]}
+    assert lineage(out, "guided-pairs")["inputs"] == {"teacher": fingerprints["teacher"]}
+    assert lineage(out, "guided")["inputs"] == {"teacher": fingerprints["teacher"],
+                                                "guided-pairs": fingerprints["guided-pairs"]}
     assert lineage(out, "progressive")["inputs"] == {"guided": fingerprints["guided"]}
     assert lineage(out, "stochastic")["inputs"] == {"guided": fingerprints["guided"]}
-    assert lineage(out, "eval")["inputs"] == {k: fingerprints[k] for k in STAGES[:5]}
+    assert lineage(out, "eval")["inputs"] == {
+        k: fingerprints[k] for k in STAGES[:-1] if k != "guided-pairs"}
     for stage in STAGES:
         assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
         assert f"| {stage} | ran |" in report
@@ -79,14 +83,15 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert all(f"](eval/{r['grid']})" in report for r in metrics["eval"])
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
-    assert "6 stages done (0 ran, 6 reused)" in capsys.readouterr().out
+    assert "7 stages done (0 ran, 7 reused)" in capsys.readouterr().out
 
 
 def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipeline,
                                                                     monkeypatch, capsys):
     """Fewer eval samples change the eval stage's config only; killed after its first row, the
-    report shows no quality figures and eval as not finished; the re-run redoes eval alone and
-    reuses the sample set it had drawn."""
+    report shows no quality figures and eval as not finished; the re-run redoes eval and reuses
+    the sample set it had drawn. A pair shard deleted meanwhile is found, named and made again,
+    byte-identical, so the student trained from the set is not retrained."""
     out = smoke_pipeline
     job = load(PipelineJob, SMOKE, ["eval.num_samples=250"])
     rows_logged = []
@@ -106,12 +111,21 @@ def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipe
     assert "No evaluation finished yet" in open(os.path.join(out, "report.md")).read()
     first_set = os.path.join(out, "eval", "samples", "teacher-ddim-32", "manifest.parquet")
     drawn = os.path.getmtime(first_set)
+    shard = os.path.join(out, "guided-pairs", "shard-000002.tar")
+    with open(shard, "rb") as f:
+        shard_bytes = f.read()
+    os.remove(shard)
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet", "eval.num_samples=250"]) == 0
     printed = capsys.readouterr().out
-    for stage in STAGES[:5]:
+    assert "guided-pairs: running (its output is unreadable (shard shard-000002.tar is " \
+           "missing))" in printed
+    assert "guided-pairs: regenerating shard-000002.tar (missing)" in printed
+    with open(shard, "rb") as f:
+        assert f.read() == shard_bytes
+    for stage in [s for s in STAGES[:-1] if s != "guided-pairs"]:
         assert f"{stage}: done already (lineage matches" in printed
-    assert "eval: running (did not finish)" in printed and "(1 ran, 5 reused)" in printed
+    assert "eval: running (did not finish)" in printed and "(2 ran, 5 reused)" in printed
     assert os.path.getmtime(first_set) == drawn
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["samples"] == 250 and {r["samples"] for r in metrics["eval"]} == {250}

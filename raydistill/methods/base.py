@@ -128,6 +128,8 @@ class MethodSpec:
     check_pairs: Callable[[TrainJob, dict], None]
     #: the Method, given the job, its teacher, the student's config and network
     build: Callable[[TrainJob, Checkpoint, ModelConfig, nn.Module], Method]
+    #: the PairsJob keys a pair set for this job needs besides mode, teacher, data and guidance
+    pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
 
 
 def require_distillable(config: ModelConfig, key: str = "student.prediction") -> None:

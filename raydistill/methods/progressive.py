@@ -216,4 +216,6 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 SPEC = MethodSpec(
     name="progressive", pairs_mode="progressive",
     round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
-    student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build)
+    student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build,
+    pairs_keys=lambda job: {"student_steps": job.halving.start_steps // 2,
+                            "stochastic": job.halving.stochastic})

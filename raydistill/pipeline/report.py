@@ -22,7 +22,7 @@ PLOT = "fid_vs_nfe.png"
 #: stages record which): wall time, the training loop's start-up and consolidation time outside
 #: the loop, the samples its frozen teacher evaluated, the students' training samples per second,
 #: the network evaluations behind the evaluation's sample sets
-STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "outside_loop",
+STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "outside_loop", "shards",
                 "teacher_evaluations", "samples_per_s", "network_evaluations")
 
 

@@ -3,6 +3,7 @@ matches (raydistill.pipeline.lineage).
 
     DIR/teacher      the teacher checkpoint           (raydistill teacher)
     DIR/classifier   the domain classifier            (raydistill classifier; FID features)
+    DIR/<student>-pairs  a student's pair set, when its stage has `pairs:` (raydistill pairs)
     DIR/<student>    one training run per student      (raydistill train; DIR/<student>/student)
     DIR/eval         sample sets and eval.json         (raydistill eval)
     DIR/report.md, DIR/metrics.json                    (raydistill.pipeline.report)
@@ -15,6 +16,8 @@ unchanged (train --resume), and starts over otherwise.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,6 +31,7 @@ import yaml
 from raydistill.config import (
     ConfigError,
     EvalJob,
+    PairsJob,
     PipelineJob,
     StudentStage,
     TrainJob,
@@ -36,6 +40,7 @@ from raydistill.config import (
     with_absolute_paths,
 )
 from raydistill.logs import engine_logs_to
+from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import load_checkpoint
 from raydistill.pipeline.lineage import (
     forget_record,
@@ -70,6 +75,28 @@ def student_fingerprint(directory: str) -> str:
     return checkpoint_fingerprint(os.path.join(directory, "student"))
 
 
+def pairs_fingerprint(directory: str) -> str:
+    """The pair set's identity and every shard's checksum, once the listing shows each recorded
+    shard present with its recorded size (no hashing: `raydistill verify` reads the contents)."""
+    from raydistill.pairs.manifest import Manifest, read_run
+    from raydistill.pairs.pool import lost_shards
+    from raydistill.storage import Location
+
+    location = Location.parse(directory)
+    run, manifest = read_run(location), Manifest.read(location)
+    if run is None:
+        raise ValueError(f"{directory} holds no pair set")
+    lost = lost_shards(location, manifest)
+    if lost:
+        name, why = next(iter(lost.items()))
+        raise ValueError(f"shard {name} is {why}")
+    if len(manifest) < run["num_shards"]:
+        raise ValueError(f"{len(manifest)} of {run['num_shards']} shards")
+    shards = {name: row["sha256"] for name, row in sorted(manifest.rows.items())}
+    return hashlib.sha256(json.dumps({"identity": run["identity"], "shards": shards},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def eval_fingerprint(directory: str) -> str:
     return file_sha256(os.path.join(directory, "eval.json"))
 
@@ -81,7 +108,9 @@ class Pipeline:
         self.progress, self._print = progress, log
         self.fingerprints: dict[str, str] = {}
         self.outcomes: list[StageOutcome] = []
-        self.stages = ["teacher", "classifier", *(s.name for s in job.students), "eval"]
+        self.stages = ["teacher", "classifier",
+                       *(name for s in job.students for name in (s.pairs_stage, s.name) if name),
+                       "eval"]
 
     def log(self, line: str) -> None:
         """A line for the terminal, also kept in DIR/run.log."""
@@ -103,8 +132,14 @@ class Pipeline:
         self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
                    self._train_classifier)
         for stage in self.job.students:
-            self.stage(stage.name, {"teacher": stage.teacher, "train": stage.train},
-                       {stage.teacher: self.fingerprints[stage.teacher]}, student_fingerprint,
+            inputs = {stage.teacher: self.fingerprints[stage.teacher]}
+            if stage.pairs_stage:
+                self.stage(stage.pairs_stage, {"pairs": to_dict(self.pairs_job(stage))}, inputs,
+                           pairs_fingerprint,
+                           lambda directory, s=stage: self._make_pairs(s, directory))
+                inputs = {**inputs, stage.pairs_stage: self.fingerprints[stage.pairs_stage]}
+            self.stage(stage.name, {"teacher": stage.teacher, "train": stage.train}, inputs,
+                       student_fingerprint,
                        lambda directory, s=stage: self._train_student(s, directory))
         evaluated = [s.name for s in self.job.students if s.evaluate]
         self.stage("eval", {"eval": self.job.eval, "students": evaluated},
@@ -161,15 +196,54 @@ class Pipeline:
         result = train_classifier(self.job.classifier, directory, progress=self.progress)
         return {"test_accuracy": result.test_accuracy}
 
-    def train_job(self, stage: StudentStage) -> TrainJob:
-        teacher = self.path(stage.teacher) if stage.teacher == "teacher" else \
+    def teacher_path(self, stage: StudentStage) -> str:
+        return self.path(stage.teacher) if stage.teacher == "teacher" else \
             os.path.join(self.path(stage.teacher), "student")
+
+    def train_job(self, stage: StudentStage) -> TrainJob:
         data = {"data": to_dict(self.job.teacher.data)} if "data" not in stage.train else {}
+        pairs = {"pairs": self.path(stage.pairs_stage)} if stage.pairs_stage else {}
         try:
-            job = from_dict(TrainJob, {**data, **stage.train, "teacher": {"checkpoint": teacher}})
+            job = from_dict(TrainJob, {**data, **stage.train, **pairs,
+                                       "teacher": {"checkpoint": self.teacher_path(stage)}})
         except ConfigError as err:
             raise err.under(f"students[{self.job.students.index(stage)}].train") from None
         return with_absolute_paths(job)
+
+    def pairs_job(self, stage: StudentStage) -> PairsJob:
+        """The pair set a stage trains from: mode, teacher, data and guidance from its train job,
+        the method's own keys (e.g. progressive's student_steps), then the stage's `pairs:`."""
+        train = self.train_job(stage)
+        spec = method_spec(train.method)
+        try:
+            job = from_dict(PairsJob, {
+                "mode": spec.pairs_mode, "teacher": {"checkpoint": self.teacher_path(stage)},
+                "data": to_dict(train.data), "guidance": to_dict(train.guidance),
+                **spec.pairs_keys(train), **stage.pairs})
+        except ConfigError as err:
+            raise err.under(f"students[{self.job.students.index(stage)}].pairs") from None
+        return with_absolute_paths(job)
+
+    def _make_pairs(self, stage: StudentStage, directory: str) -> dict:
+        """Make (or complete, or repair by listing) the stage's pair set; a set another job made
+        there is replaced."""
+        from raydistill.pairs.manifest import read_run, run_identity
+        from raydistill.pairs.pool import plan_pairs, run_pairs
+        from raydistill.storage import Location
+
+        job = self.pairs_job(stage)
+        previous = read_run(Location.parse(directory)) if os.path.isdir(directory) else None
+        if previous is not None and previous["identity"] != run_identity(
+                job, load_checkpoint(self.teacher_path(stage))):
+            _clear(directory)
+        plan = plan_pairs(job, directory)
+        if plan.lost:
+            self.log(f"run: {stage.pairs_stage}: regenerating " + ", ".join(
+                f"{name} ({why})" for name, why in plan.lost.items()))
+        self.ray()
+        result = run_pairs(plan, progress=self.progress)
+        return {"shards": result.total, "generated": result.generated,
+                "samples_per_s": result.pairs_per_second}
 
     def _train_student(self, stage: StudentStage, directory: str) -> dict:
         from raydistill.train.driver import train
