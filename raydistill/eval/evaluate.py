@@ -178,8 +178,9 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
 
 def format_row(result: dict) -> str:
     if "fid" in result:
-        score = (f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}  "
-                 f"FID to teacher {result['fid_to_teacher']:.3f}")
+        score = f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}"
+        if result["name"] != "teacher":
+            score += f"  FID to teacher {result['fid_to_teacher']:.3f}"
     else:
         score = f"Frechet {result['frechet']:.4f}  sliced W2 {result['sliced_w2']:.4f}"
     return (f"{result['name']:>12} {result['solver']:>10} {result['steps']:>4} steps "
