@@ -216,7 +216,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         init_ray(args.address)
     result = run_pairs(plan, progress=not args.quiet)
     print(f"pairs: {result.generated} shards generated in {result.seconds:.1f} s "
-          f"({result.pairs_per_second:.1f} pairs/s); {args.out} holds {result.total} shards")
+          f"({result.pairs_per_second:.1f} pairs/s, {result.teacher_evaluations:,} teacher "
+          f"evaluations); {args.out} holds {result.total} shards")
     return 0
 
 

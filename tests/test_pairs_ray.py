@@ -79,11 +79,13 @@ def test_smoke_ode_pairs_are_the_solver_output(smoke_ode, capsys):
     assert len({int(s["seed"]) for s in samples}) == len(samples)
 
 
-def test_smoke_progressive_targets(tmp_path):
+def test_smoke_progressive_targets(tmp_path, capsys):
     out = str(tmp_path / "prog")
     assert pairs("--config", f"{SMOKE}/pairs_progressive.yaml", "--out", out) == 0
+    job = load(PairsJob, f"{SMOKE}/pairs_progressive.yaml")    # 2 DDIM steps of the CFG teacher
+    evaluations = job.num_shards * job.samples_per_shard * 2 * 2
+    assert f"pairs/s, {evaluations:,} teacher evaluations)" in capsys.readouterr().out
     assert main(["verify", out]) == 0
-    job = load(PairsJob, f"{SMOKE}/pairs_progressive.yaml")
     teacher = load_teacher(job.teacher)
     samples = read_all(out)
     z_t = torch.stack([s["z_t"] for s in samples])

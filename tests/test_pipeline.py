@@ -50,6 +50,7 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert all(r["fid_to_teacher"] > 0 for key, r in rows.items() if key != ("teacher", 32))
     stages = metrics["stages"]      # guided: from pairs; two DDIM steps of a guided student
     assert stages["guided-pairs"]["shards"] == 4 and stages["guided-pairs"]["samples_per_s"] > 0
+    assert stages["guided-pairs"]["teacher_evaluations"] == 4 * 256 * 2      # CFG: 2 per pair
     assert stages["guided"]["teacher_evaluations"] == 0
     assert stages["progressive"]["teacher_evaluations"] == 3 * 20 * 32 * 2
     assert stages["stochastic"]["teacher_evaluations"] > 0

@@ -89,6 +89,9 @@ def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count
     }
 
 
+TEACHER_EVALUATIONS = "teacher_evaluations"      # beside the manifest columns, not in them
+
+
 class ShardWorker:
     """A Ray Data callable class: holds the teacher and commits one shard per input row."""
 
@@ -101,15 +104,23 @@ class ShardWorker:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
         self.maker = ShardMaker(self.job, self.teacher, worker_device(self.job))
         self.location = Location.parse(out)
+        self.evaluations = 0         # samples the teacher evaluated (CFG's [2B] batch counts 2B)
+        self.teacher.denoiser.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.evaluations += args[0].shape[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
+        rows, evaluations = [], []
         for index in batch["index"].tolist():
+            self.evaluations = 0
             columns = self.maker.make(index)
             data = encode_shard(index, self.job.mode, columns)
             self.location.write_atomic(shard_name(index), data)
             rows.append(shard_row(self.job, self.teacher, index, data, len(columns["c"])))
-        return {name: [row[name] for row in rows] for name in COLUMNS}
+            evaluations.append(self.evaluations)
+        return {**{name: [row[name] for row in rows] for name in COLUMNS},
+                TEACHER_EVALUATIONS: evaluations}
 
 
 @dataclass
@@ -129,6 +140,7 @@ class PairsResult:
     total: int                       # shards the location holds now (listed, right size)
     seconds: float
     pairs_per_second: float
+    teacher_evaluations: int         # samples the teacher evaluated for this call's shards
 
 
 def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
@@ -169,14 +181,16 @@ def lost_shards(location: Location, manifest: Manifest) -> dict[str, str]:
 def run_pairs(plan: PairsPlan, *, progress: bool = True) -> PairsResult:
     """Generate the planned shards on the Ray actor pool (Ray must be initialised)."""
     start = time.perf_counter()
-    before = len(plan.manifest)
+    before, evaluations = len(plan.manifest), 0
     if plan.todo:
-        _run_pool(plan.job, plan.location, plan.fingerprint, plan.manifest, plan.todo, progress)
+        evaluations = _run_pool(plan.job, plan.location, plan.fingerprint, plan.manifest,
+                                plan.todo, progress)
     seconds = time.perf_counter() - start
     generated = len(plan.manifest) - before
     present = len(plan.manifest) - len(lost_shards(plan.location, plan.manifest))
     return PairsResult(plan.location.uri, generated, present, seconds,
-                       generated * plan.job.samples_per_shard / seconds if generated else 0.0)
+                       generated * plan.job.samples_per_shard / seconds if generated else 0.0,
+                       evaluations)
 
 
 def generate_pairs(job: PairsJob, out: str, *, progress: bool = True) -> PairsResult:
@@ -185,7 +199,9 @@ def generate_pairs(job: PairsJob, out: str, *, progress: bool = True) -> PairsRe
 
 
 def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Manifest,
-              todo: list[int], progress: bool) -> None:
+              todo: list[int], progress: bool) -> int:
+    """Generate the `todo` shards, recording each in the manifest as it lands; returns the
+    samples the teacher evaluated for them."""
     context = ray.data.DataContext.get_current()
     without_ray_data_bars(context)
     context.print_on_execution_start = False
@@ -200,9 +216,11 @@ def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Man
     bar = tqdm(total=len(todo), desc="pairs", unit="shard", disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
     recent: deque[tuple[float, str]] = deque()
-    start = time.perf_counter()
+    start, evaluations = time.perf_counter(), 0
     for row in results.iter_rows():
-        manifest.add(dict(row))
+        row = dict(row)
+        evaluations += int(row.pop(TEACHER_EVALUATIONS))
+        manifest.add(row)
         manifest.write(location)
         now = time.perf_counter()
         recent.append((now, row["worker"]))
@@ -212,3 +230,4 @@ def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Man
         bar.set_postfix_str(f"{bar.n * job.samples_per_shard / (now - start):.1f} pairs/s, "
                             f"{len({worker for _, worker in recent})} workers active")
     bar.close()
+    return evaluations

@@ -243,7 +243,8 @@ class Pipeline:
         self.ray()
         result = run_pairs(plan, progress=self.progress)
         return {"shards": result.total, "generated": result.generated,
-                "samples_per_s": result.pairs_per_second}
+                "samples_per_s": result.pairs_per_second,
+                "teacher_evaluations": result.teacher_evaluations}
 
     def _train_student(self, stage: StudentStage, directory: str) -> dict:
         from raydistill.train.driver import train
