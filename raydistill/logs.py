@@ -5,7 +5,8 @@ engines' INFO streams (Ray, Ray Train, Ray Data, DeepSpeed) and Python warnings 
 (DIR/run.log) and every Ray Train worker (DIR/<stage>/logs/train-rank<R>.log). Each engine logger
 keeps its console handlers for WARNING and worse and gains the file, which takes INFO and worse.
 Ray Train's controller runs in its own actor; its console is held to WARNING through the run's
-LoggingConfig, and all of its lines stay in Ray's session logs (the path is written to the file).
+LoggingConfig, and all of its lines stay in Ray's session logs (locally
+/tmp/ray/session_latest/logs).
 """
 
 from __future__ import annotations

@@ -148,9 +148,10 @@ def _markdown(metrics: dict, rows: list[dict]) -> str:
         lines.append("")
     lines += ["## Stages", "", "Wall time as the stage last ran; outside the loop: Ray Train and "
               "DeepSpeed start-up and the final consolidation; teacher evaluations: samples the "
-              "frozen teacher evaluated for training targets (CFG's two branches count two); "
-              "samples/s: student training samples per second inside the loop; the evaluation's "
-              "figure is the network evaluations behind its sample sets.", "",
+              "teacher evaluated for a pair set or for training targets, counted as they ran "
+              "(CFG's two branches count two); samples/s: student training samples per second "
+              "inside the loop, or pairs made per second; the evaluation's figure is the network "
+              "evaluations behind its sample sets.", "",
               "| stage | state | wall time | outside the loop | teacher evaluations | samples/s | "
               "fingerprint | inputs |", "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, stage in metrics["stages"].items():
