@@ -63,6 +63,11 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert stages["eval"]["network_evaluations"] == sum(r["nfe"] * 500 for r in rows.values())
     assert [g["row"] for g in metrics["goals"]] == ["progressive"] * 2 + ["stochastic"] * 2
     assert all(isinstance(g["met"], bool) for g in metrics["goals"])
+    assert [f["row"] for f in metrics["fidelity"]] == ["progressive", "stochastic"]
+    for f in metrics["fidelity"]:
+        row = rows[f["row"], 4]
+        assert f["ratio"] == pytest.approx(row["fid_to_teacher"] / rows["ddim", 4]["fid_to_teacher"])
+        assert f"- {f['row']}, beside them: FID to the teacher's samples" in report
     fingerprints = {stage: lineage(out, stage)["fingerprint"] for stage in STAGES}
     assert lineage(out, "guided-pairs")["inputs"] == {"teacher": fingerprints["teacher"]}
     assert lineage(out, "guided")["inputs"] == {"teacher": fingerprints["teacher"],
