@@ -118,7 +118,7 @@ def reference_features(job: EvalJob, features: Features, cache: str) -> torch.Te
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache, f"{key}.pt")
     if os.path.isfile(path):
-        return torch.load(path)["features"]
+        return torch.load(path, weights_only=True)["features"]
     split = load_images(job.data)
     feats = features(torch.cat([split.train.images, split.test.images]))
     os.makedirs(cache, exist_ok=True)
