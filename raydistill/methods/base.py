@@ -28,6 +28,7 @@ from raydistill.diffusion.parameterization import (
     x_jacobian,
 )
 from raydistill.diffusion.schedule import Schedule
+from raydistill.models.denoiser import EvaluationCounter
 
 if TYPE_CHECKING:
     from raydistill.models.checkpoint import Checkpoint
@@ -54,21 +55,18 @@ class Method(ABC):
     keep_round_students: bool = False
     #: where the method draws t, noise and w (None: torch's global generator); see `seed`
     generator: torch.Generator | None = None
-    #: samples its frozen teacher networks evaluated since `take_teacher_evaluations` last ran
-    teacher_evaluations: int = 0
+    #: counts what its frozen teachers evaluate (see `count_evaluations`)
+    _teacher_counter: EvaluationCounter | None = None
 
     def count_evaluations(self, teacher: nn.Module) -> None:
-        """Count every sample a frozen teacher (its Denoiser or network module) evaluates; a CFG
-        call runs the conditional and unconditional branches as one [2B] batch: 2B evaluations."""
-        teacher.register_forward_pre_hook(self._count)
-
-    def _count(self, network: nn.Module, args: tuple) -> None:
-        self.teacher_evaluations += args[0].shape[0]
+        """Count every sample a frozen teacher (its Denoiser or network module) evaluates."""
+        if self._teacher_counter is None:
+            self._teacher_counter = EvaluationCounter()
+        self._teacher_counter.watch(teacher)
 
     def take_teacher_evaluations(self) -> int:
         """The teacher evaluations counted since the last call, and restart the count."""
-        counted, self.teacher_evaluations = self.teacher_evaluations, 0
-        return counted
+        return self._teacher_counter.take() if self._teacher_counter is not None else 0
 
     def seed(self, seed: int, device: torch.device) -> None:
         """Draw the method's randomness from its own generator on `device`, seeded with `seed`

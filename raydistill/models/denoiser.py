@@ -31,3 +31,22 @@ class ModelDenoiser(nn.Module):
         out = self.net(z_t, t, cond).to(z_t.dtype)
         alpha, sigma = (broadcast_like(v.to(z_t.dtype), z_t) for v in self.schedule.alpha_sigma(t))
         return x_from_prediction(self.prediction, z=z_t, out=out, alpha=alpha, sigma=sigma)
+
+
+class EvaluationCounter:
+    """Counts the samples the modules it watches evaluate, through a forward pre-hook on each (a
+    Denoiser or a network; a CFG call's [2B] batch counts 2B): what a stage spent, as it ran."""
+
+    def __init__(self):
+        self.count = 0
+
+    def watch(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(self._add)
+
+    def _add(self, module: nn.Module, args: tuple) -> None:
+        self.count += args[0].shape[0]
+
+    def take(self) -> int:
+        """The samples counted since the last call, and restart the count."""
+        counted, self.count = self.count, 0
+        return counted

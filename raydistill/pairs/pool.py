@@ -29,6 +29,7 @@ from raydistill.logs import without_ray_data_bars
 from raydistill.methods.guided import check_continuous_teacher
 from raydistill.methods.progressive import check_halving_teacher
 from raydistill.models.checkpoint import Checkpoint, load_teacher
+from raydistill.models.denoiser import EvaluationCounter
 from raydistill.pairs.format import encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
@@ -104,21 +105,18 @@ class ShardWorker:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
         self.maker = ShardMaker(self.job, self.teacher, worker_device(self.job))
         self.location = Location.parse(out)
-        self.evaluations = 0         # samples the teacher evaluated (CFG's [2B] batch counts 2B)
-        self.teacher.denoiser.register_forward_pre_hook(self._count)
-
-    def _count(self, module: torch.nn.Module, args: tuple) -> None:
-        self.evaluations += args[0].shape[0]
+        self.evaluations = EvaluationCounter()
+        self.evaluations.watch(self.teacher.denoiser)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows, evaluations = [], []
         for index in batch["index"].tolist():
-            self.evaluations = 0
+            self.evaluations.take()
             columns = self.maker.make(index)
             data = encode_shard(index, self.job.mode, columns)
             self.location.write_atomic(shard_name(index), data)
             rows.append(shard_row(self.job, self.teacher, index, data, len(columns["c"])))
-            evaluations.append(self.evaluations)
+            evaluations.append(self.evaluations.take())
         return {**{name: [row[name] for row in rows] for name in COLUMNS},
                 TEACHER_EVALUATIONS: evaluations}
 
