@@ -30,12 +30,9 @@ STAGE_FIELDS = ("seconds", "fingerprint", "inputs", "overhead_s", "outside_loop"
 
 def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
     """The 4-step goals for every progressive student row at 4 steps."""
-    teacher = next(r for r in rows if r["name"] == "teacher")
-    ddim4 = next((r for r in rows if r["name"] == "ddim" and r["steps"] == 4), None)
+    teacher, ddim4 = next(r for r in rows if r["name"] == "teacher"), _ddim4(rows)
     out = []
-    for row in rows:
-        if methods.get(row["name"]) != "progressive" or row["steps"] != 4 or "fid" not in row:
-            continue
+    for row in _four_step_students(rows, methods, "fid"):
         out.append({"row": row["name"], "goal": f"FID <= {GOAL_VS_TEACHER}x the teacher's",
                     "ratio": row["fid"] / teacher["fid"],
                     "met": row["fid"] <= GOAL_VS_TEACHER * teacher["fid"]})
@@ -50,14 +47,23 @@ def goals(rows: list[dict], methods: dict[str, str]) -> list[dict]:
 def fidelity(rows: list[dict], methods: dict[str, str]) -> list[dict]:
     """Beside the goals: each 4-step progressive student's FID to the teacher's samples against
     plain DDIM's at 4 steps (not a goal of the issue; the context its goals need)."""
-    ddim4 = next((r for r in rows if r["name"] == "ddim" and r["steps"] == 4), None)
+    ddim4 = _ddim4(rows)
     if ddim4 is None:
         return []
     return [{"row": row["name"], "fid_to_teacher": row["fid_to_teacher"],
              "ddim4_fid_to_teacher": ddim4["fid_to_teacher"],
              "ratio": row["fid_to_teacher"] / ddim4["fid_to_teacher"]}
-            for row in rows if methods.get(row["name"]) == "progressive" and row["steps"] == 4
-            and "fid_to_teacher" in row]
+            for row in _four_step_students(rows, methods, "fid_to_teacher")]
+
+
+def _ddim4(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["name"] == "ddim" and r["steps"] == 4), None)
+
+
+def _four_step_students(rows: list[dict], methods: dict[str, str], score: str) -> list[dict]:
+    """The rows of progressive students at 4 steps that hold `score`."""
+    return [r for r in rows
+            if methods.get(r["name"]) == "progressive" and r["steps"] == 4 and score in r]
 
 
 def environment() -> dict[str, Any]:
