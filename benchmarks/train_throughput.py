@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -45,19 +46,37 @@ from raydistill.models import build_network, save_checkpoint
 BATCH, STUDENT_STEPS, W = 32, 4, 1.0
 
 
-def make_teacher(workdir: str) -> str:
-    config = ModelConfig(unet=UNetConfig(attention_resolutions=[]))
+def make_teacher(workdir: str, unet: UNetConfig | None = None, name: str = "teacher") -> str:
+    """A UNet teacher with random weights (the digits architecture unless `unet` is given)."""
+    config = ModelConfig(unet=unet or UNetConfig(attention_resolutions=[]))
     network = build_network(config)
     torch.manual_seed(0)
     for p in network.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    path = os.path.join(workdir, "teacher")
+    path = os.path.join(workdir, name)
     save_checkpoint(path, network, config)
     return path
 
 
-def train_job(teacher: str, **fields) -> TrainJob:
-    job = {"method": "progressive", "teacher": {"checkpoint": teacher},
+def set_fields(job: dict, fields: dict) -> dict:
+    """`job` with "section.leaf" (or "section") keys of `fields` set."""
+    job = dict(job)
+    for key, value in fields.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            job[section] = {**job.get(section, {}), leaf: value}
+        else:
+            job[section] = value
+    return job
+
+
+def teacher_ref(teacher: str | dict) -> dict:
+    """A checkpoint path, or a teacher section as it is (e.g. {"analytic": {...}})."""
+    return {"checkpoint": teacher} if isinstance(teacher, str) else teacher
+
+
+def train_job(teacher: str | dict, **fields) -> TrainJob:
+    job = {"method": "progressive", "teacher": teacher_ref(teacher),
            "data": {"source": "digits", "resolution": 16},
            "guidance": {"w_min": W, "w_max": W},
            "halving": {"start_steps": 2 * STUDENT_STEPS, "end_steps": STUDENT_STEPS,
@@ -65,54 +84,102 @@ def train_job(teacher: str, **fields) -> TrainJob:
            "optim": {"batch_size": BATCH, "lr": 1e-4, "warmup_steps": 0, "ema_decay": 0.0},
            "workers": {"num": 1, "threads": 1}, "deepspeed": {"zero_stage": 0},
            "checkpoint_every": 1000, "log_every": 10, "max_failures": 0}
-    for key, value in fields.items():
-        section, _, leaf = key.partition(".")
-        if leaf:
-            job[section] = {**job.get(section, {}), leaf: value}
-        else:
-            job[section] = value
-    return from_dict(TrainJob, job)
+    return from_dict(TrainJob, set_fields(job, fields))
 
 
-def make_pairs(teacher: str, out: str) -> None:
+def make_pairs(teacher: str | dict, out: str, **fields) -> None:
+    """Progressive targets for the 4-step student (16 shards of 128 unless `fields` say else)."""
     from raydistill.config import PairsJob
     from raydistill.pairs.pool import generate_pairs
 
-    job = from_dict(PairsJob, {
-        "mode": "progressive", "teacher": {"checkpoint": teacher}, "student_steps": STUDENT_STEPS,
-        "data": {"source": "digits", "resolution": 16}, "guidance": {"w_min": W, "w_max": W},
-        "num_shards": 16, "samples_per_shard": 128, "batch_size": 128,
-        "workers": {"min": 2, "max": 2}})
-    generate_pairs(job, out, progress=False)
+    job = {"mode": "progressive", "teacher": teacher_ref(teacher), "student_steps": STUDENT_STEPS,
+           "data": {"source": "digits", "resolution": 16}, "guidance": {"w_min": W, "w_max": W},
+           "num_shards": 16, "samples_per_shard": 128, "batch_size": 128,
+           "workers": {"min": 2, "max": 2}}
+    generate_pairs(from_dict(PairsJob, set_fields(job, fields)), out, progress=False)
 
 
 # ----------------------------------------------------------------------------- bare loop (1)
 
-def _bare(job_dict: dict, pairs: str, steps: int, queue) -> None:
-    from raydistill.data import load_images
-    from raydistill.models.checkpoint import load_teacher
-    from raydistill.pairs.reader import PairReader
-    from raydistill.train.build import build_method, student_config
-    from raydistill.train.engine import build_engine
-
+def single_process() -> None:
+    """Set up the process for one rank of a world of one, as a Ray worker would be (one torch thread,
+    denormals flushed) and as deepspeed.init_distributed needs it."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    job = from_dict(TrainJob, job_dict)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+def fresh_method(job: TrainJob):
+    """The job's method at round 0 on the CPU, its student freshly initialised."""
+    from raydistill.models.checkpoint import load_teacher
+    from raydistill.train.build import build_method, student_config
+
     teacher = load_teacher(job.teacher)
+    method = build_method(job, teacher, student_config(job, teacher), torch.device("cpu"))
+    method.start_round(0, {})
+    return method
 
-    def fresh_method():
-        method = build_method(job, teacher, student_config(job, teacher), torch.device("cpu"))
-        method.start_round(0, {})
-        return method
 
-    method = fresh_method()
-    phase = method.phases()[0]
-    student = method.modules()["student"]
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+def pair_batches(pairs: str, batch: int) -> list[dict]:
+    """Every full batch of a pair set, held in memory."""
+    from raydistill.pairs.reader import PairReader
+
     samples = list(PairReader(pairs))
-    precomputed = [{k: torch.stack([s[k] for s in samples[i:i + BATCH]]) for k in samples[0]}
-                   for i in range(0, len(samples) - BATCH + 1, BATCH)]
+    return [{k: torch.stack([s[k] for s in samples[i:i + batch]]) for k in samples[0]}
+            for i in range(0, len(samples) - batch + 1, batch)]
+
+
+def torch_step(job: TrainJob, method):
+    """One bare PyTorch student step: the method's loss, backward, gradient clipping, torch AdamW."""
+    phase = method.phases()[0]
+    student = method.modules()[method.student_module]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=job.optim.lr)
+
+    def step(batch: dict) -> None:
+        loss = method.loss(batch, phase)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), job.optim.grad_clip)
+        optimizer.step()
+    return step
+
+
+def deepspeed_step(job: TrainJob, stage: int):
+    """The same student step through a DeepSpeed engine at ZeRO `stage` (world of one)."""
+    from raydistill.train.engine import build_engine
+
+    staged = dataclasses.replace(job, deepspeed=dataclasses.replace(job.deepspeed,
+                                                                     zero_stage=stage))
+    method = fresh_method(staged)
+    phase = method.phases()[0]
+    engine = build_engine(method.modules()[method.student_module], staged, 1, 100, on_cuda=False)
+    method.use_modules({method.student_module: engine})
+
+    def step(batch: dict) -> None:
+        engine.backward(method.loss(batch, phase)["loss"])
+        engine.step()
+    return step
+
+
+def seconds(fn, repeat: int) -> float:
+    """Mean seconds of one call of `fn` over `repeat` calls, after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def _bare(job_dict: dict, pairs: str, steps: int, queue) -> None:
+    from raydistill.data import load_images
+
+    single_process()
+    job = from_dict(TrainJob, job_dict)
+    method = fresh_method(job)
+    student_step = torch_step(job, method)
+    precomputed = pair_batches(pairs, BATCH)
     images = load_images(job.data).train
     g = torch.Generator().manual_seed(1)
 
@@ -120,48 +187,17 @@ def _bare(job_dict: dict, pairs: str, steps: int, queue) -> None:
         index = torch.randint(0, len(images), (BATCH,), generator=g)
         return {"x": images.images[index], "c": images.labels[index]}
 
-    def student_step(batch: dict) -> None:
-        loss = method.loss(batch, phase)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), job.optim.grad_clip)
-        optimizer.step()
-
     def rate(make_batch) -> float:
-        student_step(make_batch(0))                      # warm-up
-        start = time.perf_counter()
-        for i in range(steps):
-            student_step(make_batch(i))
-        return steps * BATCH / (time.perf_counter() - start)
-
-    def seconds(fn, repeat: int) -> float:
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        return (time.perf_counter() - start) / repeat
-
-    def deepspeed_step(stage: int):
-        staged = dataclasses.replace(job, deepspeed=dataclasses.replace(job.deepspeed,
-                                                                         zero_stage=stage))
-        ds_method = fresh_method()
-        engine = build_engine(ds_method.modules()["student"], staged, 1, 100, on_cuda=False)
-        ds_method.use_modules({"student": engine})
-
-        def step() -> None:
-            engine.backward(ds_method.loss(precomputed[0], phase)["loss"])
-            engine.step()
-        return step
+        batches = iter(range(steps + 1))
+        return BATCH / seconds(lambda: student_step(make_batch(next(batches))), steps)
 
     from_pairs = rate(lambda i: precomputed[i % len(precomputed)])
     inline = rate(lambda i: real_batch())
     batch = real_batch()
     target_s = seconds(lambda: method.inline_targets(batch["x"], batch["c"]), steps // 2)
     step_s = seconds(lambda: student_step(precomputed[0]), steps // 2)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    ds_steps = {f"zero{stage}": deepspeed_step(stage) for stage in (0, 2)}
-    ds_s = {name: seconds(step, steps // 2) for name, step in ds_steps.items()}
+    ds_s = {f"zero{stage}": seconds(functools.partial(deepspeed_step(job, stage), precomputed[0]),
+                                    steps // 2) for stage in (0, 2)}
     queue.put({"from_pairs": from_pairs, "inline": inline, "target_s": target_s,
                "student_step_s": step_s, **{f"deepspeed_{k}_step_s": v for k, v in ds_s.items()}})
 
@@ -174,15 +210,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bare_loop(job: TrainJob, pairs: str, steps: int) -> dict:
+def in_fresh_process(target, *args) -> dict:
+    """What `target(*args, queue)` puts on its queue, run in a new process with one OpenMP thread
+    (a Ray worker's setting; nothing this process has imported or initialised carries over)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    proc = context.Process(target=_bare, args=(to_dict(job), pairs, steps, queue))
+    proc = context.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def bare_loop(job: TrainJob, pairs: str, steps: int) -> dict:
+    return in_fresh_process(_bare, to_dict(job), pairs, steps)
 
 
 # ------------------------------------------------------------------------ Ray Train runs (2, 3)

@@ -408,7 +408,7 @@ class TrainJob:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint_every: int = 100      # optimizer steps between checkpoints
     max_failures: int = 2            # worker failures survived by resuming from a checkpoint
-    max_nan_steps: int = 10          # non-finite losses in a row (micro-batches skipped) to stop at
+    max_nan_steps: int = 10          # updates skipped in a row (non-finite loss or gradients) to stop at
     log_every: int = 10
     seed: int = 0
 

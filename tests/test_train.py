@@ -4,6 +4,7 @@ the gathered ZeRO-3 shards, non-finite losses are skipped and bounded, bad input
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -49,13 +50,13 @@ def zero_stages_worker(config: dict) -> None:
         name = f"zero{stage}" + ("-bf16" if precision == "bf16" else "")
         losses, out = [], os.path.join(config["out"], name)
 
-        def report(metrics, directory, losses=losses, out=out):
-            losses.append(metrics["loss"])
-            if directory and metrics["step"] == base.optim.steps:
+        def report(metrics, directory, out=out):
+            if metrics["step"] == base.optim.steps:
                 shutil.copytree(directory, out, dirs_exist_ok=True)
 
-        run_worker(job, setup.method, setup.stream, WorkerContext(rank, world, setup.device, report),
-                   student, setup.teacher.fingerprint)
+        context = WorkerContext(rank, world, setup.device, report,
+                                logged=lambda metrics, losses=losses: losses.append(metrics["loss"]))
+        run_worker(job, setup.method, setup.stream, context, student, setup.teacher.fingerprint)
         if rank == 0:
             with open(f"{out}.json", "w") as f:
                 json.dump(losses, f)
@@ -130,9 +131,12 @@ def single_process_group(tmp_path, monkeypatch):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, tmp_path):
+    """A non-finite loss (NaN added to it: its gradients alone would be finite) skips its update;
+    the weights stay as they were, the window reports it, and max_nan_steps skipped updates in a
+    row stop the run."""
     job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=6", "max_nan_steps=3"])
     plan = prepare(job)
-    reports = []
+    reports, weights = [], []
 
     def run(bad_calls):
         setup = setup_worker(job, plan.student_config, 0, 1)
@@ -140,19 +144,81 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
 
         def flaky_loss(batch, phase):
             calls[0] += 1
+            weights.append([p.detach().clone() for p in setup.method.student.module.parameters()])
             out = loss(batch, phase)
-            return {"loss": out["loss"] * float("nan")} if calls[0] in bad_calls else out
+            bad = calls[0] in bad_calls
+            return {"loss": out["loss"] + torch.tensor(float("nan"))} if bad else out
 
         setup.method.loss = flaky_loss
-        context = WorkerContext(0, 1, setup.device, lambda m, d: reports.append(m))
+        context = WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append)
         run_worker(job, setup.method, setup.stream, context, plan.student_config,
                    setup.teacher.fingerprint)
 
-    run({2, 4, 5})                        # three skipped micro-batches, never three in a row
-    assert reports[-1]["step"] == 6 and reports[-1]["nan_skipped"] == 3
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
-    with pytest.raises(NonFiniteLoss, match=r"step 3: 3 micro-batches in a row had a non-finite"):
+    run({2, 4, 5})                        # three skipped updates, never three in a row
+    assert [(r["step"], r["nan_skipped"], r["grad_skipped"]) for r in reports] == [
+        (1, 0, 0), (2, 1, 1), (3, 1, 1), (4, 2, 2), (5, 3, 3), (6, 3, 3)]
+    assert [math.isfinite(r["loss"]) for r in reports] == [True, False, True, False, False, True]
+    unchanged = [all(torch.equal(a, b) for a, b in zip(before, after))
+                 for before, after in zip(weights, weights[1:])]
+    assert unchanged == [False, True, False, True, True]   # the updates of steps 1..5
+    with pytest.raises(NonFiniteLoss, match=r"step 5: 3 updates in a row were skipped"):
         run({3, 4, 5})
+
+
+def nan_on_one_rank_worker(config: dict) -> None:
+    """Rank 1's loss at step 3 is NaN (added: its gradients alone stay finite); each rank records
+    its full weights before steps 3 and 4 and at the end, under ZeRO 0, 2 and 3."""
+    import ray.train
+
+    from raydistill.train.engine import full_state_dict
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    base = from_dict(TrainJob, config["job"])
+    student = from_dict(ModelConfig, config["student"])
+    for stage in (0, 2, 3):
+        job = dataclasses.replace(base, deepspeed=dataclasses.replace(base.deepspeed,
+                                                                      zero_stage=stage))
+        setup = setup_worker(job, student, rank, world)
+        method, calls, seen, logs = setup.method, [0], {}, []
+
+        def flaky_loss(batch, phase, method=method, loss=method.loss, calls=calls, seen=seen):
+            calls[0] += 1
+            if calls[0] in (3, 4):                  # a collective: both ranks are at this call
+                seen[calls[0]] = full_state_dict(method.student.module)
+            out = loss(batch, phase)
+            bad = rank == 1 and calls[0] == 3
+            return {"loss": out["loss"] + torch.tensor(float("nan"))} if bad else out
+
+        setup.method.loss = flaky_loss
+        run_worker(job, setup.method, setup.stream,
+                   WorkerContext(rank, world, setup.device, lambda m, d: None, logged=logs.append),
+                   student, setup.teacher.fingerprint)
+        torch.save({"seen": seen, "final": full_state_dict(method.student.module), "logs": logs},
+                   os.path.join(config["out"], f"zero{stage}-rank{rank}.pt"))
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(ray_local, tmp_path):
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    job = load(TrainJob, ANALYTIC, ["optim.steps=5", "log_every=1", "checkpoint_every=5"])
+    plan = prepare(job)
+    TorchTrainer(nan_on_one_rank_worker,
+                 train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
+                                    "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(name="nan", storage_path=str(tmp_path / "ray"))).fit()
+    for stage in (0, 2, 3):
+        ranks = [torch.load(tmp_path / f"zero{stage}-rank{r}.pt") for r in (0, 1)]
+        for record in ranks:              # step 3's update was skipped on both ranks
+            assert all(torch.equal(record["seen"][3][n], v) for n, v in record["seen"][4].items())
+        assert all(torch.equal(ranks[0]["final"][n], v) for n, v in ranks[1]["final"].items())
+        last = ranks[0]["logs"][-1]
+        assert (last["step"], last["nan_skipped"], last["grad_skipped"]) == (5, 1, 1), stage
+        assert math.isfinite(ranks[0]["logs"][2]["loss"])      # rank 0's finite loss of step 3
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
@@ -181,7 +247,7 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
 
     setup.method.loss, reports = poisoned_loss, []
     run_worker(job, setup.method, setup.stream,
-               WorkerContext(0, 1, setup.device, lambda m, d: reports.append(m)),
+               WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append),
                plan.student_config, setup.teacher.fingerprint)
     assert reports[-1]["grad_skipped"] == 1 and reports[-1]["nan_skipped"] == 0
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
@@ -203,7 +269,7 @@ def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_p
         return {"loss": out["loss"] + torch.sqrt((first * 0).sum())}
 
     setup.method.loss = poisoned_loss
-    with pytest.raises(NonFiniteLoss, match=r"step 3: 3 micro-batches in a row"):
+    with pytest.raises(NonFiniteLoss, match=r"step 3: 3 updates in a row were skipped"):
         run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device,
                                                                   lambda m, d: None),
                    plan.student_config, setup.teacher.fingerprint)
@@ -306,8 +372,8 @@ def test_teacher_evaluations_are_counted(single_process_group, overrides, per_sa
     setup = setup_worker(job, plan.student_config, 0, 1)
     counts = []
     run_worker(job, setup.method, setup.stream,
-               WorkerContext(0, 1, setup.device, lambda m, d: counts.append(
-                   m["teacher_evaluations"])),
+               WorkerContext(0, 1, setup.device, lambda m, d: None,
+                             logged=lambda m: counts.append(m["teacher_evaluations"])),
                plan.student_config, setup.teacher.fingerprint)
     batch = job.optim.batch_size
     assert counts == list(itertools.accumulate(n * batch for n in per_sample))
@@ -326,24 +392,25 @@ def test_a_restored_run_continues_exactly(single_process_group, tmp_path, stage,
     plan = prepare(job)
     kept = {}
 
-    def keep(metrics, directory):
+    def log(metrics):
         kept.setdefault("losses", {})[metrics["step"]] = metrics["loss"]
-        if directory:
-            kept[metrics["step"]] = str(tmp_path / f"step{metrics['step']}")
-            shutil.copytree(directory, kept[metrics["step"]], dirs_exist_ok=True)
+
+    def keep(metrics, directory):
+        kept[metrics["step"]] = str(tmp_path / f"step{metrics['step']}")
+        shutil.copytree(directory, kept[metrics["step"]], dirs_exist_ok=True)
 
     def run(report, restored=None):
         setup = setup_worker(job, plan.student_config, 0, 1)
         run_worker(job, setup.method, setup.stream,
-                   WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
-                   setup.teacher.fingerprint)
+                   WorkerContext(0, 1, setup.device, report, restored, logged=log),
+                   plan.student_config, setup.teacher.fingerprint)
 
     run(keep)
     uninterrupted = kept["losses"]
     final = load_file(os.path.join(kept[8], "student", "model.safetensors"))
     resumed = str(tmp_path / "resumed")
     kept.clear()
-    run(lambda m, d: (keep(m, None), d and shutil.copytree(d, resumed)), str(tmp_path / "step4"))
+    run(lambda m, d: d and shutil.copytree(d, resumed, dirs_exist_ok=True), str(tmp_path / "step4"))
     assert kept["losses"] == {step: uninterrupted[step] for step in (5, 6, 7, 8)}
     student = load_file(os.path.join(resumed, "student", "model.safetensors"))
     assert all(torch.equal(student[name], value) for name, value in final.items())

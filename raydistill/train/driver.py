@@ -254,9 +254,8 @@ def worker_main(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     channel = config["progress"]
 
-    def report(metrics: dict, directory: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+    def report(metrics: dict, directory: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     with engine_logs_to(os.path.join(config["logs"], f"train-rank{rank}.log")):
         setup = setup_worker(job, student_config, rank, world)
@@ -265,7 +264,7 @@ def worker_main(config: dict) -> None:
         with restored.as_directory() if restored else contextlib.nullcontext() as directory:
             show = None if channel is None else functools.partial(StepBar.put, channel)
             context = WorkerContext(rank, world, setup.device, report, directory,
-                                    show_progress=show,
+                                    logged=show,
                                     reached={"entered": entered, "set_up": set_up})
             run_worker(job, setup.method, setup.stream, context, student_config,
                        setup.teacher.fingerprint)

@@ -62,33 +62,55 @@ def build_engine(module: nn.Module, job: TrainJob, world_size: int, round_steps:
         _skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     optim, ds = job.optim, job.deepspeed
-    checks_itself = ds.zero_stage > 0 or ds.precision != "fp32"
-    adamw = torch.optim.AdamW if checks_itself else FiniteAdamW
-    optimizer = adamw(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    config = deepspeed_config(job, world_size)
+    if ds.zero_stage > 0 or ds.precision != "fp32":
+        optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr,
+                                      weight_decay=optim.weight_decay)
+    else:       # FiniteAdamW clips with the norm it checks; DeepSpeed would compute it again
+        optimizer = FiniteAdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                max_norm=config["gradient_clipping"])
+        config = {**config, "gradient_clipping": 0.0}
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step % round_steps, optim.warmup_steps, round_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
-                                      config=deepspeed_config(job, world_size))
+                                      config=config)
+    if world_size == 1 and ds.zero_stage == 0:
+        # One rank has nothing to all-reduce; DeepSpeed would still copy every gradient into a
+        # flat buffer, "reduce" it and copy it back after each backward.
+        engine.enable_backward_allreduce = False
     _link_unfused_masters(engine.optimizer)
     return engine
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not all finite and says so in `overflow`, which
-    DeepSpeed reads: it counts the step in `skipped_steps` and holds the LR schedule. DeepSpeed's
-    own optimizers (ZeRO 1-3, and any in bf16) check this themselves; at ZeRO-0 in fp32 it hands
-    the step to the torch optimizer unchecked. Every rank sees the same all-reduced gradients, so
-    all skip together. One host sync per step."""
+    """AdamW that clips gradients to `max_norm` (torch's clip_grad_norm_: the 2-norm of all of
+    them, 0 for no clipping) and skips a step whose gradients are not all finite, saying so in
+    `overflow`, which DeepSpeed reads: it counts the step in `skipped_steps` and holds the LR
+    schedule. DeepSpeed's own optimizers (ZeRO 1-3, and any in bf16) check this themselves; at
+    ZeRO-0 in fp32 it hands the step to the torch optimizer unchecked. Every rank sees the same
+    all-reduced gradients, so all skip together. One host sync per update (to decide the skip),
+    the norm computed once for the check and the clipping."""
 
     overflow = False
+
+    def __init__(self, params, *, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None]
-        self.overflow = bool(grads) and not bool(
-            torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        return None if self.overflow else super().step(closure)
+        if not grads:
+            self.overflow = False
+            return super().step(closure)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.overflow = not bool(torch.isfinite(norm))
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return super().step(closure)
 
 
 # Attribute linking a parameter to its fp32 copy in DeepSpeed's ZeRO-0 bf16 optimizer.
@@ -200,11 +222,19 @@ class StudentEMA:
     def reset(self) -> None:
         self.shadow = {name: fragment.detach().clone()
                        for name, (fragment, _) in master_fragments(self.module).items()}
+        self._follow()
+
+    def _follow(self) -> None:
+        """Pair each average with the fragment it follows, once: views into storage the optimizer
+        keeps for the whole run, so that `update` is one foreach call."""
+        fragments = master_fragments(self.module)
+        self._pairs = ([self.shadow[name] for name in fragments],
+                       [fragment for fragment, _ in fragments.values()])
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, (fragment, _) in master_fragments(self.module).items():
-            self.shadow[name].lerp_(fragment, 1.0 - self.decay)
+        if self._pairs[0]:              # a ZeRO rank may hold no part of any parameter
+            torch._foreach_lerp_(*self._pairs, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The module's state dict, fp32 on the CPU, with the averages in place of its parameters.
@@ -229,3 +259,4 @@ class StudentEMA:
         """Take this rank's fragments of full averages (as `state_dict` gives), in place."""
         for name, (fragment, offset) in master_fragments(self.module).items():
             self.shadow[name].copy_(full[name].reshape(-1)[offset:offset + fragment.numel()])
+        self._follow()

@@ -9,7 +9,9 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
     round_weights.safetensors   from the second round on, the weights it started from (progressive:
                           the round's frozen teacher), so a resumed run rebuilds the same round
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
-    train_log.jsonl       one JSON line per logged step: step, round, loss (mean over ranks),
+    train_log.jsonl       one JSON line per logged step: step, round, loss (the mean finite loss
+                          of the window's micro-batches, all ranks), nan_skipped (micro-batches
+                          whose loss was not finite, so far), grad_skipped (updates skipped),
                           samples/s, lr, data_wait (the fraction of the window rank 0 spent
                           waiting for its next micro-batch: near 0 unless input-bound),
                           teacher_evaluations (samples the frozen teacher evaluated so far, all
@@ -20,15 +22,20 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
 A restored run continues exactly where the checkpoint was taken: the engines' states, the EMA,
 each rank's data position, and the method's draws (seeded per step from (seed, rank, step)).
 
-Non-finite values: every rank learns whether any rank's loss was non-finite (one all-reduce), and
-all skip that micro-batch together, so collectives stay aligned; an update whose gradients are
-non-finite behind a finite loss is skipped by the optimizer (raydistill.train.engine), on every
-rank alike. `max_nan_steps` skips in a row stop the run with an error naming the step.
+Per step the loop waits on the host for nothing but the optimizer's overflow check: losses and
+non-finite counts are summed on the device and read once per logging window (`LossWindow`). A
+non-finite loss is multiplied into NaN gradients, so the update it belongs to (with its
+accumulation siblings) is skipped by the optimizer's check, which sees the all-reduced gradients
+and so skips on every rank alike (DeepSpeed's own check at ZeRO 1-3 and under bf16, FiniteAdamW
+at ZeRO-0 in fp32: raydistill.train.engine); gradients non-finite behind a finite loss are skipped
+the same way. That check is one host sync per update, which DeepSpeed's optimizers make in any
+case. `max_nan_steps` skipped updates in a row stop the run with an error naming the step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -63,11 +70,14 @@ class WorkerContext:
     rank: int
     world_size: int
     device: torch.device
-    report: Callable[[dict, str | None], None]     # metrics, and a checkpoint directory or None
+    #: every rank hands it each checkpoint: the metrics of its step and the directory (Ray Train
+    #: blocks a report until its controller has taken the previous one, so only checkpoints are
+    #: reported: per logging window that wait would cost up to a controller poll per window)
+    report: Callable[[dict, str], None]
     restored: str | None = None                    # checkpoint directory to resume from
     #: rank 0 hands it each logged step's metrics, with "total" and "start" (the step this
-    #: attempt started from) added; raydistill.train.progress shows them on the driver
-    show_progress: Callable[[dict], None] | None = None
+    #: attempt started from) added; the driver shows them (raydistill.train.progress)
+    logged: Callable[[dict], None] | None = None
     #: wall-clock times (time.time()) the worker reached before the loop, reported with every
     #: step as <name>_at (the driver's start-up breakdown)
     reached: dict[str, float] = field(default_factory=dict)
@@ -145,7 +155,9 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    nan_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
+    stream.on(ctx.device)
+    window = LossWindow(ctx.device)
+    skip_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
     first_step = progress.step
     while progress.step < total:
         index = next(i for i, end in enumerate(ends) if progress.step < end)
@@ -163,43 +175,38 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         # The method's draws (t, noise, w) for this step: stream METHOD_STREAM of (seed, rank,
         # step), so a restored run draws what the uninterrupted one would have.
         method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
-        losses = []
         for phase in method.phases():
             engine = engines[phase.module]
-            done = 0
-            while done < job.deepspeed.grad_accum:
+            skipped = engine.skipped_steps
+            for _ in range(job.deepspeed.grad_accum):
                 wait_start = time.perf_counter()
-                batch = {k: v.to(ctx.device) for k, v in next(stream).items()}
+                batch = next(stream)
                 waited += time.perf_counter() - wait_start
-                out = method.loss(batch, phase)
-                if not _all_finite(out["loss"]):
-                    progress.nan_skipped += 1
-                    nan_streak = _count_streak(nan_streak, job, progress.step)
-                    continue
-                engine.backward(out["loss"])
-                skipped, boundary = engine.skipped_steps, engine.is_gradient_accumulation_boundary()
+                loss = method.loss(batch, phase)["loss"]
+                engine.backward(loss * window.add(loss))
                 engine.step()
-                losses.append(float(out["loss"].detach()))
-                done += 1
-                if engine.skipped_steps > skipped:
-                    progress.grad_skipped += 1
-                    nan_streak = _count_streak(nan_streak, job, progress.step)
-                elif boundary:            # an applied update ends a streak, an accumulation not
-                    nan_streak = 0
+            # The one host sync of an update, DeepSpeed's or FiniteAdamW's overflow check, says
+            # whether it was skipped: on every rank alike, the gradients being all-reduced.
+            if engine.skipped_steps > skipped:
+                progress.grad_skipped += 1
+                skip_streak = _count_streak(skip_streak, job, progress.step)
+            else:
+                skip_streak = 0
         progress.step += 1
         window_steps += 1
         if ema is not None:
             ema.update()
-        last_loss = sum(losses) / len(losses)
         is_log = progress.step % job.log_every == 0 or progress.step == total
         is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == total
         if not (is_log or is_checkpoint):
             continue
         now = time.time()
         rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
+        mean_loss, non_finite = window.read()
+        progress.nan_skipped += non_finite
         progress.teacher_evaluations += int(_sum_over_ranks(method.take_teacher_evaluations()))
         metrics = {"step": progress.step, "round": rounds[progress.round].name,
-                   "loss": _mean_over_ranks(last_loss), "samples_per_s": rate,
+                   "loss": mean_loss, "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
                    "data_wait": waited / max(now - window_start, 1e-9),
                    "nan_skipped": progress.nan_skipped, "grad_skipped": progress.grad_skipped,
@@ -213,22 +220,49 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if ctx.rank == 0 and ctx.show_progress is not None:
-            ctx.show_progress({**metrics, "total": total, "start": first_step})
+        if ctx.rank == 0 and ctx.logged is not None:
+            ctx.logged({**metrics, "total": total, "start": first_step})
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
-        else:
-            ctx.report(metrics, None)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+class LossWindow:
+    """A logging window's losses, summed on the device: no host round trip per micro-batch, one
+    all-reduce and one copy to the host per window (`read`)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # finite losses, counts
+
+    def add(self, loss: Tensor) -> Tensor:
+        """Count `loss`; the factor to multiply it by before backward: 1, or NaN when the loss is
+        not finite, which makes every gradient NaN so that the optimizer's overflow check skips
+        the update on every rank (a finite loss's gradients are unchanged: x * 1.0 == x)."""
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self.sums += torch.stack([torch.where(finite, loss, 0.0).double(), finite.double(),
+                                  (~finite).double()])
+        return torch.where(finite, 1.0, torch.nan).to(loss.dtype)
+
+    def read(self) -> tuple[float, int]:
+        """The mean finite loss of the window over all ranks (NaN if there was none) and the
+        number of non-finite ones; starts a new window."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        self.sums.zero_()
+        total, finite, non_finite = sums.tolist()
+        return total / finite if finite else math.nan, int(non_finite)
+
+
 def _count_streak(streak: int, job: TrainJob, step: int) -> int:
-    """One more skipped micro-batch in a row; `max_nan_steps` of them stop the run."""
+    """One more skipped update in a row; `max_nan_steps` of them stop the run."""
     streak += 1
     if streak >= job.max_nan_steps:
         raise NonFiniteLoss(
-            f"step {step + 1}: {streak} micro-batches in a row had a non-finite loss or gradients "
-            f"(max_nan_steps={job.max_nan_steps}); stopping before a broken checkpoint is written")
+            f"step {step + 1}: {streak} updates in a row were skipped for a non-finite loss or "
+            f"gradients (max_nan_steps={job.max_nan_steps}); stopping before a broken checkpoint "
+            "is written")
     return streak
 
 
@@ -269,14 +303,6 @@ def _unflatten(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
         module, _, name = key.partition("/")
         weights.setdefault(module, {})[name] = value
     return weights
-
-
-def _all_finite(loss: Tensor) -> bool:
-    """Whether every rank's loss is finite (one all-reduce when distributed)."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
 
 
 def _sum_over_ranks(value: float) -> float:

@@ -1,9 +1,9 @@
 """Training progress on the driver's terminal: one bar per run, fed by rank 0.
 
-Rank 0 puts each logged step's metrics on a Ray queue (never blocking: a full queue drops the
-update, the next one carries the totals); `StepBar` on the driver reads them on a thread and draws
-one tqdm bar with the round, loss, samples/s and the ETA. On a cluster the driver sees the workers
-only through Ray, so this works wherever the job runs.
+Rank 0 posts each logged step's metrics to a small Ray actor that keeps the latest (a call it
+does not wait for: the loop never waits on the driver); `StepBar` on the driver polls it on a
+thread and draws one tqdm bar with the round, loss, samples/s and the ETA. On a cluster the driver
+sees the workers only through Ray, so this works wherever the job runs.
 """
 
 from __future__ import annotations
@@ -13,13 +13,27 @@ from typing import Any
 
 from tqdm import tqdm
 
-QUEUE_SIZE = 64
+POLL_S = 0.5
+
 
 
 def step_postfix(metrics: dict[str, Any]) -> str:
     """What the bar shows beside the step count."""
     return (f"{metrics['round']}  loss {metrics['loss']:.4g}  {metrics['samples_per_s']:.0f} "
             f"samples/s  data wait {metrics['data_wait']:.0%}")
+
+
+class Latest:
+    """Holds the last metrics posted (a Ray actor on the driver's node, no CPU)."""
+
+    def __init__(self):
+        self.metrics = None
+
+    def post(self, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+
+    def get(self) -> dict[str, Any] | None:
+        return self.metrics
 
 
 class StepBar:
@@ -36,9 +50,9 @@ class StepBar:
 
     def __enter__(self) -> StepBar:
         if self.enabled:
-            from ray.util.queue import Queue
+            import ray
 
-            self.channel = Queue(maxsize=QUEUE_SIZE, actor_options={"num_cpus": 0})
+            self.channel = ray.remote(num_cpus=0)(Latest).remote()
             self._thread = threading.Thread(target=self._follow, daemon=True)
             self._thread.start()
         return self
@@ -48,31 +62,29 @@ class StepBar:
             return
         self._stop.set()
         self._thread.join()
+        self._show()                                # the last metrics posted
         if self._bar is not None:
             self._bar.close()
-        self.channel.shutdown()
+        import ray
+
+        ray.kill(self.channel)
 
     @staticmethod
     def put(channel, metrics: dict[str, Any]) -> None:
-        from ray.util.queue import Full
-
-        try:
-            channel.put_nowait(metrics)
-        except Full:
-            pass
+        channel.post.remote(metrics)
 
     def _follow(self) -> None:
-        from ray.util.queue import Empty
+        while not self._stop.wait(POLL_S):
+            self._show()
 
-        while True:
-            try:
-                metrics = self.channel.get(timeout=0.5)
-            except Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            if self._bar is None:        # a resumed run starts at its restored step
-                self._bar = tqdm(total=metrics["total"], initial=metrics["start"],
-                                 desc=self.desc, unit="step", mininterval=1.0)
-            self._bar.update(metrics["step"] - self._bar.n)
-            self._bar.set_postfix_str(step_postfix(metrics), refresh=False)
+    def _show(self) -> None:
+        import ray
+
+        metrics = ray.get(self.channel.get.remote())
+        if metrics is None:
+            return
+        if self._bar is None:        # a resumed run starts at its restored step
+            self._bar = tqdm(total=metrics["total"], initial=metrics["start"],
+                             desc=self.desc, unit="step", mininterval=1.0)
+        self._bar.update(metrics["step"] - self._bar.n)
+        self._bar.set_postfix_str(step_postfix(metrics), refresh=False)

@@ -13,6 +13,7 @@ restored stream continues at exactly the row the uninterrupted run would have re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,22 +37,51 @@ class Position:
 
 
 class Stream:
-    """An iterator of micro-batches (dicts of CPU tensors) that knows its position; `restore` moves
-    it (before the next batch) to a position a checkpoint recorded."""
+    """An iterator of micro-batches (dicts of tensors) that knows its position: where the batches it
+    has handed out end. `restore` moves it (before the next batch) to a position a checkpoint
+    recorded. `on(device)` has it hand out batches on that device, the next one read and its copy
+    issued before the current one is handed out: on CUDA from pinned host memory on a copy stream
+    of its own, so that the copy overlaps the step and the host never waits for it."""
 
     def __init__(self, batches: Callable[[Position], Iterator[dict[str, Tensor]]]):
         self._batches, self.position, self._iterator = batches, Position(), None
+        self._device, self._copies, self._ahead = torch.device("cpu"), None, None
+
+    def on(self, device: torch.device) -> Stream:
+        self._device = torch.device(device)
+        if self._device.type == "cuda":
+            self._copies = torch.cuda.Stream(self._device)
+        return self
 
     def restore(self, position: Position) -> None:
-        self.position, self._iterator = position, None
+        self.position, self._iterator, self._ahead = position, None, None
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
         if self._iterator is None:
-            self._iterator = self._batches(self.position)
-        return next(self._iterator)
+            self._read = dataclasses.replace(self.position)     # advanced by the reader
+            self._iterator = self._batches(self._read)
+            self._ahead = self._fetch()
+        batch, self.position = self._ahead
+        self._ahead = self._fetch()
+        if self._copies is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_stream(self._copies)
+            for value in batch.values():      # memory the copy stream allocated, used on this one
+                value.record_stream(current)
+        return batch
+
+    def _fetch(self) -> tuple[dict[str, Tensor], Position]:
+        batch = next(self._iterator)
+        if self._copies is not None:
+            with torch.cuda.stream(self._copies):
+                batch = {key: value.pin_memory().to(self._device, non_blocking=True)
+                         for key, value in batch.items()}
+        else:
+            batch = {key: value.to(self._device) for key, value in batch.items()}
+        return batch, dataclasses.replace(self._read)
 
 
 def mixture_stream(mixture, *, micro: int, seed: int, rank: int) -> Stream:
