@@ -71,19 +71,24 @@ def ray_local():
     ray.shutdown()
 
 
-def test_zero_stages_agree_and_zero3_consolidates(ray_local, tmp_path):
+def on_two_workers(worker, job: TrainJob, out) -> None:
+    """Run `worker(config)` on 2 Ray Train workers, config holding the job, its student and `out`."""
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    job = load(TrainJob, ANALYTIC)
     plan = prepare(job)
-    TorchTrainer(zero_stages_worker,
+    TorchTrainer(worker,
                  train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
-                                    "out": str(tmp_path)},
+                                    "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name="zero", storage_path=str(tmp_path / "ray"))).fit()
+                 run_config=RunConfig(name=worker.__name__, storage_path=str(out / "ray"))).fit()
+
+
+def test_zero_stages_agree_and_zero3_consolidates(ray_local, tmp_path):
+    job = load(TrainJob, ANALYTIC)
+    on_two_workers(zero_stages_worker, job, tmp_path)
     losses = {stage: json.load(open(tmp_path / f"zero{stage}.json")) for stage in (0, 2, 3)}
     print("\nstep  ZeRO-0     ZeRO-2     ZeRO-3")
     for step, row in enumerate(zip(*losses.values()), 1):
@@ -199,18 +204,8 @@ def nan_on_one_rank_worker(config: dict) -> None:
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(ray_local, tmp_path):
-    from ray import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     job = load(TrainJob, ANALYTIC, ["optim.steps=5", "log_every=1", "checkpoint_every=5"])
-    plan = prepare(job)
-    TorchTrainer(nan_on_one_rank_worker,
-                 train_loop_config={"job": to_dict(job), "student": to_dict(plan.student_config),
-                                    "out": str(tmp_path)},
-                 scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name="nan", storage_path=str(tmp_path / "ray"))).fit()
+    on_two_workers(nan_on_one_rank_worker, job, tmp_path)
     for stage in (0, 2, 3):
         ranks = [torch.load(tmp_path / f"zero{stage}-rank{r}.pt") for r in (0, 1)]
         for record in ranks:              # step 3's update was skipped on both ranks
