@@ -15,7 +15,6 @@ from raydistill.models import GaussianMixture
 from raydistill.pairs.reader import PairShards
 from raydistill.train.stream import (
     DataTooSmall,
-    Rows,
     mixture_stream,
     rebatch,
     source_stream,
@@ -36,14 +35,6 @@ def test_rebatch_skips_rows_and_drops_the_partial_batch():
     blocks = [{"a": np.arange(0, 5)}, {"a": np.arange(5, 7)}, {"a": np.arange(7, 13)}]
     got = [b["a"].tolist() for b in rebatch(iter(blocks), 4, skip=3)]
     assert got == [[3, 4, 5, 6], [7, 8, 9, 10]]
-
-
-def test_rows_are_taken_in_exact_counts_across_block_edges():
-    rows = Rows(iter([{"a": np.arange(0, 5)}, {"a": np.arange(5, 7)}, {"a": np.arange(7, 9)}]))
-    assert [b["a"].tolist() for b in rows.take(3)] == [[0, 1, 2]]
-    assert [b["a"].tolist() for b in rows.take(3)] == [[3, 4], [5]]
-    assert [b["a"].tolist() for b in rows.take(0)] == []
-    assert [b["a"].tolist() for b in rows.take(None)] == [[6], [7, 8]]
 
 
 def take(stream, n):
@@ -97,23 +88,6 @@ def test_pair_stream_resumes_exactly_and_epochs_reorder(local_ray):
     with pytest.raises(DataTooSmall, match="8 samples for this worker, fewer than one micro"):
         next(source_stream(PairShards(PAIRS), micro=9, seed=0, rank=0, columns=columns,
                            name=PAIRS))
-
-
-def test_one_read_over_many_epochs_gives_the_batches_of_one_read_per_epoch(local_ray):
-    """Every epoch of pairs-v1 leaves 2 rows over; a read serving 4 epochs cuts each at its own
-    last row, so the batches (and positions) are those of one read per epoch, restored or not."""
-    columns = {"target": "target", "seed": "seed"}
-
-    def make(units_per_read):
-        return source_stream(PairShards(PAIRS), micro=3, seed=0, rank=0, columns=columns,
-                             name=PAIRS, units_per_read=units_per_read)
-
-    one, many = take(make(1), 9), take(make(8), 9)
-    assert [pos for _, pos in one] == [pos for _, pos in many]
-    assert {pos.epoch for _, pos in one} == {0, 1, 2, 3, 4}
-    for (want, _), (got, _) in zip(one, many):
-        assert_same(got, want)
-    check_resumes(lambda: make(8), 9)
 
 
 def test_image_streams_split_ranks_and_resume_exactly(local_ray):

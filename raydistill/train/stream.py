@@ -8,9 +8,7 @@ restored stream continues at exactly the row the uninterrupted run would have re
   order a generator seeded (seed, rank, e) gives, through Ray Data (decoding on Ray CPU workers,
   rows kept in unit order); a restored epoch skips the units already consumed without reading
   them, when their row count is known, and the consumed rows of the next one. Rows left over at
-  the end of an epoch, fewer than a micro-batch, are dropped. Where every unit's row count is
-  known, one Ray Data read serves several epochs in a row (UNITS_PER_READ), each cut at its own
-  last row: the same batches as one read per epoch, without an execution's start-up per epoch.
+  the end of an epoch, fewer than a micro-batch, are dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydistill.data.units import Source, Unit
+from raydistill.data.units import Source
 from raydistill.seeds import MIXTURE_STREAM, ORDER_STREAM, derive_seed
 from raydistill.train.errors import FatalTrainingError
 
@@ -100,69 +98,33 @@ def mixture_stream(mixture, *, micro: int, seed: int, rank: int) -> Stream:
     return Stream(batches)
 
 
-#: Where every unit's row count is known, one Ray Data execution reads this many units, as many
-#: whole epochs as fit (at least one): starting an execution costs 0.3-0.5 s, paid every few dozen
-#: steps on a small pair set if every epoch started its own.
-UNITS_PER_READ = 256
-
-
 def source_stream(source: Source, *, micro: int, seed: int, rank: int, columns: dict[str, str],
-                  name: str, units_per_read: int = UNITS_PER_READ) -> Stream:
+                  name: str) -> Stream:
     """Micro-batches of a rank's Source, `columns` renaming source columns to batch keys (others
     are dropped); `name` says what the data is in the error when it is too small."""
-    def order(epoch: int) -> list[Unit]:
-        return source.units(np.random.default_rng(derive_seed(seed, rank, ORDER_STREAM, epoch)))
-
     def batches(position: Position) -> Iterator[dict[str, Tensor]]:
         while True:
-            units, skip = order(position.epoch), position.rows
-            counted = all(unit.rows is not None for unit in units)
+            rng = np.random.default_rng(derive_seed(seed, rank, ORDER_STREAM, position.epoch))
+            units, skip = source.units(rng), position.rows
             known = sum(unit.rows or 0 for unit in units)
-            if counted and known < micro:
+            if all(unit.rows is not None for unit in units) and known < micro:
                 raise DataTooSmall(f"{name}: {known} samples for this worker, fewer than one "
                                    f"micro-batch of {micro}")
-            epochs = max(1, units_per_read // len(units)) if counted else 1
             while units and units[0].rows is not None and units[0].rows <= skip:
                 skip -= units[0].rows
                 units = units[1:]
-            plan = [units] + [order(position.epoch + i) for i in range(1, epochs)]
-            blocks = Rows(source.dataset([unit for units in plan for unit in units]).iter_batches(
-                batch_size=None, batch_format="numpy", prefetch_batches=2))
-            for units in plan:
-                served = position.rows
-                rows = sum(unit.rows for unit in units) if counted else None
-                for batch in rebatch(blocks.take(rows), micro, skip):
-                    position.rows += micro
-                    yield {key: torch.from_numpy(batch[column]) for column, key in columns.items()}
-                if position.rows == 0 == served:
-                    raise DataTooSmall(f"{name}: fewer samples for this worker than one "
-                                       f"micro-batch of {micro}")
-                position.epoch, position.rows, skip = position.epoch + 1, 0, 0
+            blocks = source.dataset(units).iter_batches(batch_size=None, batch_format="numpy",
+                                                        prefetch_batches=2)
+            served = position.rows
+            for batch in rebatch(blocks, micro, skip):
+                position.rows += micro
+                yield {key: torch.from_numpy(batch[column]) for column, key in columns.items()}
+            if position.rows == 0 == served:
+                raise DataTooSmall(f"{name}: fewer samples for this worker than one micro-batch "
+                                   f"of {micro}")
+            position.epoch, position.rows = position.epoch + 1, 0
 
     return Stream(batches)
-
-
-class Rows:
-    """Blocks (dicts of equally long arrays) from which exact numbers of rows are taken in turn:
-    one read serving several epochs, each ending at its own last row."""
-
-    def __init__(self, blocks: Iterator[dict[str, np.ndarray]]):
-        self._blocks, self._rest = iter(blocks), None
-
-    def take(self, rows: int | None) -> Iterator[dict[str, np.ndarray]]:
-        """The next `rows` rows (all that are left for None), as blocks."""
-        while rows is None or rows > 0:
-            block = self._rest if self._rest is not None else next(self._blocks, None)
-            self._rest = None
-            if block is None:
-                return
-            n = len(next(iter(block.values())))
-            if rows is not None and n > rows:
-                block, self._rest = ({k: v[:rows] for k, v in block.items()},
-                                     {k: v[rows:] for k, v in block.items()})
-                n = rows
-            yield block
-            rows = None if rows is None else rows - n
 
 
 def rebatch(blocks: Iterator[dict[str, np.ndarray]], size: int,
