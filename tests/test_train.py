@@ -560,3 +560,16 @@ def test_a_stochastic_sampler_teacher_needs_stochastic_rounds(tmp_path):
     method = build_method(job, checkpoint, config, torch.device("cpu"))
     method.start_round(0, {})
     assert method.teacher_is_stochastic
+
+
+def test_the_step_bar_shows_the_last_step_posted(ray_local, capsys):
+    """Rank 0 posts without waiting; the driver's bar ends at the last step posted, even one
+    posted after its last poll."""
+    from raydistill.train.progress import StepBar
+
+    with StepBar("train guided") as bar:
+        for step in (10, 20):
+            StepBar.put(bar.channel, {"step": step, "total": 40, "start": 0, "round": "4-steps",
+                                      "loss": 0.5, "samples_per_s": 100.0, "data_wait": 0.01})
+    err = capsys.readouterr().err
+    assert "train guided" in err and "20/40" in err and "loss 0.5" in err

@@ -16,7 +16,6 @@ from tqdm import tqdm
 POLL_S = 0.5
 
 
-
 def step_postfix(metrics: dict[str, Any]) -> str:
     """What the bar shows beside the step count."""
     return (f"{metrics['round']}  loss {metrics['loss']:.4g}  {metrics['samples_per_s']:.0f} "

@@ -46,6 +46,7 @@ class Stream:
     def __init__(self, batches: Callable[[Position], Iterator[dict[str, Tensor]]]):
         self._batches, self.position, self._iterator = batches, Position(), None
         self._device, self._copies, self._ahead = torch.device("cpu"), None, None
+        self._read = Position()          # where the reader is: one batch past `position`
 
     def on(self, device: torch.device) -> Stream:
         self._device = torch.device(device)
@@ -61,7 +62,7 @@ class Stream:
 
     def __next__(self) -> dict[str, Tensor]:
         if self._iterator is None:
-            self._read = dataclasses.replace(self.position)     # advanced by the reader
+            self._read = dataclasses.replace(self.position)
             self._iterator = self._batches(self._read)
             self._ahead = self._fetch()
         batch, self.position = self._ahead
