@@ -313,8 +313,3 @@ def _sum_over_ranks(value: float) -> float:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return float(tensor.item())
-
-
-def _mean_over_ranks(value: float) -> float:
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return _sum_over_ranks(value) / world
