@@ -13,14 +13,13 @@ At each size, one step is timed four ways:
              seeding, the non-finite checks, logging every `log_every` steps (the default), the
              batches coming from an in-memory stream; no Ray;
   ray        `raydistill train` with 1 worker: the loop on Ray Train, batches streamed from the
-             pair shards by Ray Data, metrics reported to Ray Train every logging window.
+             pair shards by Ray Data, checkpoints reported to Ray Train.
 The fixed cost per step is the step time minus the bare step time; the ratio is the bare step
 time over the step time. Loop and Ray step times are steady state: the median over logging windows
 after the first of the window's seconds per step. The machines this runs on drift by tens of percent
 within minutes, so each round times the bare step in the same process just before the loop and the
 Ray run sits between two bare runs (their mean); the summary is the median and range over rounds.
-Prints one line per size and round and writes JSON (default benchmarks/results/train_overhead.json)
-with the commit it measured.
+Prints one line per size and round and writes JSON (default benchmarks/results/train_overhead.json).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import functools
 import itertools
 import os
 import statistics
-import subprocess
 import tempfile
 
 import torch
@@ -62,8 +60,8 @@ SIZES = {"tiny": (None, 600),
          "digits": (UNetConfig(base_channels=32, channel_mult=[1, 2], attention_resolutions=[]), 40)}
 
 
-def size_setup(name: str, workdir: str) -> tuple[TrainJob, str]:
-    """The job (from the pair set, its step count still to set) and the pair set of one size."""
+def size_setup(name: str, workdir: str) -> TrainJob:
+    """The job of one size, training from a pair set made for it (its step count still to set)."""
     unet, _ = SIZES[name]
     pairs = os.path.join(workdir, f"{name}-pairs")
     if unet is None:
@@ -74,7 +72,7 @@ def size_setup(name: str, workdir: str) -> tuple[TrainJob, str]:
         data = {"source": "digits", "resolution": unet.resolution}
         fields = {"data": data}
     make_pairs(teacher, pairs, data=data, num_shards=8)
-    return train_job(teacher, pairs=pairs, **fields), pairs
+    return train_job(teacher, pairs=pairs, **fields)
 
 
 def _bare_and_loop(job_dict: dict, steps: int, queue) -> None:
@@ -115,14 +113,6 @@ def loop_seconds(job: TrainJob, batches: list[dict]) -> float:
     return BATCH / statistics.median(m["samples_per_s"] for m in windows[1:])
 
 
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True).stdout.strip()
-    return head.stdout.strip() + ("+uncommitted changes" if dirty else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -130,10 +120,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "train_overhead.json"))
     args = parser.parse_args()
-    measured = commit()
     rounds: dict[str, list[dict]] = {name: [] for name in args.sizes}
     with tempfile.TemporaryDirectory() as workdir:
-        jobs = {name: size_setup(name, workdir)[0] for name in args.sizes}
+        jobs = {name: size_setup(name, workdir) for name in args.sizes}
         import ray
 
         ray.shutdown()
@@ -151,7 +140,7 @@ def main() -> None:
     summary = {name: summarise(figures) for name, figures in rounds.items()}
     for name, s in summary.items():
         print_summary(name, s, len(rounds[name]))
-    write_record(args.out, {"benchmark": "train_overhead", "commit": measured, "batch": BATCH,
+    write_record(args.out, {"benchmark": "train_overhead", "batch": BATCH,
                             "sizes": {name: {"steps": SIZES[name][1]} for name in args.sizes},
                             "rounds": rounds, "summary": summary})
 
