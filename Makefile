@@ -30,6 +30,7 @@ test-all: setup
 bench: setup
 	$(BIN)/python benchmarks/pairs_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/train_overhead.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks
