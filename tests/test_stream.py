@@ -3,6 +3,8 @@ restored at a recorded position continues with exactly the batches the uninterru
 
 import dataclasses
 import os
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ import torch
 
 from raydistill.config import DataConfig
 from raydistill.data.ray_source import image_source
+from raydistill.data.units import Source, Unit
 from raydistill.models import GaussianMixture
 from raydistill.pairs.reader import PairShards
 from raydistill.train.stream import (
+    READ_AHEAD,
     DataTooSmall,
     mixture_stream,
     rebatch,
@@ -26,7 +30,7 @@ PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pairs-
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # Counted, in Ray tasks
     yield
     ray.shutdown()
 
@@ -104,3 +108,35 @@ def test_image_streams_split_ranks_and_resume_exactly(local_ray):
                              columns={"image": "x", "label": "c"}, name="digits")
 
     check_resumes(make, 5)
+
+
+class Counted(Source):
+    """`count` units of 4 rows (values 4i..4i+3), each read appending its index to a file."""
+
+    def __init__(self, log: str, count: int):
+        self.log, self.count = log, count
+
+    def units(self, rng):
+        order = range(self.count) if rng is None else rng.permutation(self.count)
+        return [Unit({"i": int(i), "log": self.log}, 4) for i in order]
+
+    def read(self, item):
+        with open(item["log"], "a") as f:
+            f.write(f"{item['i']}\n")
+        return [{"v": np.float32(4 * item["i"] + r)} for r in range(4)]
+
+
+def test_source_stream_reads_a_bounded_number_of_units_ahead(local_ray, tmp_path):
+    """One unit per micro-batch, 3 units per epoch: the stream has read its next batch, and
+    READ_AHEAD units beyond it are read (across epoch ends), no more."""
+    log = tmp_path / "reads"
+    stream = source_stream(Counted(str(log), 3), micro=4, seed=0, rank=0, columns={"v": "v"},
+                           name="counted")
+    values = [next(stream)["v"] for _ in range(7)]
+    assert stream.position.epoch == 2 and sorted(int(v[0]) for v in values[:3]) == [0, 4, 8]
+    expected, deadline = 7 + 1 + READ_AHEAD, time.monotonic() + 30
+    while (log.exists() and len(log.read_text().split()) < expected
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert len(log.read_text().split()) == expected

@@ -36,7 +36,7 @@ from raydistill.config import (
     to_dict,
     with_absolute_paths,
 )
-from raydistill.logs import engine_logs_to, without_ray_data_bars
+from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.train.build import build_method, prepare, starts_from_teacher, with_teacher_shape
@@ -154,7 +154,7 @@ def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None 
         with open(os.path.join(out, JOB_FILE), "w") as f:
             yaml.safe_dump(to_dict(job), f, sort_keys=False)
     workers = job.workers
-    # Locally, Ray Data's read and decode tasks need CPUs beside the training workers'.
+    # Locally, the read and decode tasks need CPUs beside the training workers'.
     local_cpus = max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 1)
     init_ray(address, num_cpus=local_cpus, dashboard=True)
     _check_data_headroom(job)
@@ -229,15 +229,15 @@ def _fatal_error(err: Exception) -> FatalTrainingError | None:
 
 
 def _check_data_headroom(job: TrainJob) -> None:
-    """Ray Data reads and decodes on CPUs the training workers do not hold; with none left over
-    the workers would wait for data forever, so say so before starting. (The analytic mixture's
-    exact draws are made by each worker itself.)"""
+    """Ray tasks read and decode the data on CPUs the training workers do not hold; with none
+    left over the workers would wait for data forever, so say so before starting. (The analytic
+    mixture's exact draws are made by each worker itself.)"""
     import ray
 
     spare = ray.cluster_resources().get("CPU", 0) - job.workers.num * job.workers.cpus
     if (job.pairs or job.data.source != "mixture") and spare < 1:
         raise ConfigError("workers.cpus", f"{job.workers.num} workers x {job.workers.cpus} CPUs "
-                                          "leave no CPU on the cluster for Ray Data to read "
+                                          "leave no CPU on the cluster for the tasks that read "
                                           "the training data")
 
 
@@ -302,15 +302,10 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
 
 def data_stream(job: TrainJob, teacher: Checkpoint, micro: int, rank: int, world: int) -> Stream:
     """This rank's micro-batches: exact draws of an analytic mixture, pair shards (precomputed
-    targets), or real images for inline targets, the last two read through Ray Data."""
+    targets), or real images for inline targets, the last two read by Ray tasks."""
     common = {"micro": micro, "seed": job.seed, "rank": rank}
     if not job.pairs and job.data.source == "mixture":
         return mixture_stream(teacher.network, **common)
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    without_ray_data_bars(context)                   # the driver's bar is the one to read
-    context.execution_options.preserve_order = True  # rows in unit order: a resumable stream
     if job.pairs:
         from raydistill.methods.registry import method_spec
         from raydistill.pairs.format import SCHEMAS
