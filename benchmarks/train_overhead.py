@@ -13,7 +13,7 @@ At each size, one step is timed four ways:
              seeding, the non-finite checks, logging every `log_every` steps (the default), the
              batches coming from an in-memory stream; no Ray;
   ray        `raydistill train` with 1 worker: the loop on Ray Train, batches streamed from the
-             pair shards by Ray Data, checkpoints reported to Ray Train.
+             pair shards by Ray tasks, checkpoints reported to Ray Train.
 The fixed cost per step is the step time minus the bare step time; the ratio is the bare step
 time over the step time. Loop and Ray step times are steady state: the median over logging windows
 after the first of the window's seconds per step. The machines this runs on drift by tens of percent

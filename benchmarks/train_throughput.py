@@ -8,7 +8,7 @@ progressive distillation under CFG (w = 1) toward a 4-step student, batch 32, 1 
      (the teacher's forward passes), from which the ideal offload ratio
      (teacher + student step) / student step follows; and the step time of the same student in a
      DeepSpeed engine at world size 1 (ZeRO-0 and ZeRO-2), without Ray;
-  2. `raydistill train` with 1 worker from the same precomputed target shards (Ray Data streaming)
+  2. `raydistill train` with 1 worker from the same precomputed target shards (read by Ray tasks)
      -- goal >= 0.85x the bare loop. One worker runs ZeRO-0: ZeRO partitions state across ranks,
      and with one rank ZeRO-2 only adds the copy into its fp32 partition (step 1 measures what
      that costs);

@@ -202,9 +202,9 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
             continue
         now = time.time()
         rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
-        mean_loss, non_finite = window.read()
+        mean_loss, non_finite, (evaluations,) = window.read(method.take_teacher_evaluations())
         progress.nan_skipped += non_finite
-        progress.teacher_evaluations += int(_sum_over_ranks(method.take_teacher_evaluations()))
+        progress.teacher_evaluations += int(evaluations)
         metrics = {"step": progress.step, "round": rounds[progress.round].name,
                    "loss": mean_loss, "samples_per_s": rate,
                    "lr": engines[method.phases()[0].module].get_lr()[0],
@@ -244,15 +244,16 @@ class LossWindow:
                                   (~finite).double()])
         return torch.where(finite, 1.0, torch.nan).to(loss.dtype)
 
-    def read(self) -> tuple[float, int]:
-        """The mean finite loss of the window over all ranks (NaN if there was none) and the
-        number of non-finite ones; starts a new window."""
-        sums = self.sums.clone()
+    def read(self, *counts: float) -> tuple[float, int, list[float]]:
+        """The mean finite loss of the window over all ranks (NaN if there was none), the number
+        of non-finite ones, and `counts` (this rank's) summed over ranks in the same all-reduce;
+        starts a new window."""
+        sums = torch.cat([self.sums, torch.tensor(counts, dtype=torch.float64).to(self.sums)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         self.sums.zero_()
-        total, finite, non_finite = sums.tolist()
-        return total / finite if finite else math.nan, int(non_finite)
+        total, finite, non_finite, *summed = sums.tolist()
+        return total / finite if finite else math.nan, int(non_finite), summed
 
 
 def _count_streak(streak: int, job: TrainJob, step: int) -> int:
@@ -303,13 +304,3 @@ def _unflatten(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
         module, _, name = key.partition("/")
         weights.setdefault(module, {})[name] = value
     return weights
-
-
-def _sum_over_ranks(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return float(tensor.item())

@@ -138,6 +138,8 @@ def source_stream(source: Source, *, micro: int, seed: int, rank: int, columns: 
             served = position.rows
             for batch in rebatch(reads.epoch(position.epoch), micro, skip):
                 position.rows += micro
+                # a block's arrays are read-only views of Ray's object store; a batch cut from
+                # one block is copied, one merged from two already is
                 yield {key: torch.from_numpy(np.require(batch[column], requirements="W"))
                        for column, key in columns.items()}
             if position.rows == 0 == served:
