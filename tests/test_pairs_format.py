@@ -12,7 +12,7 @@ from raydistill.config import ConfigError, PairsJob, from_dict
 from raydistill.diffusion import CFG, cfg_x, sample
 from raydistill.diffusion.progressive import jump_target, stochastic_sample
 from raydistill.models.checkpoint import load_teacher
-from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard
+from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard, load_npy
 from raydistill.pairs.generate import ShardMaker
 from raydistill.pairs.manifest import Manifest, claim_location
 from raydistill.storage import Location
@@ -62,6 +62,33 @@ def test_decode_errors_name_the_shard():
             list(decode_shard(data[:cut], "bad.tar", "ode"))
     with pytest.raises(ShardError, match="sample s000000_00001 is incomplete"):
         list(decode_shard(_without(data, "s000000_00001.image.npy"), "bad.tar", "ode"))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3, 2))),
+    np.float32(1.5), np.zeros((0, 4), np.int64), np.array(["ab", "c"])])
+def test_load_npy_reads_what_np_load_reads(array):
+    layouts: dict = {}
+    for version in ((1, 0), (2, 0), (1, 0)):             # the third read uses the cached header
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.asarray(array), version=version)
+        raw = buffer.getvalue()
+        want = np.load(io.BytesIO(raw), allow_pickle=False)
+        got = load_npy(raw, layouts)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
+    assert len(layouts) == 2
+    with pytest.raises(ValueError, match="bytes for an array"):
+        load_npy(raw + b"\0", layouts)
+
+
+def test_load_npy_refuses_pickles_and_non_npy():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{}, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects"):
+        load_npy(buffer.getvalue(), {})
+    with pytest.raises(ValueError, match="not an .npy file"):
+        load_npy(b"PK\x03\x04 not numpy at all", {})
 
 
 def _without(data: bytes, member_name: str) -> bytes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import Iterator
 
@@ -77,6 +78,7 @@ def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
     """The samples of a shard as dicts of numpy arrays and scalars (plus `__key__`)."""
     arrays, fields = SCHEMAS[mode]
     expected = {f"{name}.npy" for name in arrays} | {"json"}
+    layouts: dict[bytes, tuple] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             sample: dict = {}
@@ -99,7 +101,7 @@ def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
                         raise ShardError(shard, f"sample {key} lacks fields {sorted(missing)}")
                     sample.update(meta)
                 elif suffix in expected:
-                    sample[suffix[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+                    sample[suffix[:-4]] = load_npy(raw, layouts)
                 else:
                     raise ShardError(shard, f"unexpected member {member.name} for mode {mode}")
                 sample.setdefault("__members__", set()).add(suffix)
@@ -111,6 +113,33 @@ def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
         if isinstance(exc, ShardError):
             raise
         raise ShardError(shard, f"unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def load_npy(raw: bytes, layouts: dict[bytes, tuple]) -> np.ndarray:
+    """np.load(allow_pickle=False) of one .npy file, its header parsed once per distinct header
+    (`layouts` maps header bytes to what they say): a shard's samples share a few headers, and
+    parsing one costs more than copying a small array."""
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 12:
+        raise ValueError("not an .npy file")
+    size = 10 + int.from_bytes(raw[8:10], "little") if raw[6] == 1 else \
+        12 + int.from_bytes(raw[8:12], "little")
+    layout = layouts.get(raw[:size])
+    if layout is None:
+        stream = io.BytesIO(raw)
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"an .npy file of format version {version}")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("an .npy file of objects (pickled)")
+        layout = layouts[raw[:size]] = (shape, "F" if fortran else "C", dtype)
+    shape, order, dtype = layout
+    count = math.prod(shape)
+    if len(raw) != size + count * dtype.itemsize:
+        raise ValueError(f"an .npy file of {len(raw)} bytes for an array of shape {shape}")
+    return np.frombuffer(raw, dtype, count, offset=size).reshape(shape, order=order).copy()
 
 
 def _finish(sample: dict, expected: set[str], shard: str) -> dict:
