@@ -18,12 +18,14 @@ def write_record(path: str, record: dict) -> None:
 
 
 def commit() -> str:
-    """HEAD of the checkout the benchmarks are in, marked when tracked files differ from it."""
+    """HEAD of the checkout the benchmarks are in, marked when tracked files other than the
+    records under benchmarks/results differ from it (a run rewrites those it has written)."""
     here = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    return head + ("+uncommitted changes" if git("status", "--porcelain", "--untracked-files=no")
-                   else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                  ":(top,exclude)benchmarks/results")
+    return head + ("+uncommitted changes" if changed else "")
