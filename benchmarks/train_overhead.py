@@ -151,9 +151,9 @@ def main() -> None:
 
 
 def _bare_on_ray_train(config: dict) -> None:
-    """A Ray Train worker timing the bare step over in-memory batches; reports seconds per step."""
+    """A Ray Train worker timing the bare step over in-memory batches; writes seconds per step to
+    config["out"] (Ray Train 2's results keep metrics only beside checkpoints)."""
     sys.path.insert(0, config["benchmarks"])      # this function travels by value, its imports not
-    import ray.train
     from train_throughput import fresh_method, pair_batches, seconds, torch_step
 
     torch.set_flush_denormal(True)
@@ -161,7 +161,8 @@ def _bare_on_ray_train(config: dict) -> None:
     job = from_dict(TrainJob, config["job"])
     cycle = itertools.cycle(pair_batches(job.pairs, BATCH))
     step = functools.partial(next_step, torch_step(job, fresh_method(job)), cycle)
-    ray.train.report({"step_s": seconds(step, config["steps"])})
+    with open(config["out"], "w") as f:
+        f.write(str(seconds(step, config["steps"])))
 
 
 def ray_bare_seconds(job: TrainJob, steps: int, storage: str) -> float:
@@ -173,13 +174,15 @@ def ray_bare_seconds(job: TrainJob, steps: int, storage: str) -> float:
     from raydistill.cluster import init_ray
 
     init_ray(num_cpus=max(os.cpu_count() or 1, 2), dashboard=True)
-    config = {"job": to_dict(job), "steps": steps,
+    out = os.path.join(storage, "step_s")
+    config = {"job": to_dict(job), "steps": steps, "out": out,
               "benchmarks": os.path.dirname(os.path.abspath(__file__))}
-    result = TorchTrainer(_bare_on_ray_train, train_loop_config=config,
-                          scaling_config=ScalingConfig(num_workers=1),
-                          run_config=RunConfig(name="bare", storage_path=storage)).fit()
+    TorchTrainer(_bare_on_ray_train, train_loop_config=config,
+                 scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(name="bare", storage_path=storage)).fit()
     ray.shutdown()
-    return result.metrics["step_s"]
+    with open(out) as f:
+        return float(f.read())
 
 
 def round_figures(local: dict, after: dict, ray_s: float, ray_bare_s: float) -> dict:
