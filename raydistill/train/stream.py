@@ -114,7 +114,7 @@ READ_AHEAD = 2
 
 
 def source_stream(source: Source, *, micro: int, seed: int, rank: int, columns: dict[str, str],
-                  name: str, read_ahead: int = READ_AHEAD) -> Stream:
+                  name: str) -> Stream:
     """Micro-batches of a rank's Source, `columns` renaming source columns to batch keys (others
     are dropped); `name` says what the data is in the error when it is too small."""
     def order(epoch: int) -> list[Unit]:
@@ -133,7 +133,7 @@ def source_stream(source: Source, *, micro: int, seed: int, rank: int, columns: 
         later = ((epoch, unit) for epoch in itertools.count(position.epoch + 1)
                  for unit in order(epoch))
         reads = Reads(source, list(columns), itertools.chain(
-            ((position.epoch, unit) for unit in units), later), read_ahead)
+            ((position.epoch, unit) for unit in units), later), READ_AHEAD)
         while True:
             served = position.rows
             for batch in rebatch(reads.epoch(position.epoch), micro, skip):
