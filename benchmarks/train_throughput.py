@@ -41,6 +41,7 @@ import torch
 from _record import write_record
 
 from raydistill.config import ModelConfig, TrainJob, UNetConfig, from_dict, to_dict
+from raydistill.methods.base import DATA
 from raydistill.models import build_network, save_checkpoint
 
 BATCH, STUDENT_STEPS, W = 32, 4, 1.0
@@ -138,7 +139,7 @@ def torch_step(job: TrainJob, method):
     optimizer = torch.optim.AdamW(student.parameters(), lr=job.optim.lr)
 
     def step(batch: dict) -> None:
-        loss = method.loss(batch, phase)["loss"]
+        loss = method.loss({phase.reads[0]: batch}, phase)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), job.optim.grad_clip)
@@ -154,11 +155,12 @@ def deepspeed_step(job: TrainJob, stage: int):
                                                                      zero_stage=stage))
     method = fresh_method(staged)
     phase = method.phases()[0]
-    engine = build_engine(method.modules()[method.student_module], staged, 1, 100, on_cuda=False)
+    engine = build_engine(method.modules()[method.student_module], staged, staged.optim, 1, 100,
+                          on_cuda=False)
     method.use_modules({method.student_module: engine})
 
     def step(batch: dict) -> None:
-        engine.backward(method.loss(batch, phase)["loss"])
+        engine.backward(method.loss({phase.reads[0]: batch}, phase)["loss"])
         engine.step()
     return step
 
@@ -244,32 +246,11 @@ def ray_rate(job: TrainJob, out: str) -> float:
 
 # --------------------------------------------------------------------------- memory (4)
 
-def state_bytes(engine) -> int:
-    """Model + optimizer state this rank holds: its parameters (its ZeRO-3 partition), the fp32
-    master partition ZeRO keeps, and the optimizer's moments (distinct storages counted once)."""
-    tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
-    optimizer = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",   # ZeRO 1-3
-                 "fp32_groups"):                          # DeepSpeed's own bf16 optimizer, ZeRO-0
-        for group in getattr(optimizer, name, []) or []:
-            tensors += group if isinstance(group, list) else [group]
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def memory_worker(config: dict) -> None:
     import ray.train
 
     from raydistill.train.build import build_method
-    from raydistill.train.engine import build_engine
+    from raydistill.train.engine import build_engine, state_bytes
 
     job = from_dict(TrainJob, config["job"])
     student = from_dict(ModelConfig, config["student"])
@@ -282,11 +263,12 @@ def memory_worker(config: dict) -> None:
 
         method = build_method(staged, load_teacher(staged.teacher), student, torch.device("cpu"))
         method.start_round(0, {})
-        engine = build_engine(method.modules()["student"], staged, 2, 100, on_cuda=False)
+        engine = build_engine(method.modules()["student"], staged, staged.optim, 2, 100,
+                              on_cuda=False)
         method.use_modules({"student": engine})
         x = torch.randn(BATCH // 2, 1, 16, 16)
         c = torch.randint(0, 10, (BATCH // 2,))
-        engine.backward(method.loss({"x": x, "c": c}, method.phases()[0])["loss"])
+        engine.backward(method.loss({DATA: {"x": x, "c": c}}, method.phases()[0])["loss"])
         engine.step()
         results[f"zero{stage}-{precision}"] = state_bytes(engine)
     if rank == 0:

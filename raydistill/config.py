@@ -175,21 +175,56 @@ class DataConfig:
 
 
 @dataclass
+class ModuleOptim:
+    """One trainable module's departures from `optim` (unset keys: optim's value); e.g. DMD2 trains
+    its fake score with another learning rate than its generator. warmup_steps counts the module's
+    own updates."""
+
+    lr: float | None = None
+    betas: list[float] | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    grad_clip: float | None = None
+
+
+@dataclass
 class OptimConfig:
     steps: int = 3000
     batch_size: int = 128
     lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])     # AdamW
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    #: per trainable module (its name, e.g. fake_score), the keys of ModuleOptim it sets
+    modules: dict[str, ModuleOptim] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "lr"):
             require(getattr(self, key) > 0, key, "must be positive")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be non-negative")
+        _check_adamw(self, "")
+        for name in self.modules:
+            _check_adamw(self.for_module(name), f"modules.{name}.")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
-        require(self.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
+
+    def for_module(self, name: str) -> OptimConfig:
+        """The settings module `name` trains with: these, with its `modules` entry applied."""
+        given = self.modules.get(name)
+        if given is None:
+            return self
+        changes = {k: v for k, v in dataclasses.asdict(given).items() if v is not None}
+        return dataclasses.replace(self, **changes, modules={})
+
+
+def _check_adamw(optim: OptimConfig, prefix: str) -> None:
+    require(optim.lr > 0, f"{prefix}lr", "must be positive")
+    require(len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas),
+            f"{prefix}betas", f"must be two numbers in [0, 1), got {optim.betas}")
+    require(optim.warmup_steps >= 0, f"{prefix}warmup_steps", "must be non-negative")
+    require(optim.weight_decay >= 0, f"{prefix}weight_decay", "must be non-negative")
+    require(optim.grad_clip >= 0, f"{prefix}grad_clip",
+            "must be non-negative (0 disables clipping)")
 
 
 @dataclass
@@ -361,6 +396,29 @@ class PairsJob:
 
 
 @dataclass
+class DMDConfig:
+    """Distribution matching distillation (Yin et al., CVPR 2024) and the DMD2 options (Yin et al.,
+    NeurIPS 2024); see raydistill.methods.dmd. The real score's guidance strength is the job's
+    fixed w (guidance.w_min = guidance.w_max)."""
+
+    t_min: float = 0.02              # the DM gradient's noise levels t ~ U[t_min, t_max]
+    t_max: float = 0.98
+    regression_weight: float = 0.25  # lambda_reg on ODE pairs (`pairs`); 0: none (DMD2)
+    fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
+    gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
+    gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
+
+    def validate(self) -> None:
+        require(0.0 < self.t_min < self.t_max <= 1.0, "t_min",
+                f"must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        for key in ("regression_weight", "gan_weight", "gan_head_weight"):
+            require(getattr(self, key) >= 0, key, "must be non-negative")
+        require((self.gan_weight > 0) == (self.gan_head_weight > 0), "gan_weight",
+                "and gan_head_weight must both be set (the GAN loss needs a trained head) or both 0")
+        require(self.fake_updates >= 1, "fake_updates", "must be at least 1")
+
+
+@dataclass
 class TrainWorkers:
     """Ray Train workers: one per GPU on a cluster; CPU workers (gloo) when gpus is 0."""
 
@@ -395,13 +453,17 @@ class DeepSpeedConfig:
 class TrainJob:
     """`raydistill train`: distill a student with Ray Train + DeepSpeed ZeRO."""
 
-    method: Literal["guided", "progressive"] = "guided"    # raydistill.methods.registry
+    method: Literal["guided", "progressive", "kd", "dmd"] = "guided"  # raydistill.methods.registry
     teacher: TeacherRef = field(default_factory=TeacherRef)
     student: ModelConfig | None = None   # default: the teacher's network (+ w input for guided)
     data: DataConfig = field(default_factory=DataConfig)   # real x for inline targets
-    pairs: str = ""                  # precomputed target shards (pairs --mode guided/progressive)
+    pairs: str = ""                  # pair shards: targets (guided, progressive), ODE pairs (kd, dmd)
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
     halving: HalvingConfig = field(default_factory=HalvingConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    #: kd's loss and dmd's regression loss on ODE pairs: mean squared error, or the pseudo-Huber
+    #: sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023)
+    distance: Literal["mse", "pseudo_huber"] = "mse"
     loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
     optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
     workers: TrainWorkers = field(default_factory=TrainWorkers)
@@ -683,7 +745,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"must be a mapping, got {value!r}")
-        return value
+        _, inner = get_args(hint)
+        if inner is Any:
+            return value
+        return {name: _convert(inner, item, f"{key}.{name}") for name, item in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(key, f"must be a list, got {value!r}")

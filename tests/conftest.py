@@ -55,3 +55,18 @@ def slow_teacher(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("unet") / "teacher")
     save_checkpoint(path, build_network(config), config)
     return path
+
+
+@pytest.fixture
+def single_process_group(tmp_path, monkeypatch):
+    """A world of one, as a launcher would set it up (DeepSpeed reads the rank variables)."""
+    import torch.distributed as dist
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    import deepspeed.comm
+
+    deepspeed.comm.destroy_process_group()      # also drops DeepSpeed's cached group references

@@ -9,6 +9,7 @@ import torch
 from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
 from raydistill.diffusion import CFG, CosineSchedule, ddim, sample
 from raydistill.diffusion.progressive import stochastic_sample
+from raydistill.methods.base import DATA
 from raydistill.methods.guided import GuidedDistillation
 from raydistill.methods.progressive import ProgressiveDistillation, round_steps
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
@@ -44,7 +45,7 @@ def fit(method, mixture, *, lr=1e-2, batch=256):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, round_.steps, eta_min=lr * 0.05)
         for _ in range(round_.steps):
             c = torch.randint(0, 3, (batch,))
-            loss = method.loss({"x": mixture.sample(c).float(), "c": c}, phase)["loss"]
+            loss = method.loss({DATA: {"x": mixture.sample(c).float(), "c": c}}, phase)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -227,7 +228,7 @@ def test_seeded_methods_draw_from_their_own_generator(oracle):
     loss on the same batch, and torch's global generator is left alone."""
     mixture, exact = oracle
     c = torch.randint(0, 3, (64,))
-    batch = {"x": mixture.sample(c).float(), "c": c}
+    batch = {DATA: {"x": mixture.sample(c).float(), "c": c}}
     net, config = student()
     methods = [
         GuidedDistillation(teacher=exact, student=net, student_config=config, schedule=SCHEDULE,

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 
@@ -32,6 +31,7 @@ from raydistill.train.loop import NonFiniteLoss, WorkerContext, run_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
+ANALYTIC_DMD = f"{ROOT}/configs/tests/analytic_dmd.yaml"
 
 
 def zero_stages_worker(config: dict) -> None:
@@ -56,7 +56,7 @@ def zero_stages_worker(config: dict) -> None:
 
         context = WorkerContext(rank, world, setup.device, report,
                                 logged=lambda metrics, losses=losses: losses.append(metrics["loss"]))
-        run_worker(job, setup.method, setup.stream, context, student, setup.teacher.fingerprint)
+        run_worker(job, setup.method, setup.streams, context, student, setup.teacher.fingerprint)
         if rank == 0:
             with open(f"{out}.json", "w") as f:
                 json.dump(losses, f)
@@ -122,19 +122,6 @@ def test_zero_stages_agree_and_zero3_consolidates(ray_local, tmp_path):
         torch.testing.assert_close(student[name], value, rtol=1e-3, atol=1e-5)
 
 
-@pytest.fixture
-def single_process_group(tmp_path, monkeypatch):
-    """A world of one, as a launcher would set it up (DeepSpeed reads the rank variables)."""
-    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    import deepspeed.comm
-
-    deepspeed.comm.destroy_process_group()      # also drops DeepSpeed's cached group references
-
-
 def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, tmp_path):
     """A non-finite loss (NaN added to it: its gradients alone would be finite) skips its update;
     the weights stay as they were, the window reports it, and max_nan_steps skipped updates in a
@@ -156,7 +143,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
 
         setup.method.loss = flaky_loss
         context = WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append)
-        run_worker(job, setup.method, setup.stream, context, plan.student_config,
+        run_worker(job, setup.method, setup.streams, context, plan.student_config,
                    setup.teacher.fingerprint)
 
     run({2, 4, 5})                        # three skipped updates, never three in a row
@@ -196,7 +183,7 @@ def nan_on_one_rank_worker(config: dict) -> None:
             return {"loss": out["loss"] + torch.tensor(float("nan"))} if bad else out
 
         setup.method.loss = flaky_loss
-        run_worker(job, setup.method, setup.stream,
+        run_worker(job, setup.method, setup.streams,
                    WorkerContext(rank, world, setup.device, lambda m, d: None, logged=logs.append),
                    student, setup.teacher.fingerprint)
         torch.save({"seen": seen, "final": full_state_dict(method.student.module), "logs": logs},
@@ -241,7 +228,7 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
         return out
 
     setup.method.loss, reports = poisoned_loss, []
-    run_worker(job, setup.method, setup.stream,
+    run_worker(job, setup.method, setup.streams,
                WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append),
                plan.student_config, setup.teacher.fingerprint)
     assert reports[-1]["grad_skipped"] == 1 and reports[-1]["nan_skipped"] == 0
@@ -265,24 +252,39 @@ def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_p
 
     setup.method.loss = poisoned_loss
     with pytest.raises(NonFiniteLoss, match=r"step 3: 3 updates in a row were skipped"):
-        run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device,
+        run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device,
                                                                   lambda m, d: None),
                    plan.student_config, setup.teacher.fingerprint)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("deepspeed.zero_stage=3", "optim.ema_decay: must be 0 with deepspeed.zero_stage 3"),
-    ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by workers.num x"),
-    ("deepspeed.zero_stage=5", "deepspeed.zero_stage: must be 0..3"),
-    ("student.mlp.w_embedding=false", "student: a guided student must take w"),
-    ("optim.warmup_steps=12", "optim.warmup_steps: is 12, not below optim.steps = 12"),
-    ("student.prediction=eps", "student.prediction: an eps-prediction student cannot be distilled"),
+@pytest.mark.parametrize("config, overrides, message", [
+    (ANALYTIC, ["deepspeed.zero_stage=3", "optim.ema_decay=0.99"],
+     "optim.ema_decay: must be 0 with deepspeed.zero_stage 3"),
+    (ANALYTIC, ["optim.batch_size=63"], "optim.batch_size: 63 is not divisible by workers.num x"),
+    (ANALYTIC, ["deepspeed.zero_stage=5"], "deepspeed.zero_stage: must be 0..3"),
+    (ANALYTIC, ["student.mlp.w_embedding=false"], "student: a guided student must take w"),
+    (ANALYTIC, ["optim.warmup_steps=12"], "optim.warmup_steps: is 12, not below optim.steps = 12"),
+    (ANALYTIC, ["student.prediction=eps"],
+     "student.prediction: an eps-prediction student cannot be distilled"),
+    (ANALYTIC, ["optim.betas=[0.9]"], "optim.betas: must be two numbers in [0, 1), got [0.9]"),
+    (ANALYTIC, ["optim.modules={critic: {lr: 0.1}}"],
+     "optim.modules.critic: is not a module of method guided"),
+    (ANALYTIC, ["optim.modules={student: {lrr: 0.1}}"], "optim.modules.student.lrr: unknown key"),
+    (ANALYTIC, ["optim.modules={student: {warmup_steps: 12}}"],
+     "optim.modules.student.warmup_steps: is 12, not below optim.steps = 12"),
+    (ANALYTIC_DMD, ["dmd.regression_weight=0.25"],
+     "pairs: dmd.regression_weight is 0.25: the regression loss needs ODE pairs"),
+    (ANALYTIC_DMD, ["guidance.w_max=1"],
+     "guidance: a one-step generator distils one guidance strength"),
+    (ANALYTIC_DMD, ["dmd.gan_weight=0.1"], "dmd.gan_weight: and gan_head_weight must both be set"),
+    (ANALYTIC_DMD, ["student.mlp.w_embedding=true"],
+     "student: a one-step generator takes no w input"),
+    (ANALYTIC_DMD, ["method=kd"], "optim.modules.fake_score: is not a module of method kd"),
+    (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
 ])
-def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, override, message):
-    args = ["train", "--config", ANALYTIC, "--out", str(tmp_path / "run"), override]
-    if "zero_stage=3" in override:
-        args.append("optim.ema_decay=0.99")
-    assert main(args) == 2
+def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, config, overrides,
+                                                           message):
+    assert main(["train", "--config", config, "--out", str(tmp_path / "run"), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -333,7 +335,7 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
 
     def counting_loss(batch, phase):
         calls[0] += 1
-        assert len(batch["x"]) == 32                        # 64 = 2 micro-batches of 32
+        assert len(batch["data"]["x"]) == 32                # 64 = 2 micro-batches of 32
         return loss(batch, phase)
 
     setup.method.loss = counting_loss
@@ -343,7 +345,7 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
         if directory:
             final["student"] = load_file(os.path.join(directory, "student", "model.safetensors"))
 
-    run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device, report),
+    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
                plan.student_config, setup.teacher.fingerprint)
     assert calls[0] == 12
     raw = setup.method.student.module.state_dict()
@@ -366,7 +368,7 @@ def test_teacher_evaluations_are_counted(single_process_group, overrides, per_sa
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
     counts = []
-    run_worker(job, setup.method, setup.stream,
+    run_worker(job, setup.method, setup.streams,
                WorkerContext(0, 1, setup.device, lambda m, d: None,
                              logged=lambda m: counts.append(m["teacher_evaluations"])),
                plan.student_config, setup.teacher.fingerprint)
@@ -396,7 +398,7 @@ def test_a_restored_run_continues_exactly(single_process_group, tmp_path, stage,
 
     def run(report, restored=None):
         setup = setup_worker(job, plan.student_config, 0, 1)
-        run_worker(job, setup.method, setup.stream,
+        run_worker(job, setup.method, setup.streams,
                    WorkerContext(0, 1, setup.device, report, restored, logged=log),
                    plan.student_config, setup.teacher.fingerprint)
 
@@ -429,7 +431,7 @@ def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_pa
         if directory:
             final.update(load_file(os.path.join(directory, "student", "model.safetensors")))
 
-    run_worker(job, setup.method, setup.stream, WorkerContext(0, 1, setup.device, report),
+    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
                plan.student_config, setup.teacher.fingerprint)
     rounding = 0.0
     for name, param in setup.method.student.module.named_parameters():
@@ -490,7 +492,7 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
         return loss(batch, phase)
 
     method.start_round, method.loss = spying_start, spying_loss
-    run_worker(job, method, setup.stream, WorkerContext(0, 1, setup.device, lambda m, d: None),
+    run_worker(job, method, setup.streams, WorkerContext(0, 1, setup.device, lambda m, d: None),
                plan.student_config, setup.teacher.fingerprint)
     assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
     for name, value in seen["teacher"].items():
@@ -521,7 +523,7 @@ def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tm
         started = []
         start_round = setup.method.start_round
         setup.method.start_round = lambda i, w: (started.append((i, w)), start_round(i, w))
-        run_worker(job, setup.method, setup.stream,
+        run_worker(job, setup.method, setup.streams,
                    WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
                    setup.teacher.fingerprint)
         return started

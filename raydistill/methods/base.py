@@ -1,13 +1,19 @@
 """What the training loop asks of a distillation method (pure torch; no Ray, no DeepSpeed).
 
 A method owns its trainable modules (the loop wraps each in its own DeepSpeed engine), names the
-phases of one training step (each phase updates one module; guided and progressive have a single
-"student" phase, DMD alternates generator and fake score), lists its rounds (progressive: one per
-halving; one round for the others) and computes `loss(batch, phase)`. The loop never knows which
-method it runs.
+phases of one training step (each phase updates one module, `updates` times; guided and
+progressive have a single "student" phase, DMD a fake-score phase and a generator phase), lists its
+rounds (progressive: one per halving; one round for the others) and computes `loss(batch, phase)`.
+The loop never knows which method it runs.
 
-A batch is either real data, `{"x", "c"}`, for which the method draws t, noise and w and evaluates
-the teacher inline, or precomputed targets from pair shards, `{"z_t", "target", "c", "w", "t"}`.
+A phase names the data streams it reads; `batch` maps each to one micro-batch of it:
+- DATA: real data `{"x", "c"}` (or exact draws of an analytic mixture), from which the method draws
+  t, noise and w and evaluates the teacher inline;
+- PAIRS: the pair shards of the method's mode: precomputed targets `{"z_t", "target", "c", "w",
+  "t"}`, or ODE pairs `{"noise", "image", "c", "w"}`.
+A phase that reads nothing draws its own inputs (`micro_batch` of them) and consumes no data.
+While a phase runs, only its module's parameters take gradients (the loop sees to it), so a loss
+may pass through another module (DMD2's GAN loss through the fake score) without updating it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,15 @@ if TYPE_CHECKING:
     from raydistill.models.checkpoint import Checkpoint
 
 
+DATA, PAIRS = "data", "pairs"         # the data streams (see the module docstring)
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
     module: str                      # the trainable module this phase updates
+    reads: tuple[str, ...] = ()      # the streams each micro-batch reads one batch of
+    updates: int = 1                 # optimizer updates of `module` per training step
 
 
 @dataclass(frozen=True)
@@ -54,15 +65,25 @@ class Method(ABC):
     #: whether the student after each round is kept (progressive: one student per halving)
     keep_round_students: bool = False
     #: where the method draws t, noise and w (None: torch's global generator); see `seed`
-    generator: torch.Generator | None = None
+    rng: torch.Generator | None = None
     #: counts what its frozen teachers evaluate (see `count_evaluations`)
     _teacher_counter: EvaluationCounter | None = None
+    _frozen_modules: dict[str, nn.Module] | None = None
+    #: samples per micro-batch on this rank (the loop sets it): what a phase that reads no data
+    #: draws
+    micro_batch: int = 0
 
-    def count_evaluations(self, teacher: nn.Module) -> None:
-        """Count every sample a frozen teacher (its Denoiser or network module) evaluates."""
+    def count_evaluations(self, teacher: nn.Module, name: str = "teacher") -> None:
+        """Count every sample a frozen teacher (its Denoiser or network module) evaluates, and
+        list it among the `frozen_modules` as `name`."""
         if self._teacher_counter is None:
-            self._teacher_counter = EvaluationCounter()
+            self._teacher_counter, self._frozen_modules = EvaluationCounter(), {}
         self._teacher_counter.watch(teacher)
+        self._frozen_modules[name] = teacher
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The networks it evaluates but does not train (its teachers), by name."""
+        return dict(self._frozen_modules or {})
 
     def take_teacher_evaluations(self) -> int:
         """The teacher evaluations counted since the last call, and restart the count."""
@@ -71,9 +92,9 @@ class Method(ABC):
     def seed(self, seed: int, device: torch.device) -> None:
         """Draw the method's randomness from its own generator on `device`, seeded with `seed`
         (the loop reseeds it every step)."""
-        if self.generator is None or self.generator.device != torch.device(device):
-            self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        if self.rng is None or self.rng.device != torch.device(device):
+            self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(seed)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -84,8 +105,9 @@ class Method(ABC):
         for name, module in modules.items():
             setattr(self, name, module)
 
+    @abstractmethod
     def phases(self) -> list[Phase]:
-        return [Phase("student", "student")]
+        """The phases of one training step, in order."""
 
     def rounds(self) -> list[Round]:
         return [Round("train", self.total_steps)]
@@ -101,8 +123,9 @@ class Method(ABC):
         """Optimizer steps over all rounds."""
 
     @abstractmethod
-    def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
-        """Scalars by name; "loss" is the one the phase's module minimises."""
+    def loss(self, batch: dict[str, dict[str, Tensor]], phase: Phase) -> dict[str, Tensor]:
+        """Scalars by name; "loss" is the one the phase's module minimises, the others are
+        detached metrics."""
 
     def round_meta(self, index: int) -> dict:
         """What a checkpoint of the student after round `index` should record (e.g. its steps)."""
@@ -128,6 +151,10 @@ class MethodSpec:
     build: Callable[[TrainJob, Checkpoint, ModelConfig, nn.Module], Method]
     #: the PairsJob keys a pair set for this job needs besides mode, teacher, data and guidance
     pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
+    #: its trainable modules' names (what `optim.modules` may name)
+    modules: tuple[str, ...] = ("student",)
+    #: the data streams its phases read for this job (DATA, PAIRS): what the driver checks
+    streams: Callable[[TrainJob], tuple[str, ...]] = lambda job: (PAIRS if job.pairs else DATA,)
 
 
 def require_distillable(config: ModelConfig, key: str = "student.prediction") -> None:

@@ -24,6 +24,8 @@ from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.methods.base import (
+    DATA,
+    PAIRS,
     Method,
     MethodSpec,
     Phase,
@@ -46,24 +48,30 @@ def guided_target(teacher: Denoiser, *, x: Tensor, eps: Tensor, t: Tensor, cond:
 
 class GuidedDistillation(Method):
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
-                 schedule: Schedule, guidance: GuidanceRange, weighting: str, steps: int):
+                 schedule: Schedule, guidance: GuidanceRange, weighting: str, steps: int,
+                 reads: str = DATA):
+        """`reads`: DATA (targets inline) or PAIRS (precomputed targets)."""
         require_distillable(student_config)
         self.teacher, self.student, self.config = teacher, student, student_config
         self.schedule, self.guidance, self.weighting, self.steps = schedule, guidance, weighting, steps
+        self.reads = reads
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", "student", reads=(self.reads,))]
 
     @property
     def total_steps(self) -> int:
         return self.steps
 
-    def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
-        if "target" in batch:
-            z_t, t, c, w, x_tilde = (batch[k] for k in ("z_t", "t", "c", "w", "target"))
+    def loss(self, batch: dict[str, dict[str, Tensor]], phase: Phase) -> dict[str, Tensor]:
+        if PAIRS in batch:
+            z_t, t, c, w, x_tilde = (batch[PAIRS][k] for k in ("z_t", "t", "c", "w", "target"))
         else:
-            x, c = batch["x"], batch["c"]
-            n, device, g = len(x), x.device, self.generator
+            x, c = batch[DATA]["x"], batch[DATA]["c"]
+            n, device, g = len(x), x.device, self.rng
             t = uniform_t(n, generator=g, device=device, dtype=x.dtype)
             w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
             eps = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
@@ -91,8 +99,8 @@ def check_continuous_teacher(teacher: Checkpoint, key: str) -> None:
     """Guided targets evaluate the teacher at any t in (0, 1]: a progressive student was distilled
     for its own time grid only."""
     if teacher.distilled_sampler is not None:
-        raise ConfigError(key, f"is a progressive student distilled for "
-                               f"{teacher.distilled_sampler}; guided targets need a teacher "
+        raise ConfigError(key, f"is a {teacher.extra['method']} student distilled for "
+                               f"{teacher.distilled_sampler}; this method needs a teacher "
                                "trained at every t")
 
 
@@ -107,7 +115,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     return GuidedDistillation(teacher=teacher.w_denoiser, student=student,
                               student_config=student_config, schedule=teacher.denoiser.schedule,
                               guidance=job.guidance, weighting=job.loss_weighting,
-                              steps=job.optim.steps)
+                              steps=job.optim.steps, reads=PAIRS if job.pairs else DATA)
 
 
 SPEC = MethodSpec(name="guided", pairs_mode="guided",

@@ -35,6 +35,8 @@ from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import jump_target
 from raydistill.diffusion.schedule import Schedule
 from raydistill.methods.base import (
+    DATA,
+    PAIRS,
     Method,
     MethodSpec,
     Phase,
@@ -93,9 +95,11 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
-                 weighting: str = "truncated_snr", teacher_is_stochastic: bool = False):
+                 weighting: str = "truncated_snr", teacher_is_stochastic: bool = False,
+                 reads: str = DATA):
         """`teacher_is_stochastic`: the original teacher is itself a stochastic-sampler student,
-        whose own 1/N jumps make the targets of the first round."""
+        whose own 1/N jumps make the targets of the first round. `reads`: DATA (targets inline)
+        or PAIRS (precomputed targets)."""
         require_distillable(student_config)
         self.original_teacher, self.teacher = teacher, teacher
         self.original_is_stochastic = teacher_is_stochastic
@@ -104,10 +108,14 @@ class ProgressiveDistillation(Method):
         self.round_steps, self.steps_per_round = round_steps(halving), halving.steps_per_round
         self.round, self.teacher_is_stochastic = 0, teacher_is_stochastic
         self._frozen = copy.deepcopy(student).requires_grad_(False).eval()
-        self.count_evaluations(self._frozen)     # the teacher from the second round on
+        self.count_evaluations(self._frozen, "round_teacher")   # the teacher from round 2 on
+        self.reads = reads
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", "student", reads=(self.reads,))]
 
     @property
     def total_steps(self) -> int:
@@ -131,21 +139,22 @@ class ProgressiveDistillation(Method):
     def student_steps(self) -> int:
         return self.round_steps[self.round]
 
-    def loss(self, batch: dict[str, Tensor], phase: Phase) -> dict[str, Tensor]:
-        if "target" in batch:
+    def loss(self, batch: dict[str, dict[str, Tensor]], phase: Phase) -> dict[str, Tensor]:
+        if PAIRS in batch:
+            batch = batch[PAIRS]
             if int(batch["N"][0]) != self.student_steps:
                 raise ValueError(f"pair targets are for {int(batch['N'][0])}-step students, this "
                                  f"round trains {self.student_steps} steps")
             z_t, t, c, w, x_tilde = (batch[k] for k in ("z_t", "t", "c", "w", "target"))
         else:
-            z_t, t, c, w, x_tilde = self.inline_targets(batch["x"], batch["c"])
+            z_t, t, c, w, x_tilde = self.inline_targets(batch[DATA]["x"], batch[DATA]["c"])
         per_sample = regression_loss(self.student, self.config, self.schedule, self.weighting,
                                      z_t, t, {"c": c, "w": w}, x_tilde)
         return {"loss": per_sample.mean()}
 
     def inline_targets(self, x: Tensor, c: Tensor) -> tuple[Tensor, ...]:
         """Draws i, w and the noise from the method's generator, then `halving_target`."""
-        n, device, g = len(x), x.device, self.generator
+        n, device, g = len(x), x.device, self.rng
         i = torch.randint(1, self.student_steps + 1, (n,), generator=g, device=device)
         w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
         eps = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
@@ -210,7 +219,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
         weighting=job.loss_weighting,
-        teacher_is_stochastic=teacher.is_stochastic_student)
+        teacher_is_stochastic=teacher.is_stochastic_student, reads=PAIRS if job.pairs else DATA)
 
 
 SPEC = MethodSpec(

@@ -7,10 +7,11 @@ line here, and its name and config section in raydistill/config.py (TrainJob).
 from __future__ import annotations
 
 from raydistill.config import ConfigError
-from raydistill.methods import guided, progressive
+from raydistill.methods import dmd, guided, kd, progressive
 from raydistill.methods.base import MethodSpec
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (guided.SPEC, progressive.SPEC)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (guided.SPEC, progressive.SPEC,
+                                                                kd.SPEC, dmd.SPEC)}
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -119,7 +119,8 @@ def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class DistilledSampler:
     """How a progressive student was distilled to be sampled: `steps` DDIM steps on the uniform t
-    grid, or Meng et al.'s stochastic sampler with `steps` steps."""
+    grid, or Meng et al.'s stochastic sampler with `steps` steps. A one-step generator (kd, dmd)
+    is one DDIM step from t = 1: its x_hat there."""
 
     steps: int
     stochastic: bool
@@ -189,9 +190,9 @@ class Checkpoint:
 
     @property
     def distilled_sampler(self) -> DistilledSampler | None:
-        """How a progressive student must be sampled; None for any other model, which samples
-        with any solver and step count."""
-        if self.extra.get("method") != "progressive":
+        """How a progressive student or a one-step generator must be sampled; None for any other
+        model, which samples with any solver and step count."""
+        if self.extra.get("method") not in ("progressive", "kd", "dmd"):
             return None
         return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")))
 
@@ -218,7 +219,8 @@ class Checkpoint:
             problems["spacing"] = f"is {spacing}" if spacing != "uniform_t" else ""
         for name, problem in problems.items():
             if problem:
-                raise ConfigError(keys[name], f"{problem}, but the model is a progressive student "
+                raise ConfigError(keys[name], f"{problem}, but the model is a "
+                                              f"{self.extra['method']} student "
                                               f"distilled for {distilled}{_forcing(force_key)}")
 
     @property

@@ -20,6 +20,14 @@ def make_schedule(config: ScheduleConfig) -> Schedule:
     raise ValueError(f"unknown schedule kind {config.kind!r}")
 
 
+def denoise(net: nn.Module, schedule: Schedule, prediction: Prediction, z_t: Tensor, t: Tensor,
+            cond: Cond) -> Tensor:
+    """x_hat of a network net(z_t, t, cond) that predicts eps, x or v, in z_t's dtype."""
+    out = net(z_t, t, cond).to(z_t.dtype)
+    alpha, sigma = (broadcast_like(v.to(z_t.dtype), z_t) for v in schedule.alpha_sigma(t))
+    return x_from_prediction(prediction, z=z_t, out=out, alpha=alpha, sigma=sigma)
+
+
 class ModelDenoiser(nn.Module):
     """Wraps a network net(z_t, t, cond) predicting eps, x or v so that it returns x_hat."""
 
@@ -28,9 +36,7 @@ class ModelDenoiser(nn.Module):
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
     def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        out = self.net(z_t, t, cond).to(z_t.dtype)
-        alpha, sigma = (broadcast_like(v.to(z_t.dtype), z_t) for v in self.schedule.alpha_sigma(t))
-        return x_from_prediction(self.prediction, z=z_t, out=out, alpha=alpha, sigma=sigma)
+        return denoise(self.net, self.schedule, self.prediction, z_t, t, cond)
 
 
 class EvaluationCounter:

@@ -14,7 +14,7 @@ from torch import nn
 from raydistill.config import ConfigError, ModelConfig, TrainJob
 from raydistill.data.units import require_shards_per_worker
 from raydistill.methods import Method
-from raydistill.methods.base import require_distillable
+from raydistill.methods.base import DATA, PAIRS, require_distillable
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
 from raydistill.seeds import STUDENT_STREAM, derive_seed
@@ -71,10 +71,13 @@ def prepare(job: TrainJob) -> Plan:
     """Every check that needs the teacher, the data or the pair set, done on the driver."""
     spec = method_spec(job.method)
     key, round_length = spec.round_length(job)
-    if job.optim.warmup_steps >= round_length:
-        raise ConfigError("optim.warmup_steps", f"is {job.optim.warmup_steps}, not below {key} = "
-                                                f"{round_length}: the learning rate would never "
-                                                "leave warm-up")
+    for module in spec.modules:
+        warmup = job.optim.for_module(module).warmup_steps
+        warmup_key = f"optim.modules.{module}.warmup_steps" if module in job.optim.modules and \
+            job.optim.modules[module].warmup_steps is not None else "optim.warmup_steps"
+        if warmup >= round_length:
+            raise ConfigError(warmup_key, f"is {warmup}, not below {key} = {round_length}: the "
+                                          "learning rate would never leave warm-up")
     teacher = load_teacher(job.teacher)
     config = student_config(job, teacher)
     require_distillable(config)
@@ -87,11 +90,18 @@ def prepare(job: TrainJob) -> Plan:
     if job.optim.batch_size % world:
         raise ConfigError("optim.batch_size", f"{job.optim.batch_size} is not divisible by "
                                               f"workers.num x deepspeed.grad_accum = {world}")
+    unknown = sorted(set(job.optim.modules) - set(spec.modules))
+    if unknown:
+        raise ConfigError(f"optim.modules.{unknown[0]}", f"is not a module of method {job.method} "
+                                                         f"(its modules: {list(spec.modules)})")
     spec.check(job, teacher, config)
     plan = Plan(teacher, config)
-    if job.pairs:
+    streams = spec.streams(job)
+    if PAIRS in streams:
         plan.pairs_rows = _check_pairs(job, teacher)
-    elif job.data.source == "mixture":
+    if DATA not in streams:
+        return plan
+    if job.data.source == "mixture":
         if teacher.config.kind != "gmm":
             raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
     else:
@@ -138,11 +148,14 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                  device: torch.device) -> Method:
     """The method with its student (on `device`) and the frozen teacher, whose evaluations it
-    counts."""
+    counts: in no optimizer, and held in bf16 when training in bf16 (after the modules that start
+    from its weights have copied them in fp32)."""
     teacher.network.to(device).requires_grad_(False).eval()
     student = build_student(config, teacher, job.seed).to(device)
     method = method_spec(job.method).build(job, teacher, config, student)
     method.count_evaluations(teacher.denoiser)
+    if job.deepspeed.precision == "bf16" and teacher.config.kind != "gmm":
+        teacher.network.to(torch.bfloat16)
     return method
 
 

@@ -38,6 +38,7 @@ from raydistill.config import (
 )
 from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
+from raydistill.methods.base import DATA, PAIRS
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.train.build import build_method, prepare, starts_from_teacher, with_teacher_shape
 from raydistill.train.errors import FatalTrainingError, TrainingFailed
@@ -266,7 +267,7 @@ def worker_main(config: dict) -> None:
             context = WorkerContext(rank, world, setup.device, report, directory,
                                     logged=show,
                                     reached={"entered": entered, "set_up": set_up})
-            run_worker(job, setup.method, setup.stream, context, student_config,
+            run_worker(job, setup.method, setup.streams, context, student_config,
                        setup.teacher.fingerprint)
 
 
@@ -275,12 +276,12 @@ class WorkerSetup:
     device: torch.device
     teacher: Checkpoint
     method: Method
-    stream: Stream
+    streams: dict[str, Stream]                 # what the method's phases read, by name
 
 
 def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: int) -> WorkerSetup:
-    """Device, teacher, method and data stream of one training worker (torch's global generator is
-    left alone: the student's initialisation, the data and the method's draws are seeded each from
+    """Device, teacher, method and data streams of one training worker (torch's global generator
+    is left alone: the student's initialisation, the data and the method's draws are seeded each from
     their own stream of job.seed)."""
     if job.workers.gpus > 0:
         if not torch.cuda.is_available():
@@ -297,16 +298,18 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
     teacher = load_teacher(job.teacher)
     method = build_method(job, teacher, student_config, device)
     micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
-    return WorkerSetup(device, teacher, method, data_stream(job, teacher, micro, rank, world))
+    names = sorted({name for phase in method.phases() for name in phase.reads})
+    streams = {name: data_stream(name, job, teacher, micro, rank, world) for name in names}
+    return WorkerSetup(device, teacher, method, streams)
 
 
-def data_stream(job: TrainJob, teacher: Checkpoint, micro: int, rank: int, world: int) -> Stream:
-    """This rank's micro-batches: exact draws of an analytic mixture, pair shards (precomputed
-    targets), or real images for inline targets, the last two read by Ray tasks."""
+def data_stream(name: str, job: TrainJob, teacher: Checkpoint, micro: int, rank: int,
+                world: int) -> Stream:
+    """This rank's micro-batches of stream `name` (raydistill.methods.base): PAIRS, the pair
+    shards; DATA, real images (read, like the pairs, by Ray tasks) or exact draws of an analytic
+    mixture."""
     common = {"micro": micro, "seed": job.seed, "rank": rank}
-    if not job.pairs and job.data.source == "mixture":
-        return mixture_stream(teacher.network, **common)
-    if job.pairs:
+    if name == PAIRS:
         from raydistill.methods.registry import method_spec
         from raydistill.pairs.format import SCHEMAS
         from raydistill.pairs.reader import PairShards
@@ -315,6 +318,10 @@ def data_stream(job: TrainJob, teacher: Checkpoint, micro: int, rank: int, world
         columns = {name: name for name in (*arrays, *fields) if name != "seed"}
         return source_stream(PairShards(job.pairs, rank=rank, world=world), columns=columns,
                              name=job.pairs, **common)
+    if name != DATA:
+        raise ValueError(f"unknown data stream {name!r} (expected {DATA} or {PAIRS})")
+    if job.data.source == "mixture":
+        return mixture_stream(teacher.network, **common)
     from raydistill.data.ray_source import image_source
 
     return source_stream(image_source(job.data, rank=rank, world=world),

@@ -15,19 +15,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raydistill.config import TrainJob
+from raydistill.config import OptimConfig, TrainJob
 from raydistill.pretrain.teacher import lr_factor
 
 
-def deepspeed_config(job: TrainJob, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one engine; `deepspeed.extra` is merged in last, key by key."""
-    ds = job.deepspeed
+def deepspeed_config(job: TrainJob, world_size: int,
+                     optim: OptimConfig | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for an engine whose module trains with `optim` (default: the job's);
+    `deepspeed.extra` is merged in last, key by key."""
+    ds, optim = job.deepspeed, optim or job.optim
     micro = job.optim.batch_size // (world_size * ds.grad_accum)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": ds.grad_accum,
         "train_batch_size": micro * world_size * ds.grad_accum,
-        "gradient_clipping": job.optim.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 10**9,
@@ -53,25 +55,25 @@ def _skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def build_engine(module: nn.Module, job: TrainJob, world_size: int, round_steps: int,
-                 on_cuda: bool):
-    """A DeepSpeed engine (AdamW from torch, warm-up + cosine LR restarting every round)."""
+def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_size: int,
+                 round_updates: int, on_cuda: bool):
+    """A DeepSpeed engine for `module` trained with `optim` (AdamW from torch, warm-up + cosine LR
+    over `round_updates` of its own updates, restarting every round)."""
     import deepspeed
 
     if not on_cuda:
         _skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
-    optim, ds = job.optim, job.deepspeed
-    config = deepspeed_config(job, world_size)
+    ds = job.deepspeed
+    config = deepspeed_config(job, world_size, optim)
+    adamw = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
     if ds.zero_stage > 0 or ds.precision != "fp32":
-        optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr,
-                                      weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(module.parameters(), **adamw)
     else:       # FiniteAdamW clips with the norm it checks; DeepSpeed would compute it again
-        optimizer = FiniteAdamW(module.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                max_norm=config["gradient_clipping"])
+        optimizer = FiniteAdamW(module.parameters(), **adamw, max_norm=config["gradient_clipping"])
         config = {**config, "gradient_clipping": 0.0}
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step % round_steps, optim.warmup_steps, round_steps))
+        optimizer, lambda step: lr_factor(step % round_updates, optim.warmup_steps, round_updates))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                       config=config)
     if world_size == 1 and ds.zero_stage == 0:
@@ -260,3 +262,35 @@ class StudentEMA:
         for name, (fragment, offset) in master_fragments(self.module).items():
             self.shadow[name].copy_(full[name].reshape(-1)[offset:offset + fragment.numel()])
         self._follow()
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (a frozen network on this rank)."""
+    return _storage_bytes([*module.parameters(), *module.buffers()])
+
+
+def state_bytes(engine) -> int:
+    """Model + optimizer state this rank holds for an engine: its parameters (its ZeRO-3
+    partition), the fp32 master partition ZeRO keeps, and the optimizer's moments (distinct
+    storages counted once; the moments exist from the first update)."""
+    tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
+    optimizer = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",   # ZeRO 1-3
+                 "fp32_groups"):                          # DeepSpeed's own bf16 optimizer, ZeRO-0
+        for group in getattr(optimizer, name, []) or []:
+            tensors += group if isinstance(group, list) else [group]
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return _storage_bytes(tensors)

@@ -5,22 +5,33 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
 
     engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
     state.json            step, round, skipped micro-batches and updates, resumes, method
-    streams/rank-<r>.json rank r's data position (epoch, rows consumed in it)
+    streams/rank-<r>.json rank r's data positions (epoch, rows consumed in it), by stream name
     round_weights.safetensors   from the second round on, the weights it started from (progressive:
                           the round's frozen teacher), so a resumed run rebuilds the same round
     ema.safetensors       the student's EMA, when optim.ema_decay > 0
     train_log.jsonl       one JSON line per logged step: step, round, loss (the mean finite loss
-                          of the window's micro-batches, all ranks), nan_skipped (micro-batches
-                          whose loss was not finite, so far), grad_skipped (updates skipped),
-                          samples/s, lr, data_wait (the fraction of the window rank 0 spent
-                          waiting for its next micro-batch: near 0 unless input-bound),
-                          teacher_evaluations (samples the frozen teacher evaluated so far, all
-                          ranks; a resumed run counts the path it replays once), ...
+                          of the window's micro-batches of the student's phase, all ranks) and,
+                          for a method with several phases or values, <phase>/<value> (e.g.
+                          generator/loss_dm, fake_score/loss), nan_skipped (micro-batches whose
+                          loss was not finite, so far), grad_skipped (updates skipped),
+                          samples/s, lr (the student's; <module>/lr for the others), data_wait
+                          (the fraction of the window rank 0 spent waiting for data: near 0
+                          unless input-bound), teacher_evaluations (samples the frozen teacher
+                          evaluated so far, all ranks; a resumed run counts the path it replays
+                          once), bytes/<name> (rank 0's weights and optimizer state per module,
+                          and each frozen network), ...
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
     student/              the consolidated final student (last checkpoint only)
 
 A restored run continues exactly where the checkpoint was taken: the engines' states, the EMA,
-each rank's data position, and the method's draws (seeded per step from (seed, rank, step)).
+each rank's data positions, and the method's draws (seeded per step from (seed, rank, step)).
+
+A step runs the method's phases in order; a phase makes `updates` optimizer updates of its module,
+each of grad_accum micro-batches reading one batch from each stream the phase names (a phase that
+reads none consumes no data). Each module's LR schedule follows its own updates, and while a phase
+runs only its module's parameters take gradients and only its module is called through its
+engine (`GradientScope`): a loss that passes through another module (DMD2's GAN loss through the
+fake score) neither updates it nor fires its DeepSpeed hooks.
 
 Per step the loop waits on the host for nothing but the optimizer's overflow check: losses and
 non-finite counts are summed on the device and read once per logging window (`LossWindow`). A
@@ -46,13 +57,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from raydistill.config import ModelConfig, TrainJob
-from raydistill.methods import Method
+from raydistill.methods import Method, Phase
 from raydistill.models.checkpoint import build_network, save_checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
-from raydistill.train.engine import StudentEMA, build_engine, full_state_dict, load_full_weights
+from raydistill.train.engine import (
+    StudentEMA,
+    build_engine,
+    full_state_dict,
+    load_full_weights,
+    state_bytes,
+    tensor_bytes,
+)
 from raydistill.train.errors import FatalTrainingError
 from raydistill.train.stream import Position, Stream
 
@@ -94,23 +112,28 @@ class Progress:
     teacher_evaluations: int = 0     # samples the frozen teacher evaluated, over all ranks
 
 
-def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext,
+def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: WorkerContext,
                student_config: ModelConfig, teacher_fingerprint: str) -> None:
-    """Train `method` to the end of its rounds, checkpointing and reporting through `ctx`."""
+    """Train `method` to the end of its rounds, reading `streams` by name, checkpointing and
+    reporting through `ctx`."""
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
-    modules = method.modules()
+    modules, phases = method.modules(), method.phases()
+    updates = updates_per_step(phases, modules, streams)
+    method.micro_batch = job.optim.batch_size // (ctx.world_size * job.deepspeed.grad_accum)
     round_weights: dict[str, dict[str, Tensor]] = {}      # set at each round boundary
-    engines = {name: build_engine(m, job, ctx.world_size, rounds[0].steps, on_cuda)
+    engines = {name: build_engine(m, job, job.optim.for_module(name), ctx.world_size,
+                                  rounds[0].steps * updates[name], on_cuda)
                for name, m in modules.items()}
     method.use_modules(engines)
+    scope = GradientScope(method, engines)
     student = engines[method.student_module].module
     ema = StudentEMA(student, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
     progress = Progress(method=job.method)
     workdir = tempfile.mkdtemp(prefix="raydistill-train-")
     if ctx.restored:
-        progress, round_weights = _restore(ctx.restored, engines, ema, stream, ctx.rank, workdir)
+        progress, round_weights = _restore(ctx.restored, engines, ema, streams, ctx.rank, workdir)
         progress.resumes += 1
     method.start_round(progress.round, round_weights)
 
@@ -136,7 +159,7 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
             averages = ema.state_dict() if ema is not None else None
             os.makedirs(os.path.join(directory, STREAMS))
             with open(os.path.join(directory, STREAMS, f"rank-{ctx.rank}.json"), "w") as f:
-                json.dump(asdict(stream.position), f)
+                json.dump({name: asdict(s.position) for name, s in streams.items()}, f)
             if ctx.rank == 0:
                 with open(os.path.join(directory, STATE), "w") as f:
                     json.dump(asdict(progress), f)
@@ -155,10 +178,12 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    stream.on(ctx.device)
+    for stream in streams.values():
+        stream.on(ctx.device)
     window = LossWindow(ctx.device)
+    student_phase = next(p.name for p in phases if p.module == method.student_module)
     skip_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
-    first_step = progress.step
+    first_step, memory = progress.step, {}
     while progress.step < total:
         index = next(i for i, end in enumerate(ends) if progress.step < end)
         if index != progress.round:
@@ -175,45 +200,56 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
         # The method's draws (t, noise, w) for this step: stream METHOD_STREAM of (seed, rank,
         # step), so a restored run draws what the uninterrupted one would have.
         method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
-        for phase in method.phases():
+        for phase in phases:
             engine = engines[phase.module]
-            skipped = engine.skipped_steps
-            for _ in range(job.deepspeed.grad_accum):
-                wait_start = time.perf_counter()
-                batch = next(stream)
-                waited += time.perf_counter() - wait_start
-                loss = method.loss(batch, phase)["loss"]
-                engine.backward(loss * window.add(loss))
-                engine.step()
-            # The one host sync of an update, DeepSpeed's or FiniteAdamW's overflow check, says
-            # whether it was skipped: on every rank alike, the gradients being all-reduced.
-            if engine.skipped_steps > skipped:
-                progress.grad_skipped += 1
-                skip_streak = _count_streak(skip_streak, job, progress.step)
-            else:
-                skip_streak = 0
+            scope.enter(phase.module)
+            for _ in range(phase.updates):
+                skipped = engine.skipped_steps
+                for _ in range(job.deepspeed.grad_accum):
+                    wait_start = time.perf_counter()
+                    batch = {name: next(streams[name]) for name in phase.reads}
+                    waited += time.perf_counter() - wait_start
+                    values = method.loss(batch, phase)
+                    engine.backward(values["loss"] * window.add(phase.name, values))
+                    engine.step()
+                # The one host sync of an update, DeepSpeed's or FiniteAdamW's overflow check,
+                # says whether it was skipped: on every rank alike, the gradients being
+                # all-reduced.
+                if engine.skipped_steps > skipped:
+                    progress.grad_skipped += 1
+                    skip_streak = _count_streak(skip_streak, job, progress.step)
+                else:
+                    skip_streak = 0
         progress.step += 1
         window_steps += 1
         if ema is not None:
             ema.update()
+        if not memory:          # optimizers allocate their state at the first update
+            memory = {f"bytes/{name}": state_bytes(engine) for name, engine in engines.items()}
+            memory.update({f"bytes/{name}": tensor_bytes(module)
+                           for name, module in method.frozen_modules().items()})
         is_log = progress.step % job.log_every == 0 or progress.step == total
         is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == total
         if not (is_log or is_checkpoint):
             continue
         now = time.time()
         rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
-        mean_loss, non_finite, (evaluations,) = window.read(method.take_teacher_evaluations())
+        means, non_finite, (evaluations,) = window.read(method.take_teacher_evaluations())
         progress.nan_skipped += non_finite
         progress.teacher_evaluations += int(evaluations)
         metrics = {"step": progress.step, "round": rounds[progress.round].name,
-                   "loss": mean_loss, "samples_per_s": rate,
-                   "lr": engines[method.phases()[0].module].get_lr()[0],
+                   "loss": means[f"{student_phase}/loss"],
+                   **(means if len(means) > 1 else {}),
+                   "samples_per_s": rate,
+                   "lr": engines[method.student_module].get_lr()[0],
+                   **{f"{name}/lr": engine.get_lr()[0] for name, engine in engines.items()
+                      if name != method.student_module},
                    "data_wait": waited / max(now - window_start, 1e-9),
                    "nan_skipped": progress.nan_skipped, "grad_skipped": progress.grad_skipped,
                    "resumes": progress.resumes, "elapsed_s": now - started,
                    "run_samples_per_s": (progress.step - first_step) * job.optim.batch_size
                    / max(now - started, 1e-9),
-                   "teacher_evaluations": progress.teacher_evaluations,
+                   "teacher_evaluations": progress.teacher_evaluations, **memory,
                    **{f"{name}_at": at for name, at in ctx.reached.items()},
                    "loop_at": started, "logged_at": now}
         window_start, window_steps, waited = now, 0, 0.0
@@ -224,36 +260,97 @@ def run_worker(job: TrainJob, method: Method, stream: Stream, ctx: WorkerContext
             ctx.logged({**metrics, "total": total, "start": first_step})
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
+    method.use_modules(engines)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def updates_per_step(phases: list[Phase], modules: dict[str, nn.Module],
+                     streams: dict[str, Stream]) -> dict[str, int]:
+    """Each module's optimizer updates per training step (what its LR schedule counts); every
+    module must have a phase and every stream a phase reads must be there."""
+    updates = {name: 0 for name in modules}
+    for phase in phases:
+        if phase.module not in updates:
+            raise ValueError(f"phase {phase.name} updates {phase.module!r}, which is not one of "
+                             f"the method's modules {sorted(modules)}")
+        missing = [name for name in phase.reads if name not in streams]
+        if missing:
+            raise ValueError(f"phase {phase.name} reads streams {missing} this worker lacks "
+                             f"(it has {sorted(streams)})")
+        updates[phase.module] += phase.updates
+    idle = [name for name, count in updates.items() if count < 1]
+    if idle:
+        raise ValueError(f"modules {idle} have no phase that updates them")
+    return updates
+
+
+class GradientScope:
+    """Which module a phase trains. `enter(name)`: the method calls that module's engine (whose
+    backward DeepSpeed runs) and every other module as its plain network (an engine's forward
+    would enrol it in a backward it does not run: DeepSpeed refuses that at ZeRO-0), and only that
+    module's trainable parameters require gradients, so a backward through another module
+    computes none of its parameters' gradients and fires none of DeepSpeed's hooks on them
+    (ZeRO 1-2 gradient reduction, ZeRO-3 partitioning)."""
+
+    def __init__(self, method: Method, engines: dict):
+        self.method, self.engines = method, engines
+        self.params = {name: [p for p in engine.module.parameters() if p.requires_grad]
+                       for name, engine in engines.items()}
+        self.current: str | None = None
+
+    def enter(self, name: str) -> None:
+        if name == self.current or len(self.engines) == 1:
+            return
+        self.method.use_modules({other: engine if other == name else engine.module
+                                 for other, engine in self.engines.items()})
+        for module, params in self.params.items():
+            for param in params:
+                param.requires_grad_(module == name)
+        self.current = name
+
+
 class LossWindow:
-    """A logging window's losses, summed on the device: no host round trip per micro-batch, one
-    all-reduce and one copy to the host per window (`read`)."""
+    """A logging window's loss values, per phase, summed on the device: no host round trip per
+    micro-batch, one all-reduce and one copy to the host per window (`read`). A phase's slot holds
+    its non-finite count, its finite count and the sum of each value it returns over its finite
+    micro-batches."""
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # finite losses, counts
+        self.sums = torch.zeros(0, dtype=torch.float64, device=device)
+        self.slots: dict[str, tuple[int, list[str]]] = {}      # phase -> (offset, value names)
 
-    def add(self, loss: Tensor) -> Tensor:
-        """Count `loss`; the factor to multiply it by before backward: 1, or NaN when the loss is
-        not finite, which makes every gradient NaN so that the optimizer's overflow check skips
-        the update on every rank (a finite loss's gradients are unchanged: x * 1.0 == x)."""
-        loss = loss.detach()
+    def add(self, phase: str, values: dict[str, Tensor]) -> Tensor:
+        """Count a micro-batch's `values` (its "loss" and metrics); the factor to multiply the loss
+        by before backward: 1, or NaN when the loss is not finite, which makes every gradient NaN
+        so that the optimizer's overflow check skips the update on every rank (a finite loss's
+        gradients are unchanged: x * 1.0 == x)."""
+        if phase not in self.slots:
+            self.slots[phase] = (len(self.sums), list(values))
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(2 + len(values))])
+        offset, names = self.slots[phase]
+        loss = values["loss"].detach()
         finite = torch.isfinite(loss)
-        self.sums += torch.stack([torch.where(finite, loss, 0.0).double(), finite.double(),
-                                  (~finite).double()])
+        row = torch.stack([(~finite).double(), finite.double(),
+                           *(torch.where(finite, values[name].detach(), 0.0).double()
+                             for name in names)])
+        self.sums[offset:offset + len(row)] += row
         return torch.where(finite, 1.0, torch.nan).to(loss.dtype)
 
-    def read(self, *counts: float) -> tuple[float, int, list[float]]:
-        """The mean finite loss of the window over all ranks (NaN if there was none), the number
-        of non-finite ones, and `counts` (this rank's) summed over ranks in the same all-reduce;
-        starts a new window."""
+    def read(self, *counts: float) -> tuple[dict[str, float], int, list[float]]:
+        """Each value's mean over the window's finite micro-batches of all ranks, by
+        "<phase>/<name>" (NaN if there was none), the number of non-finite losses, and `counts`
+        (this rank's) summed over ranks in the same all-reduce; starts a new window."""
         sums = torch.cat([self.sums, torch.tensor(counts, dtype=torch.float64).to(self.sums)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         self.sums.zero_()
-        total, finite, non_finite, *summed = sums.tolist()
-        return total / finite if finite else math.nan, int(non_finite), summed
+        values, means, non_finite = sums.tolist(), {}, 0
+        for phase, (offset, names) in self.slots.items():
+            bad, good, *totals = values[offset:offset + 2 + len(names)]
+            non_finite += int(bad)
+            means.update({f"{phase}/{name}": total / good if good else math.nan
+                          for name, total in zip(names, totals)})
+        return means, non_finite, values[len(self.sums):]
 
 
 def _count_streak(streak: int, job: TrainJob, step: int) -> int:
@@ -267,8 +364,8 @@ def _count_streak(streak: int, job: TrainJob, step: int) -> int:
     return streak
 
 
-def _restore(directory: str, engines: dict, ema: StudentEMA | None, stream: Stream, rank: int,
-             workdir: str) -> tuple[Progress, dict[str, dict[str, Tensor]]]:
+def _restore(directory: str, engines: dict, ema: StudentEMA | None, streams: dict[str, Stream],
+             rank: int, workdir: str) -> tuple[Progress, dict[str, dict[str, Tensor]]]:
     with open(os.path.join(directory, STATE)) as f:
         progress = Progress(**json.load(f))
     for name, engine in engines.items():
@@ -282,7 +379,11 @@ def _restore(directory: str, engines: dict, ema: StudentEMA | None, stream: Stre
     if not os.path.isfile(position):
         raise FileNotFoundError(f"{directory}: no data position for rank {rank}")
     with open(position) as f:
-        stream.restore(Position(**json.load(f)))
+        positions = json.load(f)
+    for name, stream in streams.items():
+        if name not in positions:
+            raise FileNotFoundError(f"{directory}: no position of stream {name} for rank {rank}")
+        stream.restore(Position(**positions[name]))
     for item in (LOG, "rounds"):
         source = os.path.join(directory, item)
         if os.path.isdir(source):

@@ -17,9 +17,14 @@ POLL_S = 0.5
 
 
 def step_postfix(metrics: dict[str, Any]) -> str:
-    """What the bar shows beside the step count."""
-    return (f"{metrics['round']}  loss {metrics['loss']:.4g}  {metrics['samples_per_s']:.0f} "
-            f"samples/s  data wait {metrics['data_wait']:.0%}")
+    """What the bar shows beside the step count: the loss, or each phase's (e.g. DMD's
+    `fake_score 0.41  generator 0.12`)."""
+    phases = {key.removesuffix("/loss"): value for key, value in metrics.items()
+              if key.endswith("/loss")}
+    losses = "  ".join(f"{name} {value:.4g}" for name, value in phases.items()) if phases \
+        else f"loss {metrics['loss']:.4g}"
+    return (f"{metrics['round']}  {losses}  {metrics['samples_per_s']:.0f} samples/s  data wait "
+            f"{metrics['data_wait']:.0%}")
 
 
 class Latest:

@@ -1,0 +1,249 @@
+"""Distribution matching distillation: DMD (Yin et al., CVPR 2024, Alg. 1) and the DMD2 options
+(Yin et al., NeurIPS 2024: no regression loss, two time-scale updates, a GAN head).
+
+Notation: the generator G(z, c) = x_hat_G(z, t = 1, c) (raydistill.methods.kd.one_step),
+initialised from the teacher; z ~ N(0, I), c uniform over the classes; x_hat_real the frozen
+teacher under classifier-free guidance at the job's fixed w (real score s_real = (alpha_t
+x_hat_real - z_t) / sigma_t^2); x_hat_fake the fake score, a copy of the teacher's network trained
+online to denoise G's samples (s_fake likewise). One training step:
+
+  fake_score phase, dmd.fake_updates times (DMD2's two time-scale rule: 5):
+    x = sg(G(z, c)),  t ~ U(0, 1],  z_t = alpha_t x + sigma_t eps
+    L_fake = weight(lambda_t) ||x_hat_fake(z_t, t, c) - x||^2                (denoising loss)
+             + gan_head_weight [softplus(D(z_t)) + softplus(-D(z'_t))]       (DMD2; x' real data)
+  generator phase:
+    x = G(z, c),  t ~ U[t_min, t_max],  z_t = alpha_t sg(x) + sigma_t eps
+    grad = (x_hat_fake(z_t) - x_hat_real(z_t)) / mean|x - x_hat_real(z_t)|  (per sample, no grad)
+    L_G = 0.5 ||x - sg(x - grad)||^2       (its gradient in x is grad / dim: the DM gradient)
+          + regression_weight E d(G(z_pair, c), x_ode)     (DMD, on ODE pairs; DMD2 drops it)
+          + gan_weight softplus(-D(z''_t)),  z''_t = alpha x + sigma eps'       (DMD2)
+
+x_hat_fake - x_hat_real = sigma_t^2 / alpha_t (s_real - s_fake), so descending L_G moves G's samples
+from where the fake score puts them toward where the real score does. D is a small classifier head
+on the fake score's bottleneck features (`FakeScore`); the generator's GAN loss passes through the
+fake score, whose parameters the training loop keeps out of that backward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydistill.config import ConfigError, DMDConfig, ModelConfig, TrainJob
+from raydistill.diffusion.guidance import Denoiser
+from raydistill.diffusion.parameterization import broadcast_like
+from raydistill.diffusion.schedule import Schedule, uniform_t
+from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, regression_loss
+from raydistill.methods.kd import (
+    check_ode_pairs,
+    check_one_step_job,
+    one_step,
+    one_step_meta,
+    pair_regression,
+)
+from raydistill.models.checkpoint import Checkpoint
+from raydistill.models.denoiser import denoise
+
+#: the layer whose output the GAN head reads, by network kind: the UNet's bottleneck, the MLP's
+#: last hidden features
+FEATURE_LAYERS = {"unet": lambda net: net.mid[-1], "mlp": lambda net: net.out[0]}
+
+
+def feature_width(config: ModelConfig) -> int:
+    if config.kind == "unet":
+        return config.unet.base_channels * config.unet.channel_mult[-1]
+    return config.mlp.width
+
+
+def dm_gradient(*, x: Tensor, x_real: Tensor, x_fake: Tensor) -> Tensor:
+    """The normalised distribution-matching gradient (x_fake - x_real) / mean|x - x_real|, the
+    mean per sample (DMD Eq. 8); non-finite entries (a zero normaliser) become 0."""
+    scale = broadcast_like((x - x_real).abs().flatten(1).mean(1), x)
+    return torch.nan_to_num((x_fake - x_real) / scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class FakeScore(nn.Module):
+    """The fake score's network and, for the GAN, a classifier head D on its features:
+    `forward(z_t, t, cond)` is the network's output, `forward(..., classify=True)` the logit
+    D(z_t) (real vs generated)."""
+
+    def __init__(self, net: nn.Module, config: ModelConfig, head: bool):
+        super().__init__()
+        self.net, self.head, self._features = net, None, None
+        if head:
+            width = feature_width(config)
+            self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+            FEATURE_LAYERS[config.kind](net).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._features = output
+
+    def forward(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor],
+                classify: bool = False) -> Tensor:
+        out = self.net(z_t, t, cond)
+        if not classify:
+            return out
+        features, self._features = self._features, None
+        if features.dim() > 2:                          # [B, C, H, W]: pooled over space
+            features = features.flatten(2).mean(2)
+        return self.head(features).squeeze(1).float()
+
+
+class DistributionMatching(Method):
+    student_module = "generator"
+
+    def __init__(self, *, teacher: Denoiser, generator: nn.Module, fake_score: FakeScore,
+                 generator_config: ModelConfig, fake_config: ModelConfig, schedule: Schedule,
+                 dmd: DMDConfig, w: float, num_classes: int, shape: tuple[int, ...],
+                 weighting: str, distance: str, steps: int):
+        self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
+        self.generator_config, self.fake_config, self.schedule = generator_config, fake_config, \
+            schedule
+        self.dmd, self.w, self.num_classes, self.shape = dmd, w, num_classes, shape
+        self.weighting, self.distance, self.steps = weighting, distance, steps
+        self.gan = dmd.gan_weight > 0
+        self.regression = dmd.regression_weight > 0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "fake_score": self.fake_score}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("fake_score", "fake_score", reads=(DATA,) if self.gan else (),
+                      updates=self.dmd.fake_updates),
+                Phase("generator", "generator", reads=(PAIRS,) if self.regression else ())]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+    def loss(self, batch: dict[str, dict[str, Tensor]], phase: Phase) -> dict[str, Tensor]:
+        if phase.name == "fake_score":
+            return self.fake_score_loss(batch)
+        return self.generator_loss(batch)
+
+    # ------------------------------------------------------------------------ draws
+
+    def draw(self) -> tuple[Tensor, Tensor]:
+        """A micro-batch of generator inputs (z, c), from the method's generator."""
+        g, n = self.rng, self.micro_batch
+        c = torch.randint(0, self.num_classes, (n,), generator=g, device=g.device)
+        return torch.randn((n, *self.shape), generator=g, device=g.device), c
+
+    def noised(self, x: Tensor, t: Tensor) -> Tensor:
+        """z_t = alpha_t x + sigma_t eps."""
+        eps = torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+        alpha, sigma = (broadcast_like(v.to(x.dtype), x) for v in self.schedule.alpha_sigma(t))
+        return alpha * x + sigma * eps
+
+    def times(self, n: int, low: float = 0.0, high: float = 1.0) -> Tensor:
+        """t ~ U[low, high] (U(0, 1] by default)."""
+        return low + (high - low) * uniform_t(n, generator=self.rng, device=self.rng.device)
+
+    def generate(self) -> tuple[Tensor, Tensor]:
+        """(G(z, c), c) for a fresh draw."""
+        z, c = self.draw()
+        return one_step(self.generator, self.generator_config, self.schedule, z, c), c
+
+    # ------------------------------------------------------------------------ losses
+
+    def fake_score_loss(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            x, c = self.generate()
+        t = self.times(len(x))
+        z_t = self.noised(x, t)
+        denoising = regression_loss(self.fake_score, self.fake_config, self.schedule,
+                                    self.weighting, z_t, t, {"c": c}, x).mean()
+        values = {"loss_denoise": denoising.detach()}
+        loss = denoising
+        if self.gan:
+            real = batch[DATA]
+            t_real = self.times(len(real["x"]))
+            fake_logits = self.fake_score(z_t, t, {"c": c}, classify=True)
+            real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
+                                          {"c": real["c"]}, classify=True)
+            head = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+            loss = loss + self.dmd.gan_head_weight * head
+            values["loss_head"] = head.detach()
+        return {"loss": loss, **values}
+
+    def generator_loss(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        x, c = self.generate()
+        t = self.times(len(x), self.dmd.t_min, self.dmd.t_max)
+        with torch.no_grad():
+            z_t = self.noised(x.detach(), t)
+            w = torch.full((len(x),), self.w, device=x.device, dtype=x.dtype)
+            x_real = self.teacher(z_t, t, {"c": c, "w": w}).to(x.dtype)
+            x_fake = denoise(self.fake_score, self.schedule, self.fake_config.prediction, z_t, t,
+                             {"c": c})
+            grad = dm_gradient(x=x.detach(), x_real=x_real, x_fake=x_fake)
+        matching = 0.5 * F.mse_loss(x, x.detach() - grad)
+        loss, values = matching, {"loss_dm": matching.detach()}
+        if self.regression:
+            regression = pair_regression(self.generator, self.generator_config, self.schedule,
+                                         batch[PAIRS], self.distance)
+            loss = loss + self.dmd.regression_weight * regression
+            values["loss_reg"] = regression.detach()
+        if self.gan:
+            t_gan = self.times(len(x))
+            logits = self.fake_score(self.noised(x, t_gan), t_gan, {"c": c}, classify=True)
+            adversarial = F.softplus(-logits).mean()
+            loss = loss + self.dmd.gan_weight * adversarial
+            values["loss_gan"] = adversarial.detach()
+        return {"loss": loss, **values}
+
+    def round_meta(self, index: int) -> dict:
+        return one_step_meta("dmd", self.w)
+
+
+# ------------------------------------------------------------------------- registry entry
+
+
+def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
+    check_one_step_job(job, teacher, student)
+    dmd = job.dmd
+    if dmd.regression_weight > 0 and not job.pairs:
+        raise ConfigError("pairs", f"dmd.regression_weight is {dmd.regression_weight:g}: the "
+                                   "regression loss needs ODE pairs (`raydistill pairs --mode "
+                                   "ode`); or set dmd.regression_weight=0 (DMD2)")
+    if job.pairs and dmd.regression_weight == 0:
+        raise ConfigError("pairs", "is given but dmd.regression_weight is 0: nothing would read "
+                                   "it")
+    fake = _fake_config(teacher, student)
+    if dmd.gan_weight > 0 and fake.kind not in FEATURE_LAYERS:
+        raise ConfigError("dmd.gan_weight", f"the GAN head reads features of a unet or mlp fake "
+                                            f"score, not of a {fake.kind}")
+
+
+def _fake_config(teacher: Checkpoint, student: ModelConfig) -> ModelConfig:
+    """The fake score is the teacher's network, or, for an analytic teacher (no network), the
+    generator's."""
+    return student if teacher.config.kind == "gmm" else teacher.config
+
+
+def _streams(job: TrainJob) -> tuple[str, ...]:
+    return ((PAIRS,) if job.dmd.regression_weight > 0 else ()) + (
+        (DATA,) if job.dmd.gan_weight > 0 else ())
+
+
+def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
+           student: nn.Module) -> DistributionMatching:
+    fake_config = _fake_config(teacher, student_config)
+    source = student if teacher.config.kind == "gmm" else teacher.network
+    net = copy.deepcopy(source).float().requires_grad_(True).train()
+    device = next(student.parameters()).device
+    fake_score = FakeScore(net, fake_config, head=job.dmd.gan_weight > 0).to(device)
+    return DistributionMatching(
+        teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
+        generator_config=student_config, fake_config=fake_config,
+        schedule=teacher.denoiser.schedule, dmd=job.dmd, w=job.guidance.w_min,
+        num_classes=teacher.num_classes, shape=teacher.data_shape,
+        weighting=job.loss_weighting, distance=job.distance, steps=job.optim.steps)
+
+
+SPEC = MethodSpec(name="dmd", pairs_mode="ode",
+                  round_length=lambda job: ("optim.steps", job.optim.steps),
+                  student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
+                  build=_build, modules=("generator", "fake_score"), streams=_streams)
