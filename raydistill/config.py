@@ -576,11 +576,20 @@ class StudentStage:
     #: `<name>-pairs`: its mode from the method, teacher, data, guidance and halving from `train`);
     #: empty: the teacher runs inline
     pairs: dict[str, Any] = field(default_factory=dict)
+    #: instead of `pairs`: train from the pair set an earlier stage with the same teacher made
+    #: (e.g. dmd's regression on kd's ODE pairs)
+    pairs_from: str = ""
     evaluate: bool = True            # a row of the evaluation (at the steps it was distilled for)
 
     @property
     def pairs_stage(self) -> str | None:
+        """The pair-set stage this stage makes, if any."""
         return f"{self.name}-pairs" if self.pairs else None
+
+    @property
+    def reads_pairs(self) -> str | None:
+        """The pair-set stage this stage trains from, if any."""
+        return self.pairs_stage or (f"{self.pairs_from}-pairs" if self.pairs_from else None)
 
     def validate(self) -> None:
         require(bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.name)), "name",
@@ -589,8 +598,10 @@ class StudentStage:
                 f"{self.name!r} is the name of a built-in stage")
         require("teacher" not in self.train, "train.teacher",
                 "is set by the pipeline (use the stage's `teacher: NAME`)")
-        require(not (self.pairs and "pairs" in self.train), "train.pairs",
-                "is set by the pipeline when the stage has a `pairs:` section")
+        require(not ((self.pairs or self.pairs_from) and "pairs" in self.train), "train.pairs",
+                "is set by the pipeline when the stage has a `pairs:` or `pairs_from:`")
+        require(not (self.pairs and self.pairs_from), "pairs_from",
+                "give either `pairs:` (a pair set of its own) or `pairs_from:`, not both")
         for key in ("mode", "teacher", "guidance", "student_steps", "stochastic"):
             require(key not in self.pairs, f"pairs.{key}",
                     "follows from the stage's method, teacher and train keys")
@@ -615,6 +626,14 @@ class PipelineJob:
                 names.add(name)
             require(stage.teacher in seen, f"students[{i}].teacher",
                     f"must be 'teacher' or an earlier stage, got {stage.teacher!r}")
+            if stage.pairs_from:
+                source = next((s for s in self.students[:i] if s.name == stage.pairs_from), None)
+                require(source is not None and bool(source.pairs), f"students[{i}].pairs_from",
+                        f"must name an earlier stage with a `pairs:` section, got "
+                        f"{stage.pairs_from!r}")
+                require(source.teacher == stage.teacher, f"students[{i}].pairs_from",
+                        f"{source.name}'s pairs are made by {source.teacher!r}, this stage's "
+                        f"teacher is {stage.teacher!r}")
             seen.add(stage.name)
         for key in ("teacher", "students", "features", "data"):
             require(key not in self.eval, f"eval.{key}", "is set by the pipeline")

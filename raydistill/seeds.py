@@ -14,6 +14,7 @@ MIXTURE_STREAM = 1       # exact mixture draws, per micro-batch (raydistill.trai
 METHOD_STREAM = 2        # a method's t, noise and w, per optimizer step (raydistill.train.loop)
 STUDENT_STREAM = 3       # the student's initialisation (raydistill.train.build)
 ORDER_STREAM = 4         # the order a rank reads its data units in, per epoch (train.stream)
+MODULES_STREAM = 5       # a method's own new layers (e.g. DMD2's GAN head), same on every rank
 
 
 def derive_seed(*entropy: int) -> int:

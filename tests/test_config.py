@@ -1,5 +1,6 @@
 """Bad configs fail before any work, with exit code 2 and a one-line message naming the key."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -211,3 +212,22 @@ def test_a_pipeline_stages_pairs_are_derived_from_its_train_keys(tmp_path):
         load(PipelineJob, smoke, ["students.0.pairs.mode=ode"])
     with pytest.raises(ConfigError, match="'guided-pairs' is used twice"):
         load(PipelineJob, smoke, ["students.1.name=guided-pairs"])
+
+
+def test_every_shipped_config_loads(monkeypatch):
+    """Each YAML under configs/ is a valid job for its verb (by its name: pairs*, teacher*,
+    classifier*, pipeline*, and training jobs otherwise)."""
+    from raydistill.config import ClassifierJob, PairsJob, PipelineJob, TeacherJob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    verbs = {"pairs": PairsJob, "teacher": TeacherJob, "classifier": ClassifierJob,
+             "pipeline": PipelineJob}
+    paths = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+    assert "configs/smoke/dmd.yaml" in paths and "configs/digits/dmd2.yaml" in paths
+    for path in paths:
+        name = os.path.basename(path)
+        cls = next((c for prefix, c in verbs.items() if name.startswith(prefix)), TrainJob)
+        if "npz" in name or "folder" in name or "webdataset" in name:
+            continue                # they name the user's data, which the tests do not have
+        load(cls, path)

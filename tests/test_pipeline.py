@@ -15,7 +15,9 @@ from raydistill.pipeline.run import Pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke", "pipeline.yaml")
-STAGES = ["teacher", "classifier", "guided-pairs", "guided", "progressive", "stochastic", "eval"]
+STAGES = ["teacher", "classifier", "guided-pairs", "guided", "progressive", "stochastic",
+          "kd-pairs", "kd", "dmd", "eval"]
+PAIRS = ("guided-pairs", "kd-pairs")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,8 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     rows = {(r["name"], r["steps"]): r for r in metrics["eval"]}
     assert set(rows) == {("teacher", 32), ("ddim", 1), ("ddim", 4), ("dpmpp_2m", 1),
                          ("dpmpp_2m", 4), ("guided", 32), ("progressive", 4), ("progressive", 2),
-                         ("progressive", 1), ("stochastic", 4), ("stochastic", 2)}
+                         ("progressive", 1), ("stochastic", 4), ("stochastic", 2), ("kd", 1),
+                         ("dmd", 1)}
     assert all(math.isfinite(r["fid"]) and math.isfinite(r["kid"]) for r in rows.values())
     assert rows["teacher", 32]["nfe"] == 64 and rows["guided", 32]["nfe"] == 32
     assert rows["progressive", 4]["nfe"] == 4 and rows["ddim", 4]["nfe"] == 8
@@ -54,7 +57,13 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert stages["guided"]["teacher_evaluations"] == 0
     assert stages["progressive"]["teacher_evaluations"] == 3 * 20 * 32 * 2
     assert stages["stochastic"]["teacher_evaluations"] > 0
-    for name in ("guided", "progressive", "stochastic"):
+    # one-step generators sample in one evaluation; dmd trains on the pairs kd's stage made, and
+    # evaluates the guided teacher once per generator sample (CFG: 2)
+    assert rows["kd", 1]["nfe"] == 1 and rows["dmd", 1]["nfe"] == 1
+    assert "dmd-pairs" not in stages and stages["kd"]["teacher_evaluations"] == 0
+    assert stages["dmd"]["teacher_evaluations"] == 10 * 32 * 2
+    assert lineage(out, "dmd")["inputs"].keys() == {"teacher", "kd-pairs"}
+    for name in ("guided", "progressive", "stochastic", "kd", "dmd"):
         assert stages[name]["samples_per_s"] > 0
         outside = stages[name]["outside_loop"]
         assert all(seconds >= 0 for seconds in outside.values())
@@ -75,7 +84,7 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert lineage(out, "progressive")["inputs"] == {"guided": fingerprints["guided"]}
     assert lineage(out, "stochastic")["inputs"] == {"guided": fingerprints["guided"]}
     assert lineage(out, "eval")["inputs"] == {
-        k: fingerprints[k] for k in STAGES[:-1] if k != "guided-pairs"}
+        k: fingerprints[k] for k in STAGES[:-1] if k not in PAIRS}
     for stage in STAGES:
         assert metrics["stages"][stage]["fingerprint"] == fingerprints[stage]
         assert f"| {stage} | ran |" in report
@@ -85,11 +94,11 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     worker_log = open(os.path.join(out, "guided", "logs", "train-rank0.log")).read()
     assert "Reporting training result" in worker_log
     grids = [os.path.join(out, "eval", r["grid"]) for r in metrics["eval"]]
-    assert len(grids) == 11 and all(os.path.getsize(g) > 0 for g in grids)
+    assert len(grids) == 13 and all(os.path.getsize(g) > 0 for g in grids)
     assert all(f"](eval/{r['grid']})" in report for r in metrics["eval"])
     capsys.readouterr()
     assert main(["run", "--config", SMOKE, "--out", out, "--quiet"]) == 0
-    assert "7 stages done (0 ran, 7 reused)" in capsys.readouterr().out
+    assert "10 stages done (0 ran, 10 reused)" in capsys.readouterr().out
 
 
 def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipeline,
@@ -131,7 +140,7 @@ def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipe
         assert f.read() == shard_bytes
     for stage in [s for s in STAGES[:-1] if s != "guided-pairs"]:
         assert f"{stage}: done already (lineage matches" in printed
-    assert "eval: running (did not finish)" in printed and "(2 ran, 5 reused)" in printed
+    assert "eval: running (did not finish)" in printed and "(2 ran, 8 reused)" in printed
     assert os.path.getmtime(first_set) == drawn
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["samples"] == 250 and {r["samples"] for r in metrics["eval"]} == {250}

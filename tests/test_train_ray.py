@@ -10,6 +10,8 @@ import time
 import psutil
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from raydistill.cli import main
 from raydistill.config import TrainJob, load
@@ -18,6 +20,7 @@ from raydistill.train.driver import TrainingFailed, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYTIC = f"{ROOT}/configs/tests/analytic_guided.yaml"
+ANALYTIC_DMD = f"{ROOT}/configs/tests/analytic_dmd.yaml"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 LONG = ["optim.steps=200", "checkpoint_every=25", "log_every=25"]
 
@@ -77,6 +80,24 @@ def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
     assert result.steps == 200
     assert logged_steps(out)[-1] == 200 and result.metrics["resumes"] == 1
     assert load_checkpoint(result.student).extra["train_steps"] == 200
+
+
+def test_dmd_worker_killed_mid_run_resumes_with_both_engines(tmp_path):
+    """A DMD run (ZeRO-2, 2 workers, two engines) loses a worker after a checkpoint, resumes, and
+    ends with the generator an uninterrupted run ends with."""
+    job = load(TrainJob, ANALYTIC_DMD, LONG + ["max_failures=1"])
+    out, killed = str(tmp_path / "run"), []
+    thread = kill_a_worker_after_a_checkpoint(out, killed)
+    result = train(job, out)
+    thread.join()
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert result.metrics["resumes"] == 1 and logged_steps(out)[-1] == 200
+    assert {"generator/loss_dm", "fake_score/loss"} <= set(result.metrics)
+    uninterrupted = train(job, str(tmp_path / "uninterrupted"))
+    assert uninterrupted.metrics["resumes"] == 0
+    after_kill = load_file(os.path.join(result.student, "model.safetensors"))
+    reference = load_file(os.path.join(uninterrupted.student, "model.safetensors"))
+    assert all(torch.equal(after_kill[name], value) for name, value in reference.items())
 
 
 def test_stopped_run_continues_with_resume(tmp_path, capsys):

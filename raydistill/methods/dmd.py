@@ -46,6 +46,7 @@ from raydistill.methods.kd import (
 )
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import denoise
+from raydistill.seeds import MODULES_STREAM, derive_seed
 
 #: the layer whose output the GAN head reads, by network kind: the UNet's bottleneck, the MLP's
 #: last hidden features
@@ -72,17 +73,22 @@ class FakeScore(nn.Module):
 
     def __init__(self, net: nn.Module, config: ModelConfig, head: bool):
         super().__init__()
-        self.net, self.head, self._features = net, None, None
+        self.net, self.head, self._features, self._tap = net, None, None, None
+        self._layer = FEATURE_LAYERS[config.kind] if head else None
         if head:
             width = feature_width(config)
             self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
-            FEATURE_LAYERS[config.kind](net).register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._features = output
 
     def forward(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor],
                 classify: bool = False) -> Tensor:
+        if classify and self._tap is None:
+            # Tapped at the first use, after the hooks a wrapper registered: ZeRO-3's post-forward
+            # hook wraps the layer's output so that its backward gathers the layer's weights
+            # again, and the features must be that output.
+            self._tap = self._layer(self.net).register_forward_hook(self._keep)
         out = self.net(z_t, t, cond)
         if not classify:
             return out
@@ -234,7 +240,9 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     source = student if teacher.config.kind == "gmm" else teacher.network
     net = copy.deepcopy(source).float().requires_grad_(True).train()
     device = next(student.parameters()).device
-    fake_score = FakeScore(net, fake_config, head=job.dmd.gan_weight > 0).to(device)
+    with torch.random.fork_rng(devices=[]):      # the head: the same on every rank and attempt
+        torch.manual_seed(derive_seed(job.seed, MODULES_STREAM))
+        fake_score = FakeScore(net, fake_config, head=job.dmd.gan_weight > 0).to(device)
     return DistributionMatching(
         teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
         generator_config=student_config, fake_config=fake_config,

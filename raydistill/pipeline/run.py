@@ -137,7 +137,8 @@ class Pipeline:
                 self.stage(stage.pairs_stage, {"pairs": to_dict(self.pairs_job(stage))}, inputs,
                            pairs_fingerprint,
                            lambda directory, s=stage: self._make_pairs(s, directory))
-                inputs = {**inputs, stage.pairs_stage: self.fingerprints[stage.pairs_stage]}
+            if stage.reads_pairs:
+                inputs = {**inputs, stage.reads_pairs: self.fingerprints[stage.reads_pairs]}
             self.stage(stage.name, {"teacher": stage.teacher, "train": stage.train}, inputs,
                        student_fingerprint,
                        lambda directory, s=stage: self._train_student(s, directory))
@@ -202,7 +203,7 @@ class Pipeline:
 
     def train_job(self, stage: StudentStage) -> TrainJob:
         data = {"data": to_dict(self.job.teacher.data)} if "data" not in stage.train else {}
-        pairs = {"pairs": self.path(stage.pairs_stage)} if stage.pairs_stage else {}
+        pairs = {"pairs": self.path(stage.reads_pairs)} if stage.reads_pairs else {}
         try:
             job = from_dict(TrainJob, {**data, **stage.train, **pairs,
                                        "teacher": {"checkpoint": self.teacher_path(stage)}})
