@@ -124,3 +124,35 @@ def test_the_step_line_shows_each_phases_loss():
     assert line == "train  fake_score 0.4  generator 0.1  10 samples/s  data wait 0%"
     single = step_postfix({"round": "train", "loss": 0.5, "samples_per_s": 10.0, "data_wait": 0.0})
     assert single == "train  loss 0.5  10 samples/s  data wait 0%"
+
+
+@pytest.mark.parametrize("method", ["guided", "dmd"])
+def test_the_frozen_teacher_is_held_in_bf16_when_training_bf16(slow_teacher, method):
+    """Built once per worker, in no optimizer, and in bf16 under bf16 training: half the bytes;
+    the modules that start from its weights copied them in fp32 first."""
+    from raydistill.config import TeacherRef, from_dict
+    from raydistill.models import load_checkpoint
+    from raydistill.models.checkpoint import load_teacher
+    from raydistill.train.build import build_method, student_config
+    from raydistill.train.engine import tensor_bytes
+
+    fp32, sizes = load_checkpoint(slow_teacher).network.state_dict(), {}
+    for precision in ("fp32", "bf16"):
+        job = from_dict(TrainJob, {"method": method, "teacher": {"checkpoint": slow_teacher},
+                                   "guidance": {"w_min": 1.0, "w_max": 1.0 if method == "dmd"
+                                                else 2.0},
+                                   "dmd": {"regression_weight": 0.0},
+                                   "deepspeed": {"precision": precision}})
+        teacher = load_teacher(TeacherRef(checkpoint=slow_teacher))
+        method_ = build_method(job, teacher, student_config(job, teacher), torch.device("cpu"))
+        frozen = method_.frozen_modules()["teacher"]
+        dtypes = {p.dtype for p in frozen.parameters()}
+        assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert not any(p.requires_grad for p in frozen.parameters())
+        sizes[precision] = tensor_bytes(frozen)
+        for module in method_.modules().values():      # trained modules: fp32 copies
+            state = module.state_dict()
+            prefix = "net." if "net.out.2.weight" in state else ""
+            for name, value in fp32.items():
+                assert torch.equal(state[prefix + name], value)
+    assert sizes["bf16"] * 2 == sizes["fp32"]

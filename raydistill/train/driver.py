@@ -315,7 +315,7 @@ def data_stream(name: str, job: TrainJob, teacher: Checkpoint, micro: int, rank:
         from raydistill.pairs.reader import PairShards
 
         arrays, fields = SCHEMAS[method_spec(job.method).pairs_mode]
-        columns = {name: name for name in (*arrays, *fields) if name != "seed"}
+        columns = {key: key for key in (*arrays, *fields) if key != "seed"}
         return source_stream(PairShards(job.pairs, rank=rank, world=world), columns=columns,
                              name=job.pairs, **common)
     if name != DATA:
