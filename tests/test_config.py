@@ -184,8 +184,8 @@ def test_pipeline_presets_and_list_item_overrides(capsys):
     assert tuned.students[0].train["optim"]["steps"] == 7
     assert main(["run", "--config", path, "--out", "x", "--preset", "fast"]) == 2
     assert "--preset: 'fast' is not one of the presets ['full', 'quick']" in capsys.readouterr().err
-    assert main(["run", "--config", path, "--out", "x", "students.5.name=a"]) == 2
-    assert "students.5.name: 5 is not an index of a list of 3" in capsys.readouterr().err
+    assert main(["run", "--config", path, "--out", "x", "students.6.name=a"]) == 2
+    assert "students.6.name: 6 is not an index of a list of 6" in capsys.readouterr().err
     assert main(["run", "--config", path, "--out", "x", "students.1.teacher=nobody"]) == 2
     assert "students[1].teacher: must be 'teacher' or an earlier stage" in capsys.readouterr().err
     assert not os.path.exists("x")

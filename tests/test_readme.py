@@ -64,12 +64,12 @@ def test_readme_command(command, tmp_path, monkeypatch):
 
 
 def test_the_exit_codes_the_readme_states(capsys, tmp_path):
-    """'dmd is refused as an unknown value (exit 2)'; 'submit ... exit 3'."""
+    """'submit ... exit 3'; an unknown method is refused by key (exit 2)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert "`method: dmd` is refused as an unknown value (exit 2)" in readme
     assert "`submit` verb | not built yet: it says so and exits 3" in readme
     config = os.path.join(ROOT, "configs", "smoke", "guided.yaml")
-    assert main(["train", "--config", config, "--out", str(tmp_path / "o"), "method=dmd"]) == 2
-    assert "method: must be one of" in capsys.readouterr().err
+    assert main(["train", "--config", config, "--out", str(tmp_path / "o"), "method=sid"]) == 2
+    assert "method: must be one of ['guided', 'progressive', 'kd', 'dmd']" in \
+        capsys.readouterr().err
     assert main(["submit"]) == 3
     assert "../shared" not in readme, "the README must not point outside the repository"
