@@ -190,12 +190,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
     images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule, shape=shape,
                                     num_classes=model.unet.num_classes, sampler=sampler,
-                                    seed=args.seed, stochastic=stochastic, device=device)
+                                    seed=args.seed, device=device,
+                                    stochastic=checkpoint.stochastic_sampler if stochastic else None)
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:
         save_grid(images, model.unet.num_classes, args.out)
-    how = "stochastic" if stochastic else sampler.solver
+    how = (distilled.solver if distilled else "stochastic") if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"
     if classifier is not None:

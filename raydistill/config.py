@@ -395,6 +395,9 @@ class PairsJob:
                 "applies to ode pairs and progressive targets, not to mode guided")
 
 
+EXIT_STEPS = ("last", "uniform")
+
+
 @dataclass
 class DMDConfig:
     """Distribution matching distillation (Yin et al., CVPR 2024) and the DMD2 options (Yin et al.,
@@ -407,6 +410,8 @@ class DMDConfig:
     fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
     gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
     gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
+    generator_steps: int = 1         # > 1: a multi-step generator trained by backward simulation
+    exit_step: str = "last"          # its trained output: the chain's last step, or "uniform"
 
     def validate(self) -> None:
         require(0.0 < self.t_min < self.t_max <= 1.0, "t_min",
@@ -416,6 +421,12 @@ class DMDConfig:
         require((self.gan_weight > 0) == (self.gan_head_weight > 0), "gan_weight",
                 "and gan_head_weight must both be set (the GAN loss needs a trained head) or both 0")
         require(self.fake_updates >= 1, "fake_updates", "must be at least 1")
+        require(self.generator_steps >= 1, "generator_steps", "must be at least 1")
+        require(self.exit_step in EXIT_STEPS, "exit_step",
+                f"must be one of {', '.join(EXIT_STEPS)}, got {self.exit_step!r}")
+        require(self.generator_steps == 1 or self.regression_weight == 0, "regression_weight",
+                f"must be 0 for a {self.generator_steps}-step generator (DMD2 trains it by "
+                "backward simulation, without ODE-pair regression)")
 
 
 @dataclass

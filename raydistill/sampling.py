@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,7 +14,6 @@ from torch import Tensor
 
 from raydistill.config import SamplerConfig
 from raydistill.diffusion.guidance import Denoiser
-from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.schedule import Schedule
 from raydistill.diffusion.solvers import sample
 
@@ -21,23 +21,25 @@ from raydistill.diffusion.solvers import sample
 @torch.no_grad()
 def sample_classes(
     w_denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
-    sampler: SamplerConfig, seed: int = 0, stochastic: bool = False,
+    sampler: SamplerConfig, seed: int = 0, stochastic: Callable[..., Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """sampler.per_class samples of every class, class-major; returns (images, labels) on the CPU.
 
-    `w_denoiser` reads the guidance strength from cond["w"] (Checkpoint.w_denoiser). The noise is drawn on
-    the CPU from `seed`, so a grid is the same on every device.
+    `w_denoiser` reads the guidance strength from cond["w"] (Checkpoint.w_denoiser). `stochastic`:
+    a sampler with re-noise draws (Checkpoint.stochastic_sampler: Meng et al.'s or a multi-step
+    generator's) instead of the ODE solver. The noise is drawn on the CPU from `seed`, so a grid is
+    the same on every device.
     """
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(sampler.per_class)
     noise = torch.randn(len(labels), *shape, generator=generator).to(device)
     labels = labels.to(device)
     cond = {"c": labels, "w": torch.full((len(labels),), float(sampler.w), device=device)}
-    if stochastic:
+    if stochastic is not None:
         xi = torch.randn(len(labels), sampler.steps - 1, *shape, generator=generator)
-        images = stochastic_sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
-                                   xi=xi.to(device))
+        images = stochastic(w_denoiser, noise, cond, schedule, steps=sampler.steps,
+                            xi=xi.to(device))
     else:
         images = sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
                         solver=sampler.solver, spacing=sampler.spacing)

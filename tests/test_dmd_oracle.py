@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from raydistill.config import DMDConfig, MLPConfig, ModelConfig
-from raydistill.diffusion import CFG, CosineSchedule, sample
+from raydistill.diffusion import CFG, CosineSchedule, renoise_sample, renoise_states, sample
 from raydistill.eval.distances import exact_distances
 from raydistill.methods.base import PAIRS, regression_loss
 from raydistill.methods.dmd import DistributionMatching, FakeScore, dm_gradient
-from raydistill.methods.kd import KnowledgeDistillation, distance, one_step
+from raydistill.methods.kd import KnowledgeDistillation, distance
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
+from raydistill.models.checkpoint import as_denoiser
 
 SCHEDULE = CosineSchedule()
 DIM, BATCH, STEPS, PAIRS_MADE = 8, 128, 1500, 128
@@ -71,7 +72,8 @@ def ode_pairs(oracle):
     return {"noise": noise, "image": image.float(), "c": c, "w": torch.zeros(PAIRS_MADE)}
 
 
-def fit(method, pairs: dict, lrs: dict[str, float], betas: tuple[float, float]) -> None:
+def fit(method, pairs: dict | None, lrs: dict[str, float], betas: tuple[float, float],
+        steps: int = STEPS) -> None:
     """Adam per module over the method's phases: a phase trains only its module and reads a
     batch of pairs only when it names the stream."""
     modules = method.modules()
@@ -79,7 +81,7 @@ def fit(method, pairs: dict, lrs: dict[str, float], betas: tuple[float, float]) 
             for name, m in modules.items()}
     g = torch.Generator().manual_seed(0)
     method.micro_batch = BATCH
-    for step in range(STEPS):
+    for step in range(steps):
         method.seed(step, torch.device("cpu"))
         for phase in method.phases():
             for name, module in modules.items():
@@ -95,15 +97,27 @@ def fit(method, pairs: dict, lrs: dict[str, float], betas: tuple[float, float]) 
                 opts[phase.module].step()
 
 
-def scores(generator, mixture) -> dict[str, float]:
-    """Exact distances of 6000 one-step samples to p(x | c), the share of samples near no
-    component of their class (> 2 std out, per dimension on average), and each component's share
-    of the samples against its true share."""
+def draws(generator, steps: int = 1, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """6000 samples (x, c) of the generator's `steps`-step re-noising sampler (one step: G(z, c)),
+    2000 per class; `pooled`: each sample's output at exit i mod steps of that chain instead."""
     g = torch.Generator().manual_seed(99)
-    z = torch.randn(6000, DIM, generator=g)
-    c = torch.arange(3).repeat(2000)
+    z, c = torch.randn(6000, DIM, generator=g), torch.arange(3).repeat(2000)
+    xi = torch.randn(6000, steps - 1, DIM, generator=g)
+    denoiser = as_denoiser(generator, CONFIG)
     with torch.no_grad():
-        x = one_step(generator, CONFIG, SCHEDULE, z, c).double()
+        if not pooled:
+            return renoise_sample(denoiser, z, {"c": c}, SCHEDULE, steps=steps, xi=xi), c
+        exits = torch.stack([denoiser(z_t, t, {"c": c}) for t, z_t in
+                             renoise_states(denoiser, z, {"c": c}, SCHEDULE, steps=steps, xi=xi)])
+    return exits[torch.arange(6000) % steps, torch.arange(6000)], c
+
+
+def scores(generator, mixture, steps: int = 1, pooled: bool = False) -> dict[str, float]:
+    """Exact distances of the generator's samples (`draws`) to p(x | c), the share of samples near
+    no component of their class (> 2 std out, per dimension on average), and each component's
+    share of the samples against its true share."""
+    x, c = draws(generator, steps, pooled)
+    x = x.double()
     distances = exact_distances(x, c, mixture)
     d2 = ((x[:, None, :] - mixture.means[None]) ** 2).sum(-1) / (mixture.stds[None] ** 2 * DIM)
     d2 = d2.masked_fill(mixture.classes[None] != c[:, None], float("inf"))
@@ -114,6 +128,14 @@ def scores(generator, mixture) -> dict[str, float]:
     truth = mixture.weights / in_class / 3
     return {**distances, "off_mode": float((d2.min(1).values > 4.0).double().mean()),
             "share_ratio": (shares / truth).tolist()}
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    width = max(map(len, rows))
+    print(f"\n{'':{width}s} frechet  sliced_w2  off_mode  component share / true share")
+    for name, r in rows.items():
+        print(f"{name:{width}s} {r['frechet']:.4f}   {r['sliced_w2']:.4f}     {r['off_mode']:.3f}    "
+              + " ".join(f"{v:.2f}" for v in r["share_ratio"]))
 
 
 def test_dm_gradient_points_from_fake_to_real():
@@ -150,15 +172,41 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
 
     rows = {"kd (regression only)": scores(kd_generator, mixture),
             "dmd (DM + regression)": scores(generator, mixture)}
-    print(f"\n{'':24s} frechet  sliced_w2  off_mode  component share / true share")
-    for name, r in rows.items():
-        print(f"{name:24s} {r['frechet']:.4f}   {r['sliced_w2']:.4f}     {r['off_mode']:.3f}    "
-              + " ".join(f"{v:.2f}" for v in r["share_ratio"]))
+    print_table(rows)
     ours, baseline = rows["dmd (DM + regression)"], rows["kd (regression only)"]
     assert ours["frechet"] < 0.03
     assert min(ours["share_ratio"]) > 0.75            # every component keeps its mass
     assert ours["sliced_w2"] < 0.85 * baseline["sliced_w2"]
     assert ours["off_mode"] < baseline["off_mode"]     # sharper: fewer samples between modes
+
+
+def test_a_four_step_generator_trained_by_backward_simulation(oracle, teacher_network):
+    """DMD2's multi-step generator: 4 steps, no regression, 800 steps. With exit_step last (the
+    sampled output is the trained one) its samples match the mixture, far better than the
+    teacher's network sampled the same way. With DMD2's uniform exit, one fake score tracks the
+    mixture of the four exits: training reaches the fixed point where that mixture matches the
+    data, while the last exit alone, what the sampler returns, is far off."""
+    mixture, exact = oracle
+    rows = {"teacher's network, 4 re-noising steps": scores(teacher_network, mixture, 4)}
+    for exit_step in ("last", "uniform"):
+        generator = copy.deepcopy(teacher_network)
+        method = DistributionMatching(
+            teacher=CFG(exact), generator=generator,
+            fake_score=FakeScore(copy.deepcopy(teacher_network), CONFIG, head=False),
+            generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
+            dmd=DMDConfig(regression_weight=0.0, fake_updates=5, generator_steps=4,
+                          exit_step=exit_step),
+            w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance="mse",
+            steps=800)
+        fit(method, None, {"generator": 2e-4, "fake_score": 1e-3}, (0.0, 0.999), steps=800)
+        rows[f"exit {exit_step}: sampled"] = scores(generator, mixture, 4)
+        rows[f"exit {exit_step}: 4 exits pooled"] = scores(generator, mixture, 4, pooled=True)
+    print_table(rows)
+    last, uniform = rows["exit last: sampled"], rows["exit uniform: sampled"]
+    assert last["frechet"] < 0.03 and min(last["share_ratio"]) > 0.75
+    assert last["frechet"] < 0.25 * rows["teacher's network, 4 re-noising steps"]["frechet"]
+    assert rows["exit uniform: 4 exits pooled"]["frechet"] < 0.03
+    assert uniform["frechet"] > 10 * last["frechet"]
 
 
 

@@ -261,9 +261,11 @@ def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_p
 
 def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
     """DMD's two engines (generator, fake score; two fake-score updates per step, the GAN head
-    on) on 2 workers: ZeRO 0, 2 and 3 give the same losses of both phases, and the same final
-    generator and fake score."""
-    job = load(TrainJob, ANALYTIC_DMD, ["dmd.gan_weight=0.05", "dmd.gan_head_weight=0.1"])
+    on, a 2-step generator whose backward simulation runs the generator's engine without
+    gradients before the exit's forward) on 2 workers: ZeRO 0, 2 and 3 give the same losses of
+    both phases, and the same final generator and fake score."""
+    job = load(TrainJob, ANALYTIC_DMD, ["dmd.gan_weight=0.05", "dmd.gan_head_weight=0.1",
+                                        "dmd.generator_steps=2", "dmd.exit_step=uniform"])
     on_two_workers(zero_stages_worker, job, tmp_path)
     losses = {stage: json.load(open(tmp_path / f"zero{stage}.json")) for stage in (0, 2, 3)}
     keys = ["fake_score/loss", "generator/loss", "generator/loss_dm", "generator/loss_gan"]
@@ -315,10 +317,14 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
     (ANALYTIC_DMD, ["dmd.regression_weight=0.25"],
      "pairs: dmd.regression_weight is 0.25: the regression loss needs ODE pairs"),
     (ANALYTIC_DMD, ["guidance.w_max=1"],
-     "guidance: a one-step generator distils one guidance strength"),
+     "guidance: a generator distils one guidance strength"),
     (ANALYTIC_DMD, ["dmd.gan_weight=0.1"], "dmd.gan_weight: and gan_head_weight must both be set"),
+    (ANALYTIC_DMD, ["dmd.generator_steps=2", "dmd.regression_weight=0.25"],
+     "dmd.regression_weight: must be 0 for a 2-step generator (DMD2 trains it by backward"),
+    (ANALYTIC_DMD, ["dmd.exit_step=first"],
+     "dmd.exit_step: must be one of last, uniform, got 'first'"),
     (ANALYTIC_DMD, ["student.mlp.w_embedding=true"],
-     "student: a one-step generator takes no w input"),
+     "student: a generator takes no w input"),
     (ANALYTIC_DMD, ["method=kd"], "optim.modules.fake_score: is not a module of method kd"),
     (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
 ])

@@ -13,6 +13,7 @@ from raydistill.diffusion.guidance import (
     fourier_embedding,
     null_cond,
 )
+from raydistill.diffusion.multistep import generator_times, renoise_sample, renoise_states
 from raydistill.diffusion.parameterization import (
     PREDICTIONS,
     WEIGHTINGS,
@@ -65,6 +66,7 @@ __all__ = [
     "eps_from_v",
     "eps_from_x",
     "fourier_embedding",
+    "generator_times",
     "cfg_x",
     "heun",
     "jump_target",
@@ -73,6 +75,8 @@ __all__ = [
     "prediction_from_x",
     "prediction_target",
     "progressive_target",
+    "renoise_sample",
+    "renoise_states",
     "sample",
     "solve",
     "stochastic_sample",

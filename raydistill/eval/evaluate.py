@@ -30,7 +30,6 @@ import torch
 from raydistill.config import EvalJob, GuidanceRange, PairsJob, SolverConfig, TeacherRef
 from raydistill.data import load_images
 from raydistill.diffusion.guidance import CFG
-from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.solvers import sample
 from raydistill.eval.distances import exact_distances, fid, fid_kid
 from raydistill.eval.features import Features, load_features
@@ -40,13 +39,14 @@ from raydistill.pairs.reader import PairReader
 from raydistill.sampling import save_grid
 
 GRID_SAMPLES = 50                    # per row's grid: 5 rows of 10
+STOCHASTIC = ("stochastic", "renoise")  # the rows' samplers with re-noise draws
 
 
 @dataclass(frozen=True)
 class Row:
     name: str                        # teacher | a baseline solver | a student's name
     model: TeacherRef
-    solver: str                      # ddim | heun | dpmpp_2m | stochastic
+    solver: str                      # ddim | heun | dpmpp_2m | stochastic | renoise
     steps: int
 
     @property
@@ -63,7 +63,7 @@ def plan_rows(job: EvalJob) -> list[Row]:
         ref = TeacherRef(checkpoint=student.checkpoint)
         model = load_teacher(ref)
         distilled = model.distilled_sampler
-        solver = "stochastic" if model.is_stochastic_student else "ddim"
+        solver = distilled.solver if distilled else "ddim"
         steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
         rows += [Row(student.name, ref, solver, n) for n in steps]
     return rows
@@ -80,9 +80,9 @@ def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
 
     z = torch.zeros(1, *model.data_shape)
     schedule = model.denoiser.schedule
-    if solver == "stochastic":
-        stochastic_sample(stub, z, {}, schedule, steps=steps,
-                          xi=torch.zeros(1, steps - 1, *model.data_shape))
+    if solver in STOCHASTIC:
+        model.stochastic_sampler(stub, z, {}, schedule, steps=steps,
+                                 xi=torch.zeros(1, steps - 1, *model.data_shape))
     else:
         sample(stub, z, {}, schedule, steps=steps, solver=solver)
     return calls * (2 if isinstance(model.w_denoiser, CFG) else 1)
@@ -90,8 +90,8 @@ def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
 
 def sample_job(job: EvalJob, row: Row) -> PairsJob:
     """The ode pair set that holds a row's samples."""
-    solver = "ddim" if row.solver == "stochastic" else row.solver
-    return PairsJob(mode="ode", teacher=row.model, stochastic=row.solver == "stochastic",
+    solver = "ddim" if row.solver in STOCHASTIC else row.solver
+    return PairsJob(mode="ode", teacher=row.model, stochastic=row.solver in STOCHASTIC,
                     solver=SolverConfig(steps=row.steps, solver=solver),
                     guidance=GuidanceRange(w_min=job.w, w_max=job.w),
                     num_shards=job.num_samples // job.samples_per_shard,

@@ -19,14 +19,27 @@ online to denoise G's samples (s_fake likewise). One training step:
           + gan_weight softplus(-D(z''_t)),  z''_t = alpha x + sigma eps'       (DMD2)
 
 x_hat_fake - x_hat_real = sigma_t^2 / alpha_t (s_real - s_fake), so descending L_G moves G's samples
-from where the fake score puts them toward where the real score does. D is a small classifier head
-on the fake score's bottleneck features (`FakeScore`); the generator's GAN loss passes through the
-fake score, whose parameters the training loop keeps out of that backward.
+from where the fake score puts them toward where the real score does.
+
+A multi-step generator (DMD2, `dmd.generator_steps` N > 1) is sampled by the re-noising sampler
+of raydistill.diffusion.multistep at t_i = 1 - i/N. Its "G(z, c)" above is its output at an exit
+step i of its own sampler chain from z, at the input z_{t_i} the chain reaches (backward
+simulation: the chain runs without gradients; only the exit's evaluation takes them), so a step
+learns from the inputs it is sampled with rather than from noised real data. `dmd.exit_step`:
+
+  last     i = N - 1: the output the sampler returns, so the fake score tracks exactly the
+           distribution that is sampled (the default);
+  uniform  i ~ U{0..N-1} per sample, DMD2's rule as published. One fake score then tracks the
+           mixture of the N exits' outputs, and the DM gradient vanishes once that mixture matches
+           the data, whatever each exit gives. On the analytic mixture this fixed point is what
+           training finds: the exits' pooled outputs match the data while the last exit's alone
+           does not (tests/test_dmd_oracle.py).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +47,15 @@ from torch import Tensor, nn
 
 from raydistill.config import ConfigError, DMDConfig, ModelConfig, TrainJob
 from raydistill.diffusion.guidance import Denoiser
+from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, regression_loss
 from raydistill.methods.kd import (
+    check_generator_job,
     check_ode_pairs,
-    check_one_step_job,
+    generator_meta,
     one_step,
-    one_step_meta,
     pair_regression,
 )
 from raydistill.models.checkpoint import Checkpoint
@@ -149,9 +163,31 @@ class DistributionMatching(Method):
         return low + (high - low) * uniform_t(n, generator=self.rng, device=self.rng.device)
 
     def generate(self) -> tuple[Tensor, Tensor]:
-        """(G(z, c), c) for a fresh draw."""
+        """(G(z, c), c) for a fresh draw; for an N-step generator its output at the exit step of
+        its own sampler chain (backward simulation, see the module docstring)."""
         z, c = self.draw()
-        return one_step(self.generator, self.generator_config, self.schedule, z, c), c
+        steps = self.dmd.generator_steps
+        if steps == 1:
+            return one_step(self.generator, self.generator_config, self.schedule, z, c), c
+        g, cond = self.rng, {"c": c}
+        if self.dmd.exit_step == "uniform":
+            step = torch.randint(0, steps, (len(z),), generator=g, device=g.device)
+        else:
+            step = torch.full((len(z),), steps - 1, device=g.device)
+        xi = torch.randn((len(z), steps - 1, *self.shape), generator=g, device=g.device)
+        with torch.no_grad():
+            chain = renoise_states(self.generator_x_hat, z, cond, self.schedule, steps=steps,
+                                   xi=xi.to(z.dtype))
+            states = list(itertools.islice(chain, int(step.max()) + 1))
+        rows = torch.arange(len(z), device=z.device)
+        t = torch.stack([t for t, _ in states])[step, rows]
+        z_t = torch.stack([z_t for _, z_t in states])[step, rows]
+        return self.generator_x_hat(z_t, t, cond), c
+
+    def generator_x_hat(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The generator as a Denoiser: its x_hat at (z_t, t)."""
+        return denoise(self.generator, self.schedule, self.generator_config.prediction, z_t, t,
+                       cond)
 
     # ------------------------------------------------------------------------ losses
 
@@ -201,14 +237,14 @@ class DistributionMatching(Method):
         return {"loss": loss, **values}
 
     def round_meta(self, index: int) -> dict:
-        return one_step_meta("dmd", self.w)
+        return generator_meta("dmd", self.w, steps=self.dmd.generator_steps)
 
 
 # ------------------------------------------------------------------------- registry entry
 
 
 def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    check_one_step_job(job, teacher, student)
+    check_generator_job(job, teacher, student)
     dmd = job.dmd
     if dmd.regression_weight > 0 and not job.pairs:
         raise ConfigError("pairs", f"dmd.regression_weight is {dmd.regression_weight:g}: the "

@@ -75,26 +75,28 @@ class KnowledgeDistillation(Method):
                                         self.distance)}
 
     def round_meta(self, index: int) -> dict:
-        return one_step_meta("kd", self.w)
+        return generator_meta("kd", self.w, steps=1)
 
 
 # ------------------------------------------------------------------------- registry entry
 
 
-def one_step_meta(method: str, w: float) -> dict:
-    """What a one-step generator's checkpoint records: sampled in one step from t = 1, with
-    guidance w built in."""
-    return {"method": method, "steps": 1, "w_min": w, "w_max": w}
+def generator_meta(method: str, w: float, steps: int) -> dict:
+    """What a generator's checkpoint records: sampled by the re-noising sampler of
+    raydistill.diffusion.multistep in `steps` steps (one step: its x_hat at t = 1), with guidance
+    w built in."""
+    return {"method": method, "steps": steps, "stochastic": True, "sampler": "renoise",
+            "w_min": w, "w_max": w}
 
 
-def check_one_step_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    """A one-step generator takes (z, c) and has its teacher's one guidance strength built in."""
+def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
+    """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in."""
     check_continuous_teacher(teacher, "teacher.checkpoint")
     if student.w_conditioned:
-        raise ConfigError("student", "a one-step generator takes no w input (its guidance "
+        raise ConfigError("student", "a generator takes no w input (its guidance "
                                      "strength is built in)")
     if job.guidance.w_min != job.guidance.w_max:
-        raise ConfigError("guidance", "a one-step generator distils one guidance strength: set "
+        raise ConfigError("guidance", "a generator distils one guidance strength: set "
                                       "w_min = w_max")
 
 
@@ -107,7 +109,7 @@ def check_ode_pairs(job: TrainJob, identity: dict) -> None:
 
 
 def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    check_one_step_job(job, teacher, student)
+    check_generator_job(job, teacher, student)
     if not job.pairs:
         raise ConfigError("pairs", "kd trains on ODE pairs: make them with `raydistill pairs "
                                    "--mode ode` and give their directory")

@@ -182,6 +182,9 @@ def check_halving_teacher(teacher: Checkpoint, *, teacher_steps: int, stochastic
     distilled = teacher.distilled_sampler
     if distilled is None:
         return
+    if distilled.renoise:
+        raise ConfigError(keys[0], f"cannot be halved from a teacher distilled for {distilled} "
+                                   "(a generator, not a progressive student)")
     if distilled.steps != teacher_steps:
         raise ConfigError(keys[0], f"is {value}, but the teacher is a {distilled.steps}-step "
                                    f"progressive student (its targets are for "

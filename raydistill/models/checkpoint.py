@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ from torch import nn
 
 from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
 from raydistill.diffusion.guidance import CFG, Denoiser
+from raydistill.diffusion.multistep import renoise_sample
+from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.mlp import MLP
@@ -118,14 +121,25 @@ def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DistilledSampler:
-    """How a progressive student was distilled to be sampled: `steps` DDIM steps on the uniform t
-    grid, or Meng et al.'s stochastic sampler with `steps` steps. A one-step generator (kd, dmd)
-    is one DDIM step from t = 1: its x_hat there."""
+    """How a distilled student must be sampled: `steps` DDIM steps on the uniform t grid, Meng et
+    al.'s stochastic sampler with `steps` steps (a progressive student), or a generator's (kd,
+    dmd) re-noising sampler (`renoise`, raydistill.diffusion.multistep; one step: its x_hat at
+    t = 1). Generators written before the re-noising sampler recorded one DDIM step from t = 1."""
 
     steps: int
     stochastic: bool
+    renoise: bool = False
+
+    @property
+    def solver(self) -> str:
+        """Its name in an evaluation's rows: ddim, stochastic or renoise."""
+        return "renoise" if self.renoise else "stochastic" if self.stochastic else "ddim"
 
     def __str__(self) -> str:
+        if self.renoise and self.steps == 1:
+            return "one step from t = 1 (a one-step generator)"
+        if self.renoise:
+            return f"the {self.steps}-step re-noising sampler of a multi-step generator"
         if self.stochastic:
             return f"Meng et al.'s stochastic sampler with {self.steps} steps"
         return f"{self.steps} DDIM steps on the uniform t grid"
@@ -190,18 +204,27 @@ class Checkpoint:
 
     @property
     def distilled_sampler(self) -> DistilledSampler | None:
-        """How a progressive student or a one-step generator must be sampled; None for any other
-        model, which samples with any solver and step count."""
+        """How a progressive student or a generator must be sampled; None for any other model,
+        which samples with any solver and step count."""
         if self.extra.get("method") not in ("progressive", "kd", "dmd"):
             return None
-        return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")))
+        return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")),
+                                self.extra.get("sampler") == "renoise")
 
     @property
     def is_stochastic_student(self) -> bool:
         """Whether the model is a progressive student distilled for Meng et al.'s stochastic
         sampler (its 2/N jumps)."""
         distilled = self.distilled_sampler
-        return distilled is not None and distilled.stochastic
+        return distilled is not None and distilled.stochastic and not distilled.renoise
+
+    @property
+    def stochastic_sampler(self) -> Callable[..., torch.Tensor]:
+        """The sampler with re-noise draws xi this model is sampled with when asked for a
+        stochastic one: a multi-step generator's re-noising sampler, else Meng et al.'s (the two
+        take the same arguments)."""
+        distilled = self.distilled_sampler
+        return renoise_sample if distilled is not None and distilled.renoise else stochastic_sample
 
     def check_sampler(self, *, steps: int, solver: str, spacing: str, stochastic: bool,
                       keys: dict[str, str], force: bool = False, force_key: str = "") -> None:

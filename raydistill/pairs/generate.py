@@ -13,7 +13,6 @@ from torch import Tensor
 
 from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
-from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.diffusion.schedule import uniform_t
 from raydistill.diffusion.solvers import sample
 from raydistill.methods.guided import guided_target
@@ -36,6 +35,7 @@ class ShardMaker:
         teacher.network.to(self.device)
         self.teacher = teacher.w_denoiser
         self.teacher_is_stochastic = teacher.is_stochastic_student
+        self.stochastic_sample = teacher.stochastic_sampler
         self.schedule = teacher.denoiser.schedule
         self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
         self.data = self._real_data(teacher) if job.mode != "ode" else None
@@ -99,8 +99,8 @@ class ShardMaker:
         job = self.job
         cond = {"c": batch["c"], "w": batch["w"]}
         if job.mode == "ode" and job.stochastic:
-            image = stochastic_sample(self.teacher, batch["noise"], cond, self.schedule,
-                                      steps=job.solver.steps, xi=batch["xi"])
+            image = self.stochastic_sample(self.teacher, batch["noise"], cond, self.schedule,
+                                           steps=job.solver.steps, xi=batch["xi"])
             return {"noise": batch["noise"], "image": image}
         if job.mode == "ode":
             image = sample(self.teacher, batch["noise"], cond, self.schedule, steps=job.solver.steps,
