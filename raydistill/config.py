@@ -472,9 +472,11 @@ class TrainJob:
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
     halving: HalvingConfig = field(default_factory=HalvingConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
-    #: kd's loss and dmd's regression loss on ODE pairs: mean squared error, or the pseudo-Huber
-    #: sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023)
-    distance: Literal["mse", "pseudo_huber"] = "mse"
+    #: kd's loss and dmd's regression loss on ODE pairs: mean squared error, the pseudo-Huber
+    #: sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023), or LPIPS
+    #: from the TorchScript module at `lpips` (raydistill.methods.kd; never downloaded)
+    distance: Literal["mse", "pseudo_huber", "lpips"] = "mse"
+    lpips: str = ""                  # a local TorchScript LPIPS file, for distance: lpips
     loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
     optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
     workers: TrainWorkers = field(default_factory=TrainWorkers)
@@ -496,6 +498,12 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
+        if self.distance == "lpips":
+            require(bool(self.lpips), "lpips", "is required with distance: lpips (a TorchScript "
+                                               "LPIPS file on local disk; none is downloaded)")
+            require(os.path.isfile(self.lpips), "lpips", f"no such file: {self.lpips}")
+        else:
+            require(not self.lpips, "lpips", f"is given but distance is {self.distance}")
 
 
 @dataclass

@@ -18,11 +18,12 @@ from raydistill.diffusion import CFG, CosineSchedule, renoise_sample, renoise_st
 from raydistill.eval.distances import exact_distances
 from raydistill.methods.base import PAIRS, regression_loss
 from raydistill.methods.dmd import DistributionMatching, FakeScore, dm_gradient
-from raydistill.methods.kd import KnowledgeDistillation, distance
+from raydistill.methods.kd import KnowledgeDistillation, distance, make_distance
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
 from raydistill.models.checkpoint import as_denoiser
 
 SCHEDULE = CosineSchedule()
+MSE = make_distance("mse", "", torch.device("cpu"))
 DIM, BATCH, STEPS, PAIRS_MADE = 8, 128, 1500, 128
 CONFIG = ModelConfig(kind="mlp", prediction="v",
                      mlp=MLPConfig(dim=DIM, width=64, depth=3, num_classes=3))
@@ -157,7 +158,7 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
     mixture, exact = oracle
     kd_generator = copy.deepcopy(teacher_network)
     kd = KnowledgeDistillation(generator=kd_generator, config=CONFIG, schedule=SCHEDULE,
-                               distance="mse", w=0.0, steps=STEPS)
+                               distance=MSE, w=0.0, steps=STEPS)
     fit(kd, ode_pairs, {"generator": 2e-4}, (0.9, 0.999))
 
     generator = copy.deepcopy(teacher_network)
@@ -166,7 +167,7 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
         teacher=CFG(exact), generator=generator, fake_score=fake, generator_config=CONFIG,
         fake_config=CONFIG, schedule=SCHEDULE, dmd=DMDConfig(regression_weight=0.25,
                                                              fake_updates=5),
-        w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance="mse",
+        w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance=MSE,
         steps=STEPS)
     fit(dmd, ode_pairs, {"generator": 2e-4, "fake_score": 1e-3}, (0.0, 0.999))
 
@@ -196,7 +197,7 @@ def test_a_four_step_generator_trained_by_backward_simulation(oracle, teacher_ne
             generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
             dmd=DMDConfig(regression_weight=0.0, fake_updates=5, generator_steps=4,
                           exit_step=exit_step),
-            w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance="mse",
+            w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance=None,
             steps=800)
         fit(method, None, {"generator": 2e-4, "fake_score": 1e-3}, (0.0, 0.999), steps=800)
         rows[f"exit {exit_step}: sampled"] = scores(generator, mixture, 4)
@@ -221,7 +222,7 @@ def test_the_fake_score_learns_the_generators_distribution(oracle, teacher_netwo
         teacher=CFG(exact), generator=copy.deepcopy(teacher_network).requires_grad_(False),
         fake_score=fake, generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
         dmd=DMDConfig(regression_weight=0.0), w=0.0, num_classes=3, shape=(DIM,),
-        weighting="snr_plus_one", distance="mse", steps=300)
+        weighting="snr_plus_one", distance=None, steps=300)
     dmd.micro_batch = BATCH
     phase = dmd.phases()[0]
     assert phase.module == "fake_score" and phase.reads == ()

@@ -83,7 +83,7 @@ def generator_method(exit_step: str) -> DistributionMatching:
         fake_score=FakeScore(build_network(config), config, head=False), generator_config=config,
         fake_config=config, schedule=SCHEDULE,
         dmd=DMDConfig(regression_weight=0.0, generator_steps=3, exit_step=exit_step), w=0.0,
-        num_classes=2, shape=(4,), weighting="snr_plus_one", distance="mse", steps=1)
+        num_classes=2, shape=(4,), weighting="snr_plus_one", distance=None, steps=1)
     method.micro_batch = 64
     return method
 

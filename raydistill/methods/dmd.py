@@ -52,9 +52,11 @@ from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, regression_loss
 from raydistill.methods.kd import (
+    Distance,
     check_generator_job,
     check_ode_pairs,
     generator_meta,
+    make_distance,
     one_step,
     pair_regression,
 )
@@ -118,7 +120,7 @@ class DistributionMatching(Method):
     def __init__(self, *, teacher: Denoiser, generator: nn.Module, fake_score: FakeScore,
                  generator_config: ModelConfig, fake_config: ModelConfig, schedule: Schedule,
                  dmd: DMDConfig, w: float, num_classes: int, shape: tuple[int, ...],
-                 weighting: str, distance: str, steps: int):
+                 weighting: str, distance: Distance | None, steps: int):
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.generator_config, self.fake_config, self.schedule = generator_config, fake_config, \
             schedule
@@ -284,7 +286,8 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         generator_config=student_config, fake_config=fake_config,
         schedule=teacher.denoiser.schedule, dmd=job.dmd, w=job.guidance.w_min,
         num_classes=teacher.num_classes, shape=teacher.data_shape,
-        weighting=job.loss_weighting, distance=job.distance, steps=job.optim.steps)
+        weighting=job.loss_weighting, steps=job.optim.steps,
+        distance=make_distance(job.distance, job.lpips, device) if job.pairs else None)
 
 
 SPEC = MethodSpec(name="dmd", pairs_mode="ode",

@@ -5,8 +5,17 @@ ODE solution under guidance w, precomputed by `raydistill pairs --mode ode`; the
 G(z, c) = x_hat_G(z, t = 1, c), its network's x-prediction at the highest noise level (so it
 starts as the teacher's one-step DDIM when initialised from the teacher).
 
-    L_KD = E d(G(z, c), x_ode),    d = mean squared error, or the pseudo-Huber distance
-           sqrt(||G - x_ode||^2 + c_H^2) - c_H with c_H = 0.00054 sqrt(dim) (Song & Dhariwal 2023)
+    L_KD = E d(G(z, c), x_ode),    d = mean squared error, the pseudo-Huber distance
+           sqrt(||G - x_ode||^2 + c_H^2) - c_H with c_H = 0.00054 sqrt(dim) (Song & Dhariwal 2023),
+           or LPIPS (Zhang et al. 2018; Luhman & Luhman's choice)
+
+LPIPS comes only from a local file (`lpips:`), never downloaded: a TorchScript module called as
+`lpips(x, y)` on images in [-1, 1] with 3 channels, returning the per-sample distance ([B] or
+[B, 1, 1, 1], the `lpips` package's output; a spatial map is averaged). Greyscale images are
+repeated to 3 channels and images under 224 pixels are resized to 224 x 224 (bilinear), as
+Song et al. (2023) do. Export one where weights can be fetched, e.g.
+`torch.jit.trace(lpips.LPIPS(net="vgg"), (x, y)).save("lpips_vgg.pt")` with x, y two
+[1, 3, 224, 224] images.
 
 `one_step` and `pair_regression` are the one implementation of the generator's evaluation and of
 this loss: DMD's regression term (raydistill.methods.dmd) calls them too.
@@ -14,9 +23,12 @@ this loss: DMD's regression term (raydistill.methods.dmd) calls them too.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydistill.config import ConfigError, ModelConfig, TrainJob
@@ -34,6 +46,11 @@ def one_step(generator: nn.Module, config: ModelConfig, schedule: Schedule, z: T
     return denoise(generator, schedule, config.prediction, z, t, {"c": c})
 
 
+#: per-sample d(x, y) [B] of two batches
+Distance = Callable[[Tensor, Tensor], Tensor]
+LPIPS_RESOLUTION = 224
+
+
 def distance(x: Tensor, y: Tensor, kind: str) -> Tensor:
     """Per-sample d(x, y): "mse" (mean over elements) or "pseudo_huber" (see the docstring)."""
     squared = (x - y).pow(2).flatten(1)
@@ -45,18 +62,49 @@ def distance(x: Tensor, y: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown distance {kind!r} (expected mse or pseudo_huber)")
 
 
+def lpips_distance(lpips: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample LPIPS(x, y) of images [B, C, H, W] in [-1, 1] (see the docstring)."""
+    pair = torch.cat([x, y]).float()
+    if pair.shape[1] == 1:
+        pair = pair.repeat(1, 3, 1, 1)
+    if min(pair.shape[-2:]) < LPIPS_RESOLUTION:
+        pair = F.interpolate(pair, size=(LPIPS_RESOLUTION, LPIPS_RESOLUTION), mode="bilinear",
+                             align_corners=False)
+    x, y = pair.chunk(2)
+    return lpips(x, y).reshape(len(x), -1).mean(1)
+
+
+def load_lpips(path: str) -> nn.Module:
+    """The frozen TorchScript LPIPS module at `path` (ConfigError naming `lpips` otherwise)."""
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError("lpips", f"{path} is not a TorchScript LPIPS module "
+                                   f"({str(err).splitlines()[0]})") from None
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module.eval()
+
+
+def make_distance(kind: str, lpips: str, device: torch.device) -> Distance:
+    """The job's `distance` as a function: LPIPS built once, on `device`."""
+    if kind == "lpips":
+        return functools.partial(lpips_distance, load_lpips(lpips).to(device))
+    return functools.partial(distance, kind=kind)
+
+
 def pair_regression(generator: nn.Module, config: ModelConfig, schedule: Schedule,
-                    pairs: dict[str, Tensor], kind: str) -> Tensor:
+                    pairs: dict[str, Tensor], d: Distance) -> Tensor:
     """E d(G(noise, c), image) over a batch of ODE pairs."""
     x = one_step(generator, config, schedule, pairs["noise"], pairs["c"])
-    return distance(x, pairs["image"], kind).mean()
+    return d(x, pairs["image"]).mean()
 
 
 class KnowledgeDistillation(Method):
     student_module = "generator"
 
     def __init__(self, *, generator: nn.Module, config: ModelConfig, schedule: Schedule,
-                 distance: str, w: float, steps: int):
+                 distance: Distance, w: float, steps: int):
         self.generator, self.config, self.schedule = generator, config, schedule
         self.distance, self.w, self.steps = distance, w, steps
 
@@ -90,8 +138,14 @@ def generator_meta(method: str, w: float, steps: int) -> dict:
 
 
 def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in."""
+    """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in;
+    an LPIPS distance loads, for images."""
     check_continuous_teacher(teacher, "teacher.checkpoint")
+    if job.distance == "lpips":
+        if len(teacher.data_shape) != 3:
+            raise ConfigError("distance", f"lpips compares images; the teacher's samples have "
+                                          f"shape {list(teacher.data_shape)}")
+        load_lpips(job.lpips)
     if student.w_conditioned:
         raise ConfigError("student", "a generator takes no w input (its guidance "
                                      "strength is built in)")
@@ -118,7 +172,9 @@ def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
 def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
            student: nn.Module) -> KnowledgeDistillation:
     return KnowledgeDistillation(generator=student, config=student_config,
-                                 schedule=teacher.denoiser.schedule, distance=job.distance,
+                                 schedule=teacher.denoiser.schedule,
+                                 distance=make_distance(job.distance, job.lpips,
+                                                        next(student.parameters()).device),
                                  w=job.guidance.w_min, steps=job.optim.steps)
 
 
