@@ -174,8 +174,16 @@ def regression_loss(
     """Per-sample weight(lambda_t) ||x_hat(z_t) - x_target||^2, computed in the network's own
     parameterization (weight times the squared Jacobian dx_hat/d out, see x_jacobian), so that
     high-SNR x-space differences do not cancel."""
+    return output_loss(net(z_t, t, cond), config, schedule, weighting, z_t, t, x_target)
+
+
+def output_loss(
+    out: Tensor, config: ModelConfig, schedule: Schedule, weighting: str, z_t: Tensor, t: Tensor,
+    x_target: Tensor,
+) -> Tensor:
+    """`regression_loss` of a network output `out` = net(z_t, t, cond) already computed."""
     alpha, sigma = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))
-    out = net(z_t, t, cond).to(z_t.dtype)
+    out = out.to(z_t.dtype)
     target = prediction_from_x(config.prediction, z=z_t, x=x_target, alpha=alpha, sigma=sigma)
     weight = loss_weight(weighting, schedule.logsnr(t)) * x_jacobian(
         config.prediction, alpha=alpha, sigma=sigma).flatten() ** 2

@@ -50,7 +50,14 @@ from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
-from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, regression_loss
+from raydistill.methods.base import (
+    DATA,
+    PAIRS,
+    Method,
+    MethodSpec,
+    Phase,
+    output_loss,
+)
 from raydistill.methods.kd import (
     Distance,
     check_generator_job,
@@ -84,8 +91,8 @@ def dm_gradient(*, x: Tensor, x_real: Tensor, x_fake: Tensor) -> Tensor:
 
 class FakeScore(nn.Module):
     """The fake score's network and, for the GAN, a classifier head D on its features:
-    `forward(z_t, t, cond)` is the network's output, `forward(..., classify=True)` the logit
-    D(z_t) (real vs generated)."""
+    `forward(z_t, t, cond)` is the network's output, `forward(..., classify=True)` that output and
+    the logit D(z_t) (real vs generated) from the same forward pass."""
 
     def __init__(self, net: nn.Module, config: ModelConfig, head: bool):
         super().__init__()
@@ -99,7 +106,7 @@ class FakeScore(nn.Module):
         self._features = output
 
     def forward(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor],
-                classify: bool = False) -> Tensor:
+                classify: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if classify and self._tap is None:
             # Tapped at the first use, after the hooks a wrapper registered: ZeRO-3's post-forward
             # hook wraps the layer's output so that its backward gathers the layer's weights
@@ -111,7 +118,7 @@ class FakeScore(nn.Module):
         features, self._features = self._features, None
         if features.dim() > 2:                          # [B, C, H, W]: pooled over space
             features = features.flatten(2).mean(2)
-        return self.head(features).squeeze(1).float()
+        return out, self.head(features).squeeze(1).float()
 
 
 class DistributionMatching(Method):
@@ -198,16 +205,18 @@ class DistributionMatching(Method):
             x, c = self.generate()
         t = self.times(len(x))
         z_t = self.noised(x, t)
-        denoising = regression_loss(self.fake_score, self.fake_config, self.schedule,
-                                    self.weighting, z_t, t, {"c": c}, x).mean()
-        values = {"loss_denoise": denoising.detach()}
-        loss = denoising
+        if self.gan:                    # the head's logit from the same forward pass
+            out, fake_logits = self.fake_score(z_t, t, {"c": c}, classify=True)
+        else:
+            out = self.fake_score(z_t, t, {"c": c})
+        denoising = output_loss(out, self.fake_config, self.schedule, self.weighting, z_t, t,
+                                x).mean()
+        loss, values = denoising, {"loss_denoise": denoising.detach()}
         if self.gan:
             real = batch[DATA]
             t_real = self.times(len(real["x"]))
-            fake_logits = self.fake_score(z_t, t, {"c": c}, classify=True)
-            real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
-                                          {"c": real["c"]}, classify=True)
+            _, real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
+                                             {"c": real["c"]}, classify=True)
             head = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             loss = loss + self.dmd.gan_head_weight * head
             values["loss_head"] = head.detach()
@@ -232,7 +241,7 @@ class DistributionMatching(Method):
             values["loss_reg"] = regression.detach()
         if self.gan:
             t_gan = self.times(len(x))
-            logits = self.fake_score(self.noised(x, t_gan), t_gan, {"c": c}, classify=True)
+            _, logits = self.fake_score(self.noised(x, t_gan), t_gan, {"c": c}, classify=True)
             adversarial = F.softplus(-logits).mean()
             loss = loss + self.dmd.gan_weight * adversarial
             values["loss_gan"] = adversarial.detach()
