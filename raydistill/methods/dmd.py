@@ -19,7 +19,9 @@ online to denoise G's samples (s_fake likewise). One training step:
           + gan_weight softplus(-D(z''_t)),  z''_t = alpha x + sigma eps'       (DMD2)
 
 x_hat_fake - x_hat_real = sigma_t^2 / alpha_t (s_real - s_fake), so descending L_G moves G's samples
-from where the fake score puts them toward where the real score does.
+from where the fake score puts them toward where the real score does. D is a small classifier head
+on the fake score's bottleneck features (`FakeScore`); the generator's GAN loss passes through the
+fake score, whose parameters the training loop keeps out of that backward.
 
 A multi-step generator (DMD2, `dmd.generator_steps` N > 1) is sampled by the re-noising sampler
 of raydistill.diffusion.multistep at t_i = 1 - i/N. Its "G(z, c)" above is its output at an exit
@@ -50,14 +52,7 @@ from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
-from raydistill.methods.base import (
-    DATA,
-    PAIRS,
-    Method,
-    MethodSpec,
-    Phase,
-    output_loss,
-)
+from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, output_loss
 from raydistill.methods.kd import (
     Distance,
     check_generator_job,

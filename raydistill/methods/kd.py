@@ -7,7 +7,7 @@ starts as the teacher's one-step DDIM when initialised from the teacher).
 
     L_KD = E d(G(z, c), x_ode),    d = mean squared error, the pseudo-Huber distance
            sqrt(||G - x_ode||^2 + c_H^2) - c_H with c_H = 0.00054 sqrt(dim) (Song & Dhariwal 2023),
-           or LPIPS (Zhang et al. 2018; Luhman & Luhman's choice)
+           or LPIPS (Zhang et al. 2018; DMD's distance for its regression loss)
 
 LPIPS comes only from a local file (`lpips:`), never downloaded: a TorchScript module called as
 `lpips(x, y)` on images in [-1, 1] with 3 channels, returning the per-sample distance ([B] or
