@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from resume_harness import train_in_process
 
 from raydistill.cli import main
 from raydistill.config import (
@@ -27,8 +28,6 @@ from raydistill.models import AnalyticTeacher, GaussianMixture, build_network, s
 from raydistill.models.checkpoint import as_denoiser, load_checkpoint, load_teacher
 from raydistill.pairs.generate import ShardMaker
 from raydistill.train.build import prepare
-from raydistill.train.driver import setup_worker
-from raydistill.train.loop import WorkerContext, run_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE = CosineSchedule()
@@ -173,14 +172,12 @@ def test_a_trained_multistep_generator_records_its_sampler(single_process_group,
     job = load(TrainJob, f"{ROOT}/configs/tests/analytic_dmd.yaml",
                ["workers.num=1", "optim.steps=2", "optim.warmup_steps=0", "checkpoint_every=2",
                 "dmd.generator_steps=3"])
-    plan = prepare(job)
-    setup = setup_worker(job, plan.student_config, 0, 1)
     out = str(tmp_path / "run")
+
     def keep(metrics, directory):
         shutil.copytree(directory, out, dirs_exist_ok=True)
 
-    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, keep),
-               plan.student_config, setup.teacher.fingerprint)
+    train_in_process(job, prepare(job), keep)
     model = load_checkpoint(os.path.join(out, "student"))
     assert (str(model.distilled_sampler), model.built_in_w) == (
         "the 3-step re-noising sampler of a multi-step generator", 0.0)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+from resume_harness import run_and_resume, train_in_process
 from safetensors.torch import load_file
 
 from raydistill.cli import main
@@ -433,33 +434,14 @@ def test_a_restored_run_continues_exactly(single_process_group, tmp_path, stage,
                                     f"deepspeed.zero_stage={stage}",
                                     f"deepspeed.precision={precision}"])
     plan = prepare(job)
-    kept = {}
-
-    def log(metrics):
-        kept.setdefault("losses", {})[metrics["step"]] = metrics["loss"]
-
-    def keep(metrics, directory):
-        kept[metrics["step"]] = str(tmp_path / f"step{metrics['step']}")
-        shutil.copytree(directory, kept[metrics["step"]], dirs_exist_ok=True)
-
-    def run(report, restored=None):
-        setup = setup_worker(job, plan.student_config, 0, 1)
-        run_worker(job, setup.method, setup.streams,
-                   WorkerContext(0, 1, setup.device, report, restored, logged=log),
-                   plan.student_config, setup.teacher.fingerprint)
-
-    run(keep)
-    uninterrupted = kept["losses"]
-    final = load_file(os.path.join(kept[8], "student", "model.safetensors"))
-    resumed = str(tmp_path / "resumed")
-    kept.clear()
-    run(lambda m, d: d and shutil.copytree(d, resumed, dirs_exist_ok=True), str(tmp_path / "step4"))
-    assert kept["losses"] == {step: uninterrupted[step] for step in (5, 6, 7, 8)}
-    student = load_file(os.path.join(resumed, "student", "model.safetensors"))
+    run = run_and_resume(job, plan, str(tmp_path), at=4, losses=lambda m: m["loss"])
+    assert run.resumed_losses == {step: run.losses[step] for step in (5, 6, 7, 8)}
+    final = load_file(os.path.join(run.checkpoints[8], "student", "model.safetensors"))
+    student = load_file(os.path.join(run.resumed, "student", "model.safetensors"))
     assert all(torch.equal(student[name], value) for name, value in final.items())
-    shutil.rmtree(tmp_path / "step4" / "engines")
+    shutil.rmtree(os.path.join(run.checkpoints[4], "engines"))
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint for module student"):
-        run(lambda m, d: None, str(tmp_path / "step4"))
+        train_in_process(job, plan, lambda m, d: None, run.checkpoints[4])
 
 
 @pytest.mark.parametrize("stage", [0, 2])
