@@ -51,14 +51,28 @@ def require_file(path: str, key: str) -> None:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "linear", "scaled_linear"] = "cosine"
+    """cosine: continuous, log-SNR clipped; linear, scaled_linear, squaredcos_cap_v2: a discrete
+    DDPM teacher's betas (diffusers' beta_schedule names), t = (n + 1) / num_timesteps."""
+
+    kind: Literal["cosine", "linear", "scaled_linear", "squaredcos_cap_v2"] = "cosine"
     logsnr_min: float = -20.0        # cosine only: log-SNR clipping at t = 1
     logsnr_max: float = 20.0         # cosine only: log-SNR clipping at t = 0
-    num_timesteps: int = 1000        # discrete (linear / scaled_linear) teachers only
+    num_timesteps: int = 1000        # discrete teachers only
+    beta_start: float | None = None  # linear / scaled_linear: None is the kind's usual value
+    beta_end: float | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind != "cosine"
 
     def validate(self) -> None:
         require(self.logsnr_min < self.logsnr_max, "logsnr_min", "must be below logsnr_max")
         require(self.num_timesteps >= 2, "num_timesteps", "must be at least 2")
+        for key in ("beta_start", "beta_end"):
+            value = getattr(self, key)
+            require(value is None or self.kind in ("linear", "scaled_linear"), key,
+                    f"applies to the linear and scaled_linear kinds, not {self.kind}")
+            require(value is None or 0 < value < 1, key, "must be in (0, 1)")
 
 
 @dataclass
@@ -124,21 +138,58 @@ class MLPConfig:
 
 
 @dataclass
+class DiffusersConfig:
+    """A diffusers UNet as the network: its class and its diffusers config (what `from_config`
+    rebuilds it from), and how raydistill's condition maps onto its inputs.
+
+    Class labels: the model's class embedding holds the classes and one null label for CFG,
+    `null_class` (-1: the last embedding). Text: cond["encoder_hidden_states"] [B, L, D], the
+    null condition being the empty prompt's embedding, a [text_length, D] buffer of the network.
+    A w-conditioned student takes w through a projection of guidance_embedding(w) added to the
+    time embedding's input (diffusers' `time_cond_proj_dim`, as LCM does), starting at zero.
+    """
+
+    model_class: Literal["UNet2DModel", "UNet2DConditionModel"] = "UNet2DModel"
+    unet: dict[str, Any] = field(default_factory=dict)   # the model's diffusers config
+    null_class: int = -1
+    text_length: int = 0             # tokens of encoder_hidden_states (text-conditioned models)
+    w_embedding: bool = False
+    w_embedding_dim: int = 256
+
+    def validate(self) -> None:
+        require(bool(self.unet), "unet", "is required (the model's diffusers config)")
+        conditioned = self.model_class == "UNet2DConditionModel"
+        require(conditioned == (self.text_length > 0), "text_length",
+                "must be positive for a UNet2DConditionModel (its encoder_hidden_states tokens) "
+                "and 0 for a UNet2DModel")
+        require(self.w_embedding_dim > 0 and self.w_embedding_dim % 2 == 0, "w_embedding_dim",
+                "must be a positive even number")
+
+
+@dataclass
 class ModelConfig:
     """A denoiser: a network (or the analytic mixture), its parameterization and its schedule."""
 
-    kind: Literal["unet", "mlp", "gmm"] = "unet"
+    kind: Literal["unet", "mlp", "gmm", "diffusers"] = "unet"
     prediction: Literal["eps", "x", "v"] = "v"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     gmm: MixtureConfig = field(default_factory=MixtureConfig)
+    diffusers: DiffusersConfig | None = None
 
     @property
     def w_conditioned(self) -> bool:
         """Whether the network takes the guidance strength w as an input."""
-        return (self.kind == "unet" and self.unet.w_embedding) or (
-            self.kind == "mlp" and self.mlp.w_embedding)
+        if self.kind in ("unet", "mlp", "diffusers"):
+            return bool(getattr(self, self.kind).w_embedding)
+        return False
+
+    def validate(self) -> None:
+        require((self.kind == "diffusers") == (self.diffusers is not None), "diffusers",
+                "is required with kind diffusers, and only then")
+        require(self.kind != "diffusers" or self.schedule.discrete, "schedule.kind",
+                "a diffusers network needs a discrete schedule (its native timesteps)")
 
 
 @dataclass
@@ -327,16 +378,40 @@ class ClassifierJob:
 
 
 @dataclass
+class DiffusersTeacher:
+    """A diffusers model directory: a pipeline's (unet/, scheduler/) or one model's
+    `save_pretrained` output with its scheduler_config.json beside config.json."""
+
+    path: str = ""
+    null_class: int = -1             # class-conditional: the label trained as "no class" (-1: last)
+    null_embedding: str = ""         # text-conditioned: the empty prompt's encoder_hidden_states
+                                     # [L, D] (.npy or .safetensors, key "encoder_hidden_states")
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", "is required (a diffusers model or pipeline directory)")
+        require(os.path.isdir(self.path), "path", f"no such directory: {self.path}")
+        if self.null_embedding:
+            require(os.path.isfile(self.null_embedding), "null_embedding",
+                    f"no such file: {self.null_embedding}")
+
+
+@dataclass
 class TeacherRef:
-    """A teacher checkpoint, or an analytic mixture teacher described inline (exactly one)."""
+    """A teacher checkpoint, a diffusers model directory, or an analytic mixture teacher
+    described inline (exactly one)."""
 
     checkpoint: str = ""             # teacher checkpoint directory
     analytic: MixtureConfig | None = None
+    diffusers: DiffusersTeacher | None = None
     fingerprint: str = ""            # optional pin: refuse a teacher with another fingerprint
     build: str = ""                  # a teacher YAML to train into `checkpoint` when it is missing
 
     def validate(self) -> None:
-        if self.analytic is not None:
+        if self.diffusers is not None:
+            require(not self.checkpoint and self.analytic is None, "diffusers",
+                    "give one of checkpoint, analytic and diffusers")
+            require(not self.build, "build", "a diffusers teacher is loaded, not trained")
+        elif self.analytic is not None:
             require(not self.checkpoint, "analytic", "give either checkpoint or analytic, not both")
             require(not self.build, "build", "an analytic teacher needs no training")
         elif self.build:
@@ -701,9 +776,14 @@ def with_absolute_paths(job: T) -> T:
 
     changes: dict[str, Any] = {}
     if hasattr(job, "teacher"):
+        diffusers = job.teacher.diffusers
+        if diffusers is not None:
+            diffusers = dataclasses.replace(diffusers, path=absolute(diffusers.path),
+                                            null_embedding=absolute(diffusers.null_embedding))
         changes["teacher"] = dataclasses.replace(job.teacher,
                                                  checkpoint=absolute(job.teacher.checkpoint),
-                                                 build=absolute(job.teacher.build))
+                                                 build=absolute(job.teacher.build),
+                                                 diffusers=diffusers)
     if hasattr(job, "data"):
         changes["data"] = dataclasses.replace(job.data, path=absolute(job.data.path))
     if hasattr(job, "pairs"):

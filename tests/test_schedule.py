@@ -7,6 +7,7 @@ SCHEDULES = {
     "cosine": CosineSchedule(),
     "linear": DiscreteSchedule.linear(),
     "scaled_linear": DiscreteSchedule.scaled_linear(),
+    "squaredcos_cap_v2": DiscreteSchedule.squaredcos_cap_v2(),
 }
 
 
@@ -32,21 +33,25 @@ def test_cosine_clipping_endpoints():
     torch.testing.assert_close(ends, torch.tensor([12.0, -15.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_discrete_matches_diffusers_alphas_cumprod(kind):
-    """The continuous map hits the teacher's native alpha_bar_n exactly at t = n / (N - 1) for
-    n >= 1, and alpha_bar_0 as t -> 0+; t = 0 itself is the clean image (diffusers'
-    set_alpha_to_one)."""
+    """The continuous map hits the teacher's native alpha_bar_n exactly at t = (n + 1) / N, so the
+    uniform t grid of `steps` steps is diffusers' "trailing" DDIM grid; t = 0 is the clean image
+    (diffusers' set_alpha_to_one)."""
     diffusers = pytest.importorskip("diffusers")
-    reference = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=kind,
+    reference = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=kind,
                                         beta_start=1e-4 if kind == "linear" else 0.00085,
-                                        beta_end=0.02 if kind == "linear" else 0.012)
+                                        beta_end=0.02 if kind == "linear" else 0.012,
+                                        timestep_spacing="trailing")
     schedule = SCHEDULES[kind]
     n = torch.tensor([0, 1, 250, 500, 999])
-    t = (n.double() / 999).clamp(min=1e-12)
+    t = (n.double() + 1) / 1000
     torch.testing.assert_close(schedule.alpha(t) ** 2, reference.alphas_cumprod[n].double(),
                                rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(schedule.timestep(n.double() / 999), n.double())
+    torch.testing.assert_close(schedule.timestep(t), n.double())
+    reference.set_timesteps(8)
+    grid = torch.linspace(1, 0, 9, dtype=torch.float64)[:-1]
+    torch.testing.assert_close(schedule.timestep(grid), reference.timesteps.double())
     alpha, sigma = schedule.alpha_sigma(torch.zeros(1, dtype=torch.float64))
     assert float(alpha) == 1.0 and float(sigma) == 0.0
     assert schedule.t_from_logsnr(torch.tensor([torch.inf], dtype=torch.float64)).item() == 0.0

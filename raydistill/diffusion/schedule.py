@@ -69,14 +69,16 @@ class CosineSchedule(Schedule):
 
 
 class DiscreteSchedule(Schedule):
-    """The N-step DDPM schedule of a discrete teacher, made continuous.
+    """The N-step DDPM schedule of a discrete teacher, made continuous on diffusers' grid.
 
-    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t in
-    (0, 1] maps to the fractional index n = t (N - 1) and lambda is linearly interpolated between
-    indices, so t -> 0+ is the teacher's first timestep (sigma ~ 0.01 for the linear betas) and
-    t = 1 its last (alpha_1 is small but not zero). t = 0 itself is the clean image: alpha = 1,
-    sigma = 0, lambda = +inf, as diffusers' DDIM takes its last step with `set_alpha_to_one`, so
-    every sampler ends on x_hat instead of alpha_0 x_hat + sigma_0 eps_hat.
+    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t
+    maps to the fractional index n = N t - 1 (t = (n + 1) / N), the convention of diffusers'
+    "trailing" timestep spacing: t = 1 is the last timestep N - 1 (alpha_1 small but not zero),
+    and `steps` uniform steps in t land on the native timesteps diffusers' DDIM visits with
+    `steps` inference steps when steps divides N (999, 749, 499, 249 for 4 of 1000). t = 0 is
+    n = -1, the clean image: alpha = 1, sigma = 0, lambda = +inf, as diffusers' DDIM ends with
+    `set_alpha_to_one`, so every sampler ends on x_hat. Between native timesteps lambda is
+    linear in n; below the first one (0 < t < 1 / N) sigma^2 falls linearly to zero.
     """
 
     def __init__(self, betas: Tensor):
@@ -86,6 +88,7 @@ class DiscreteSchedule(Schedule):
         alpha_bar = torch.cumprod(1.0 - betas, dim=0)
         self.num_timesteps = len(betas)
         self.logsnr_table = torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+        self._sigma2_first = float(1.0 - alpha_bar[0])
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
@@ -100,23 +103,36 @@ class DiscreteSchedule(Schedule):
         root = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64)
         return cls(root**2)
 
+    @classmethod
+    def squaredcos_cap_v2(cls, num_timesteps: int = 1000):
+        """Nichol & Dhariwal's (2021) cosine alpha_bar discretised, betas capped at 0.999
+        (diffusers' `squaredcos_cap_v2`)."""
+        s = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return cls((1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999))
+
     def timestep(self, t: Tensor) -> Tensor:
-        """Fractional native timestep n(t) = t (N - 1), for adapters that feed the teacher."""
-        return t * (self.num_timesteps - 1)
+        """Fractional native timestep n(t) = N t - 1, for adapters that feed the teacher (-1 at
+        t = 0, the clean image, where no network is evaluated)."""
+        return t * self.num_timesteps - 1
 
     def logsnr(self, t: Tensor) -> Tensor:
         table = self.logsnr_table.to(device=t.device)
-        n = self.timestep(t.to(torch.float64)).clamp(0, self.num_timesteps - 1)
-        lo = n.floor().long().clamp(max=self.num_timesteps - 2)
+        n = self.timestep(t.to(torch.float64)).clamp(-1, self.num_timesteps - 1)
+        lo = n.floor().long().clamp(0, self.num_timesteps - 2)
         frac = n - lo
-        out = table[lo] * (1 - frac) + table[lo + 1] * frac
-        return torch.where(n > 0, out, torch.inf).to(t.dtype)
+        between = table[lo] * (1 - frac) + table[lo + 1] * frac
+        sigma2 = (n + 1) * self._sigma2_first
+        below = torch.log1p(-sigma2) - torch.log(sigma2)         # +inf at n = -1
+        return torch.where(n >= 0, between, below).to(t.dtype)
 
     def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
         # lambda is strictly decreasing in n: search the negated (increasing) table.
         table = (-self.logsnr_table).to(device=logsnr.device)
-        x = (-logsnr.to(torch.float64)).clamp(table[0], table[-1])
+        x = (-logsnr.to(torch.float64)).clamp(max=table[-1])
         hi = torch.searchsorted(table, x).clamp(1, self.num_timesteps - 1)
         lo = hi - 1
-        frac = (x - table[lo]) / (table[hi] - table[lo])
-        return ((lo + frac) / (self.num_timesteps - 1)).to(logsnr.dtype)
+        n = lo + (x - table[lo]) / (table[hi] - table[lo])
+        below = torch.sigmoid(x) / self._sigma2_first - 1          # sigma^2 = sigmoid(-lambda)
+        n = torch.where(x >= table[0], n, below)
+        return ((n + 1) / self.num_timesteps).to(logsnr.dtype)

@@ -40,6 +40,8 @@ from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.diffusion.multistep import renoise_sample
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
+from raydistill.models.diffusers_unet import DiffusersUNet, load_diffusers
+from raydistill.models.diffusers_unet import data_shape as diffusers_data_shape
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.mlp import MLP
 from raydistill.models.unet import UNet
@@ -55,6 +57,8 @@ def build_network(config: ModelConfig) -> nn.Module:
         return UNet(config.unet)
     if config.kind == "mlp":
         return MLP(config.mlp)
+    if config.kind == "diffusers":
+        return DiffusersUNet(config.diffusers, make_schedule(config.schedule))
     gmm = config.gmm
     return GaussianMixture.random(
         num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
@@ -65,6 +69,8 @@ def model_data_shape(config: ModelConfig) -> tuple[int, ...]:
     """The shape of one sample x a model built from `config` denoises."""
     if config.kind == "unet":
         return (config.unet.in_channels, config.unet.resolution, config.unet.resolution)
+    if config.kind == "diffusers":
+        return diffusers_data_shape(config.diffusers)
     spec = config.gmm if config.kind == "gmm" else config.mlp
     return tuple(spec.shape) or (spec.dim,)
 
@@ -160,6 +166,8 @@ class Checkpoint:
     @property
     def num_classes(self) -> int:
         config = self.config
+        if config.kind == "diffusers":
+            return self.network.num_classes
         return {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind].num_classes
 
     @functools.cached_property
@@ -343,12 +351,15 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
 
 
 def load_teacher(ref: TeacherRef) -> Checkpoint:
-    """The configured teacher (a checkpoint, or the analytic mixture described inline); a
-    fingerprint pin must match."""
+    """The configured teacher (a checkpoint, a diffusers directory, or the analytic mixture
+    described inline); a fingerprint pin must match."""
     if ref.analytic is not None:
         config = ModelConfig(kind="gmm", gmm=ref.analytic)
         network = build_network(config)
         checkpoint = Checkpoint(network, config, fingerprint(network, sparse_config(config)), {})
+    elif ref.diffusers is not None:
+        network, config = load_diffusers(ref.diffusers)
+        checkpoint = Checkpoint(network, config, fingerprint(network, written_config(config)), {})
     else:
         checkpoint = load_checkpoint(ref.checkpoint)
     if ref.fingerprint and not checkpoint.fingerprint.startswith(ref.fingerprint):

@@ -13,10 +13,12 @@ from raydistill.diffusion.schedule import CosineSchedule, DiscreteSchedule, Sche
 def make_schedule(config: ScheduleConfig) -> Schedule:
     if config.kind == "cosine":
         return CosineSchedule(config.logsnr_min, config.logsnr_max)
-    if config.kind == "linear":
-        return DiscreteSchedule.linear(config.num_timesteps)
-    if config.kind == "scaled_linear":
-        return DiscreteSchedule.scaled_linear(config.num_timesteps)
+    if config.kind == "squaredcos_cap_v2":
+        return DiscreteSchedule.squaredcos_cap_v2(config.num_timesteps)
+    if config.kind in ("linear", "scaled_linear"):
+        betas = {key: value for key in ("beta_start", "beta_end")
+                 if (value := getattr(config, key)) is not None}
+        return getattr(DiscreteSchedule, config.kind)(config.num_timesteps, **betas)
     raise ValueError(f"unknown schedule kind {config.kind!r}")
 
 

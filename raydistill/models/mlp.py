@@ -17,6 +17,9 @@ from raydistill.models.unet import W_SCALE, zero_output_mlp
 
 
 class MLP(nn.Module):
+    #: parameters a w-conditioned student adds to its teacher's (zero-initialised)
+    W_INPUTS = ("w_mlp.",)
+
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config

@@ -72,6 +72,9 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """Conditional UNet; see the module docstring for the conditioning."""
 
+    #: parameters a w-conditioned student adds to its teacher's (zero-initialised)
+    W_INPUTS = ("w_mlp.",)
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config

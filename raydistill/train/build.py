@@ -61,7 +61,7 @@ def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Mod
     if not starts_from_teacher(config, teacher):
         return student
     missing, unexpected = student.load_state_dict(teacher.network.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("w_mlp.") for name in missing):
+    if unexpected or any(not name.startswith(student.W_INPUTS) for name in missing):
         raise ConfigError("student", "does not match the teacher's network, so it cannot start "
                                      "from the teacher's weights (leave `student` unset to copy it)")
     return student

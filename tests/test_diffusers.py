@@ -1,0 +1,108 @@
+"""diffusers teachers behind the Denoiser contract: raydistill's DDIM through the adapter equals
+diffusers' own DDIM loop for the same noise, with class labels, text embeddings and CFG."""
+
+import pytest
+import torch
+from diffusers_models import (
+    CLASSES,
+    TOKENS,
+    WIDTH,
+    diffusers_ddim,
+    scheduler,
+    tiny_unet,
+    write_model,
+    write_null_embedding,
+)
+
+from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef
+from raydistill.diffusion import ddim, sample
+from raydistill.models.checkpoint import load_teacher
+
+TOLERANCE = 1e-4
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def teacher_from(directory, **options):
+    return load_teacher(TeacherRef(diffusers=DiffusersTeacher(path=str(directory), **options)))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_uniform_ddim_equals_diffusers_trailing_loop(tmp_path, prediction):
+    """raydistill's `steps`-step DDIM on its uniform t grid is diffusers' DDIM with trailing
+    spacing, step for step, for a class-conditional UNet2DModel; guided with w = s - 1 it is
+    diffusers' CFG at guidance scale s with the null label."""
+    unet, sched = tiny_unet(), scheduler(prediction)
+    teacher = teacher_from(write_model(tmp_path, unet, sched, pipeline=True))
+    assert teacher.config.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
+    assert teacher.num_classes == CLASSES and teacher.data_shape == (1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn(6, 1, 8, 8, generator=g), torch.arange(6) % CLASSES
+    schedule = teacher.denoiser.schedule
+    with torch.no_grad():
+        ours = sample(teacher.denoiser, noise, {"c": labels}, schedule, steps=8)
+        guided = sample(teacher.denoiser, noise, {"c": labels}, schedule, steps=8, w=2.0)
+    theirs = diffusers_ddim(unet, sched, noise, 8, class_labels=labels)
+    theirs_guided = diffusers_ddim(unet, sched, noise, 8, guidance_scale=3.0, class_labels=labels,
+                                   null_class_labels=torch.full_like(labels, CLASSES))
+    print(f"{prediction}: relative error {relative_error(ours, theirs):.2e}, "
+          f"guided {relative_error(guided, theirs_guided):.2e}")
+    assert relative_error(ours, theirs) <= TOLERANCE
+    assert relative_error(guided, theirs_guided) <= TOLERANCE
+    assert relative_error(guided, theirs) > 100 * TOLERANCE      # guidance changed the samples
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_on_diffusers_leading_grid(tmp_path, prediction):
+    """Any diffusers grid is a t grid: t = (n + 1) / N for its timesteps, then 0 (set_alpha_to_one):
+    10 steps of the default leading spacing (900, 800, ..., 0) with a linear-beta model directory."""
+    unet, sched = tiny_unet(channels=3, seed=2), scheduler(prediction, "leading", "linear")
+    teacher = teacher_from(write_model(tmp_path, unet, sched))
+    g = torch.Generator().manual_seed(1)
+    noise, labels = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3])
+    sched.set_timesteps(10)
+    ts = torch.cat([(sched.timesteps.double() + 1) / 1000, torch.zeros(1, dtype=torch.float64)])
+    with torch.no_grad():
+        ours = ddim(teacher.denoiser, noise, ts, {"c": labels}, teacher.denoiser.schedule)
+    theirs = diffusers_ddim(unet, sched, noise, 10, class_labels=labels)
+    assert relative_error(ours, theirs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_text_conditioned_teacher_with_null_embedding(tmp_path, prediction):
+    """A UNet2DConditionModel on precomputed encoder_hidden_states: the null branch of CFG (and any
+    sample whose c is NULL_CLASS) gets the empty prompt's embedding."""
+    unet, sched = tiny_unet(text=True, seed=3), scheduler(prediction)
+    null = write_null_embedding(str(tmp_path / "null.npy"))
+    teacher = teacher_from(write_model(tmp_path / "model", unet, sched, pipeline=True),
+                           null_embedding=str(tmp_path / "null.npy"))
+    assert teacher.config.diffusers.text_length == TOKENS and teacher.num_classes == 1
+    g = torch.Generator().manual_seed(2)
+    noise, states = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, TOKENS, WIDTH, generator=g)
+    cond = {"c": torch.zeros(3, dtype=torch.long), "encoder_hidden_states": states}
+    with torch.no_grad():
+        guided = sample(teacher.denoiser, noise, cond, teacher.denoiser.schedule, steps=4, w=1.5)
+    theirs = diffusers_ddim(unet, sched, noise, 4, guidance_scale=2.5, encoder_hidden_states=states,
+                            null_encoder_hidden_states=null.expand(3, -1, -1))
+    assert relative_error(guided, theirs) <= TOLERANCE
+
+
+def test_bad_diffusers_directories_are_refused_by_key(tmp_path):
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "no_scheduler")
+    with pytest.raises(ConfigError, match="scheduler_config.json is missing"):
+        teacher_from(tmp_path / "no_scheduler")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds neither unet/config.json"):
+        teacher_from(tmp_path / "empty")
+    write_model(tmp_path / "zero_snr", unet, scheduler())
+    config = (tmp_path / "zero_snr" / "scheduler_config.json")
+    config.write_text(config.read_text().replace('"rescale_betas_zero_snr": false',
+                                                 '"rescale_betas_zero_snr": true'))
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        teacher_from(tmp_path / "zero_snr")
+    write_model(tmp_path / "text", tiny_unet(text=True), scheduler())
+    with pytest.raises(ConfigError, match="teacher.diffusers.null_embedding: is required"):
+        teacher_from(tmp_path / "text")
