@@ -185,17 +185,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     checkpoint.network.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
-    if model.kind != "unet":
-        raise ConfigError("--checkpoint", "sample grids need an image model (kind unet)")
-    shape = (model.unet.in_channels, model.unet.resolution, model.unet.resolution)
-    images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule, shape=shape,
-                                    num_classes=model.unet.num_classes, sampler=sampler,
+    if model.kind not in ("unet", "diffusers"):
+        raise ConfigError("--checkpoint", f"sample grids need an image model, not a {model.kind}")
+    if model.kind == "diffusers" and model.diffusers.text_length:
+        raise ConfigError("--checkpoint", "is text-conditioned: sample grids are drawn per class")
+    images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule,
+                                    shape=checkpoint.data_shape,
+                                    num_classes=checkpoint.num_classes, sampler=sampler,
                                     seed=args.seed, device=device,
                                     stochastic=checkpoint.stochastic_sampler if stochastic else None)
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:
-        save_grid(images, model.unet.num_classes, args.out)
+        save_grid(images, checkpoint.num_classes, args.out)
     how = (distilled.solver if distilled else "stochastic") if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"

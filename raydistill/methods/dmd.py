@@ -66,14 +66,17 @@ from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import denoise
 from raydistill.seeds import MODULES_STREAM, derive_seed
 
-#: the layer whose output the GAN head reads, by network kind: the UNet's bottleneck, the MLP's
-#: last hidden features
-FEATURE_LAYERS = {"unet": lambda net: net.mid[-1], "mlp": lambda net: net.out[0]}
+#: the layer whose output the GAN head reads, by network kind: the UNet's bottleneck (a diffusers
+#: UNet's mid block), the MLP's last hidden features
+FEATURE_LAYERS = {"unet": lambda net: net.mid[-1], "mlp": lambda net: net.out[0],
+                  "diffusers": lambda net: net.unet.mid_block}
 
 
 def feature_width(config: ModelConfig) -> int:
     if config.kind == "unet":
         return config.unet.base_channels * config.unet.channel_mult[-1]
+    if config.kind == "diffusers":
+        return config.diffusers.unet["block_out_channels"][-1]
     return config.mlp.width
 
 
