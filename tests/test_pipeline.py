@@ -8,6 +8,7 @@ import math
 import os
 
 import pytest
+from event_files import read_scalars
 
 from raydistill.cli import main
 from raydistill.config import PipelineJob, load
@@ -51,6 +52,10 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert rows["teacher", 32]["fid"] < rows["ddim", 1]["fid"]
     assert rows["teacher", 32]["fid_to_teacher"] == pytest.approx(0, abs=1e-6)
     assert all(r["fid_to_teacher"] > 0 for key, r in rows.items() if key != ("teacher", 32))
+    events = read_scalars(os.path.join(out, "tensorboard"))        # FID against NFE per sampler
+    assert events["fid/progressive-ddim"] == pytest.approx(
+        {r["nfe"]: r["fid"] for (name, _), r in rows.items() if name == "progressive"})
+    assert read_scalars(os.path.join(out, "dmd", "tensorboard"))["generator/loss"]
     stages = metrics["stages"]      # guided: from pairs; two DDIM steps of a guided student
     assert stages["guided-pairs"]["shards"] == 4 and stages["guided-pairs"]["samples_per_s"] > 0
     assert stages["guided-pairs"]["teacher_evaluations"] == 4 * 256 * 2      # CFG: 2 per pair

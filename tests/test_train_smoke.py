@@ -2,12 +2,14 @@
 dmd.yaml runs standalone (building the tiny teacher it needs) with 2 workers under ZeRO-2 (DMD: two
 engines), and leaves a student that `raydistill sample` loads at its steps (2; DMD's generator 1).
 The terminal shows one progress bar for the run, and the engines' INFO lines go to the workers'
-log files."""
+log files; TensorBoard events hold the logged losses."""
 
+import json
 import os
 
 import pytest
 import ray
+from event_files import read_scalars
 
 from raydistill.cli import main
 from raydistill.models import load_checkpoint
@@ -40,6 +42,10 @@ def test_smoke_config_trains_a_student_that_samples(tmp_path_factory, method, st
     assert "Reporting training result" not in console.out + console.err      # Ray Train's INFO
     assert "Reporting training result" in open(os.path.join(out, "logs", "train-rank0.log")).read()
     assert "Starting execution of Dataset" not in console.out + console.err   # Ray Data's INFO
+    logged = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    events = read_scalars(os.path.join(out, "tensorboard"))
+    assert events["loss"] == pytest.approx({row["step"]: row["loss"] for row in logged})
+    assert len(events["loss"]) == steps // (10 if method != "dmd" else 5)
     student = load_checkpoint(os.path.join(out, "student"))
     assert student.extra["teacher_fingerprint"] == load_checkpoint(teacher).fingerprint
     if method == "guided":

@@ -1,5 +1,5 @@
-"""DIR/report.md and DIR/metrics.json, written from the lineage records and eval.json only, so a
-report never claims a stage that did not finish.
+"""DIR/report.md, DIR/metrics.json and DIR/tensorboard/ (the scores against NFE), written from the
+lineage records and eval.json only, so a report never claims a stage that did not finish.
 
 Quality goals (digits, issue 10): a progressive student at 4 steps within 1.25x the teacher's
 full-step FID, and at most 0.5x plain DDIM's FID at 4 steps. Each is stated with its measured
@@ -16,6 +16,8 @@ import platform
 import sys
 from typing import Any
 
+from raydistill.events import DIRECTORY as EVENTS
+from raydistill.events import write_evaluation
 from raydistill.pipeline.lineage import read_record
 
 GOAL_VS_TEACHER, GOAL_VS_DDIM = 1.25, 0.5
@@ -100,6 +102,7 @@ def write_report(out: str, stages: list[str], ran: dict[str, bool]) -> dict:
                        metric=evaluation["metric"])
     if rows:
         plot_scores(rows, os.path.join(out, PLOT))
+        write_evaluation(rows, os.path.join(out, EVENTS))
     _atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
     _atomic(os.path.join(out, "report.md"), _markdown(metrics, rows))
     return metrics

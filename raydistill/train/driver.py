@@ -7,6 +7,7 @@ The output directory:
     DIR/student/            the consolidated final student: `raydistill sample --checkpoint DIR/student`
     DIR/rounds/<N>-steps/   progressive: the student after each round
     DIR/train_log.jsonl     one line per logged step
+    DIR/tensorboard/        the same numbers as TensorBoard events, written as they are logged
     DIR/logs/               each worker's engine log (Ray, Ray Train, Ray Data, DeepSpeed INFO
                             lines and Python warnings; the terminal shows WARNING and worse)
 
@@ -36,6 +37,7 @@ from raydistill.config import (
     to_dict,
     with_absolute_paths,
 )
+from raydistill.events import DIRECTORY as EVENTS
 from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
 from raydistill.methods.base import DATA, PAIRS
@@ -185,7 +187,8 @@ def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
         trainer = TorchTrainer(
             worker_main,
             train_loop_config={"job": to_dict(job), "student": to_dict(student),
-                               "progress": channel, "logs": os.path.join(out, LOGS)},
+                               "progress": channel, "logs": os.path.join(out, LOGS),
+                               "events": os.path.join(out, EVENTS)},
             scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
                                          resources_per_worker={"CPU": workers.cpus,
                                                                **({"GPU": workers.gpus}
@@ -266,7 +269,8 @@ def worker_main(config: dict) -> None:
             show = None if channel is None else functools.partial(StepBar.put, channel)
             context = WorkerContext(rank, world, setup.device, report, directory,
                                     logged=show,
-                                    reached={"entered": entered, "set_up": set_up})
+                                    reached={"entered": entered, "set_up": set_up},
+                                    events=config["events"])
             run_worker(job, setup.method, setup.streams, context, student_config,
                        setup.teacher.fingerprint)
 

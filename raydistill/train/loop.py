@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from raydistill.config import ModelConfig, TrainJob
+from raydistill.events import EventWriter
 from raydistill.methods import Method, Phase
 from raydistill.models.checkpoint import build_network, save_checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
@@ -99,6 +100,8 @@ class WorkerContext:
     #: wall-clock times (time.time()) the worker reached before the loop, reported with every
     #: step as <name>_at (the driver's start-up breakdown)
     reached: dict[str, float] = field(default_factory=dict)
+    #: where rank 0 writes each logged step's numbers as TensorBoard events (raydistill.events)
+    events: str | None = None
 
 
 @dataclass
@@ -136,6 +139,8 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
         progress, round_weights = _restore(ctx.restored, engines, ema, streams, ctx.rank, workdir)
         progress.resumes += 1
     method.start_round(progress.round, round_weights)
+    events = EventWriter(ctx.events, purge_step=progress.step if ctx.restored else None) \
+        if ctx.rank == 0 and ctx.events else None
 
     def final_weights() -> dict[str, dict[str, Tensor]]:
         weights = {name: full_state_dict(e.module) for name, e in engines.items()}
@@ -256,12 +261,16 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
         if ctx.rank == 0:
             with open(os.path.join(workdir, LOG), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if events is not None:
+                events.write(metrics, progress.step)
         if ctx.rank == 0 and ctx.logged is not None:
             ctx.logged({**metrics, "total": total, "start": first_step})
         if is_checkpoint:
             checkpoint(progress.step == total, metrics)
     method.use_modules(engines)
     shutil.rmtree(workdir, ignore_errors=True)
+    if events is not None:
+        events.close()
 
 
 def updates_per_step(phases: list[Phase], modules: dict[str, nn.Module],
