@@ -188,8 +188,13 @@ class ModelConfig:
     def validate(self) -> None:
         require((self.kind == "diffusers") == (self.diffusers is not None), "diffusers",
                 "is required with kind diffusers, and only then")
-        require(self.kind != "diffusers" or self.schedule.discrete, "schedule.kind",
-                "a diffusers network needs a discrete schedule (its native timesteps)")
+        if self.kind == "diffusers":
+            require(self.schedule.discrete, "schedule.kind",
+                    "a diffusers network needs a discrete schedule (its native timesteps)")
+            for key in ("beta_start", "beta_end"):
+                require(self.schedule.kind == "squaredcos_cap_v2"
+                        or getattr(self.schedule, key) is not None, f"schedule.{key}",
+                        "is required for a diffusers network (its scheduler's value)")
 
 
 @dataclass
