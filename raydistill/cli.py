@@ -1,7 +1,7 @@
 """`raydistill VERB ...`: the command-line entry point.
 
-Exit codes: 0 success, 1 the work failed, 2 bad input (config key, file, flag), 3 a verb that is
-not built yet.
+Exit codes: 0 success, 1 the work failed (for `submit`: the job FAILED or was STOPPED, or the
+cluster could not be reached), 2 bad input (config key, file, flag).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from raydistill import submit
 from raydistill.config import (
     ClassifierJob,
     ConfigError,
@@ -26,7 +27,10 @@ from raydistill.config import (
     with_absolute_paths,
 )
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 PLANNED = {
     "pairs": "generate teacher pairs / targets into WebDataset shards on Ray actors",
@@ -34,7 +38,7 @@ PLANNED = {
     "eval": "score the teacher, plain solvers and students: FID / KID, or exact distances",
     "run": "the whole pipeline: teacher -> classifier -> students -> eval -> report",
     "verify": "recompute shard checksums and counts against the manifest",
-    "submit": "submit a pipeline to a Ray cluster as a Ray job",
+    "submit": "run pairs, train or run on a Ray cluster as a Ray job; a job's status, logs, stop",
 }
 
 
@@ -116,11 +120,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="one of the config's presets (default: its default_preset)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     p.set_defaults(handler=cmd_run)
-    for verb in ("submit",):
-        p = verbs.add_parser(verb, help=f"{PLANNED[verb]} (not built yet)")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(handler=_planned(verb))
+    p = verbs.add_parser("export", help="a student of a diffusers teacher as a diffusers UNet "
+                                        "directory and DDIMScheduler config")
+    p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
+    p.add_argument("--format", required=True, choices=["diffusers"], help="the export format")
+    p.add_argument("--out", required=True, help="directory to write: unet/, scheduler/, "
+                                                "raydistill.json")
+    p.add_argument("--w", type=float, help="the guidance strength to build into a w-conditioned "
+                                           "UNet2DModel student (it has no guidance input)")
+    p.set_defaults(handler=cmd_export)
+    _submit_parser(verbs.add_parser(
+        "submit", help=PLANNED["submit"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a jobs/ entrypoint on a Ray cluster with the Ray Job Submission SDK: the "
+                    "working directory\nis uploaded, the job's logs are streamed, and the command "
+                    "exits 0 if the job SUCCEEDED,\n1 if it FAILED or was STOPPED. Or look after a "
+                    "job by its id.",
+        epilog="examples:\n"
+               "  raydistill submit pairs --address http://HEAD:8265 -- \\\n"
+               "      --config configs/smoke/pairs.yaml --out s3://bucket/pairs\n"
+               "  raydistill submit run --no-wait -- --config configs/digits/pipeline.yaml "
+               "--out /shared/runs/digits\n"
+               "  raydistill submit logs raysubmit_XYZ --follow    # --address or $RAY_ADDRESS "
+               "names the cluster"))
     return parser
+
+
+def _submit_parser(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="submit_verb", metavar="JOB | ACTION", required=True)
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--address", help="the cluster's job server: the head's dashboard, e.g. "
+                                           "http://HEAD:8265 (default: $RAY_ADDRESS)")
+    for job, script in submit.JOBS.items():
+        q = actions.add_parser(
+            job, aliases=[script], parents=[cluster],
+            help=f"python jobs/{script}.py ARGS on the cluster: `raydistill {job} ARGS` there",
+            description=f"Run `python jobs/{script}.py ARGS` (`raydistill {job} ARGS`) on a Ray "
+                        "cluster as a Ray job, streaming its logs to stdout; exit 0 if it "
+                        "SUCCEEDED, 1 if it FAILED or was STOPPED. Ctrl-C stops following, not the "
+                        "job. Paths in ARGS are read on the cluster, relative to the working "
+                        "directory: outputs belong on storage every node reads (s3://, a shared "
+                        "filesystem).")
+        q.add_argument("--working-dir", default=submit.checkout_root(), metavar="DIR",
+                       help="directory uploaded with the job, its current directory there, and "
+                            "first on its PYTHONPATH (default: the checkout raydistill runs from, "
+                            "%(default)s); .git, .venv, runs/, caches and what .gitignore lists "
+                            "stay behind")
+        q.add_argument("--runtime-env", metavar="FILE",
+                       help="YAML or JSON mapping of further Ray runtime_env keys (env_vars, pip, "
+                            "conda, excludes, ...)")
+        q.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
+                       help="a pip requirement installed for the job (repeatable)")
+        q.add_argument("--entrypoint-gpus", type=float, metavar="N",
+                       help="GPUs reserved for the job's driver process, which then runs on a GPU "
+                            "node: `run` trains the teacher and the classifier there")
+        q.add_argument("--job-id", help="the job's submission id (default: one Ray makes up)")
+        q.add_argument("--no-wait", action="store_true",
+                       help="print the job id and return once the job is submitted")
+        q.add_argument("args", nargs="*", metavar="-- ARGS",
+                       help=f"the arguments of `raydistill {job}`, after --")
+        q.set_defaults(handler=cmd_submit, submit_action=_submit_job, job=job)
+    q = actions.add_parser("status", parents=[cluster],
+                           help="a job's status; exit 1 if it FAILED or was STOPPED")
+    q.add_argument("job_id", metavar="JOB_ID")
+    q.set_defaults(handler=cmd_submit, submit_action=_submit_status)
+    q = actions.add_parser("logs", parents=[cluster], help="a job's logs so far, or --follow them")
+    q.add_argument("job_id", metavar="JOB_ID")
+    q.add_argument("--follow", action="store_true",
+                   help="stream the logs until the job ends; exit as a waited submit does")
+    q.set_defaults(handler=cmd_submit, submit_action=_submit_logs)
+    q = actions.add_parser("stop", parents=[cluster],
+                           help="stop a job (SIGTERM, then SIGKILL) and wait until it has ended; "
+                                f"exit 1 if it has not within {submit.STOP_WAIT_S:g} s")
+    q.add_argument("job_id", metavar="JOB_ID")
+    q.set_defaults(handler=cmd_submit, submit_action=_submit_stop)
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
@@ -275,6 +347,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from raydistill.models.checkpoint import load_checkpoint
+    from raydistill.models.export import export_diffusers
+
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError("--checkpoint", f"no such directory: {args.checkpoint}")
+    record = export_diffusers(load_checkpoint(args.checkpoint), args.out, w=args.w)
+    how = f"{record['steps']} DDIM steps" if record["steps"] else "any number of DDIM steps"
+    built_in = f", w={record['w_built_in']:g} built in" if record["w_built_in"] is not None else ""
+    print(f"export: wrote {args.out} (diffusers {how}{built_in})")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from raydistill.pairs.verify import verify_pairs
 
@@ -311,11 +396,78 @@ def _repair(args: argparse.Namespace, bad: list[str]):
     return verify_pairs(args.uri)
 
 
-def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"raydistill {verb}: not built yet ({PLANNED[verb]})", file=sys.stderr)
-        return EXIT_NOT_BUILT
-    return handler
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`raydistill submit JOB | ACTION`: a cluster that cannot be reached or refuses a request is
+    one line on stderr and exit 1."""
+    try:
+        with submit.quiet_sdk():
+            return args.submit_action(args)
+    except submit.ClusterError as err:
+        print(f"raydistill submit: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _submit_job(args: argparse.Namespace) -> int:
+    env = submit.runtime_env(args.job, args.working_dir, args.runtime_env, args.pip)
+    command = submit.entrypoint(args.job, args.args)
+    client = submit.connect(args.address)
+    job_id = submit.submit_job(client, command, env, job_id=args.job_id,
+                               entrypoint_gpus=args.entrypoint_gpus)
+    if args.no_wait:
+        print(job_id)
+        print(f"submit: {job_id} submitted; follow it with `{_again('logs', job_id, args)} "
+              f"--follow`", file=sys.stderr)
+        return 0
+    print(f"submit: {job_id} submitted: {command}", file=sys.stderr)
+    return _follow(client, job_id, args)
+
+
+def _follow(client: JobSubmissionClient, job_id: str, args: argparse.Namespace) -> int:
+    try:
+        info = submit.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"submit: stopped following {job_id}; the job keeps running (stop it with "
+              f"`{_again('stop', job_id, args)}`)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"submit: {submit.summary(job_id, info)}", file=sys.stderr)
+    return submit.exit_code(info)
+
+
+def _again(action: str, job_id: str, args: argparse.Namespace) -> str:
+    """The command line that runs `action` on the job, against the same cluster."""
+    return f"raydistill submit {action} {job_id}" + (f" --address {args.address}"
+                                                     if args.address else "")
+
+
+def _submit_status(args: argparse.Namespace) -> int:
+    client = submit.connect(args.address)
+    with submit.sdk_errors():
+        info = client.get_job_info(args.job_id)
+    print(f"submit: {submit.summary(args.job_id, info)}")
+    return submit.exit_code(info)
+
+
+def _submit_logs(args: argparse.Namespace) -> int:
+    client = submit.connect(args.address)
+    if args.follow:
+        return _follow(client, args.job_id, args)
+    with submit.sdk_errors():
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def _submit_stop(args: argparse.Namespace) -> int:
+    client = submit.connect(args.address)
+    with submit.sdk_errors():
+        client.stop_job(args.job_id)
+    info = submit.wait(client, args.job_id, submit.STOP_WAIT_S)
+    if not info.status.is_terminal():
+        print(f"raydistill submit: error: {args.job_id} is still {info.status.value} "
+              f"{submit.STOP_WAIT_S:g} s after the stop request (Ray stops a job that waits for "
+              f"resources once it gets them)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"submit: {submit.summary(args.job_id, info)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

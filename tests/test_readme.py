@@ -1,6 +1,7 @@
 """The README's commands stay true: each `raydistill` line parses with the CLI and loads its config
-(with its overrides), each `make` target exists, each `jobs/` script exists and takes the same
-arguments, and the README states the exit codes the CLI returns."""
+(with its overrides; for `submit`, the job's), each `make` target exists, each `jobs/` script exists
+and takes the same arguments, each cluster config exists, and the README states the exit codes the
+CLI returns."""
 
 import os
 import re
@@ -44,6 +45,9 @@ def test_readme_command(command, tmp_path, monkeypatch):
     if argv[0] == "make":
         assert re.search(rf"^{argv[1]}:", open("Makefile").read(), flags=re.M), command
         return
+    if argv[0] == "ray" and argv[1] in ("up", "dashboard", "down"):    # the cluster launcher
+        assert os.path.isfile(argv[2]), command
+        return
     if argv[:3] == ["ray", "job", "submit"]:
         argv = argv[argv.index("--") + 1:]
     if argv[0] == "python":
@@ -58,18 +62,23 @@ def test_readme_command(command, tmp_path, monkeypatch):
     np.savez(mine, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
     argv = [arg.replace("mine.npz", mine) for arg in argv]
     args = build_parser().parse_args(argv[1:])
+    if args.verb == "submit" and "job" in args:     # the arguments the job's entrypoint will parse
+        args = build_parser().parse_args([args.job, *args.args])
     if args.verb in JOBS:
         assert os.path.isfile(args.config), command
         load(JOBS[args.verb], args.config, args.overrides)
 
 
-def test_the_exit_codes_the_readme_states(capsys, tmp_path):
-    """'submit ... exit 3'; an unknown method is refused by key (exit 2)."""
+def test_the_exit_codes_the_readme_states(capsys, tmp_path, monkeypatch):
+    """`submit` exits as its job ended, and 2 without a cluster to submit to; an unknown method is
+    refused by key (exit 2)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert "`submit` verb | not built yet: it says so and exits 3" in readme
+    assert "exits 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED" in readme
     config = os.path.join(ROOT, "configs", "smoke", "guided.yaml")
     assert main(["train", "--config", config, "--out", str(tmp_path / "o"), "method=sid"]) == 2
     assert "method: must be one of ['guided', 'progressive', 'kd', 'dmd']" in \
         capsys.readouterr().err
-    assert main(["submit"]) == 3
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["submit", "train", "--", "--config", config, "--out", "o"]) == 2
+    assert "--address: no cluster given" in capsys.readouterr().err
     assert "../shared" not in readme, "the README must not point outside the repository"
