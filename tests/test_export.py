@@ -17,6 +17,7 @@ from diffusers_models import (
     write_null_embedding,
 )
 
+from raydistill.cli import main
 from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef
 from raydistill.diffusion import sample
 from raydistill.models import load_checkpoint, save_checkpoint
@@ -61,7 +62,9 @@ def test_guided_unet2d_student_exports_with_w_folded_in(tmp_path):
     teacher_dir = write_model(tmp_path / "teacher", tiny_unet(), scheduler("v_prediction"))
     student = student_of(teacher_dir, tmp_path, {"method": "guided", "w_min": 0.0, "w_max": 4.0},
                          w_embedding=True)
-    record = export_diffusers(student, str(tmp_path / "out"), w=2.0)
+    assert main(["export", "--checkpoint", str(tmp_path / "student"), "--format", "diffusers",
+                 "--out", str(tmp_path / "out"), "--w", "2"]) == 0
+    record = json.load(open(tmp_path / "out" / "raydistill.json"))
     assert record["w_built_in"] == 2.0 and record["fingerprint"] == student.fingerprint
     unet, sched = exported(tmp_path / "out")
     g = torch.Generator().manual_seed(0)
