@@ -90,7 +90,8 @@ def loop_seconds(job: TrainJob) -> float:
     method = fresh_method(job)
     context = WorkerContext(0, 1, torch.device("cpu"), lambda metrics, directory: None,
                             logged=windows.append)
-    run_worker(job, method, {}, context, student_config(job, load_teacher(job.teacher)), "bench")
+    teacher = load_teacher(job.teacher)
+    run_worker(job, method, {}, context, student_config(job, teacher), teacher)
     return BATCH / statistics.median(m["samples_per_s"] for m in windows[1:])
 
 

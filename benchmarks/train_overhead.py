@@ -112,9 +112,9 @@ def loop_seconds(job: TrainJob, batches: list[dict]) -> float:
     method = fresh_method(job)
     context = WorkerContext(0, 1, torch.device("cpu"), lambda metrics, directory: None,
                             logged=windows.append)
-    config = student_config(job, load_teacher(job.teacher))
-    run_worker(job, method, {method.phases()[0].reads[0]: Stream(stream)}, context, config,
-               "benchmark")
+    teacher = load_teacher(job.teacher)
+    run_worker(job, method, {method.phases()[0].reads[0]: Stream(stream)}, context,
+               student_config(job, teacher), teacher)
     return BATCH / statistics.median(m["samples_per_s"] for m in windows[1:])
 
 

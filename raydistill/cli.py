@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-sampler", action="store_true",
                    help="sample a distilled student with settings it was not distilled for "
                         "(steps, solver, spacing, sampler, w outside its range)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class (one row each)")
+    p.add_argument("--per-class", type=int, default=8,
+                   help="samples per class, or per prompt of a text model (one row each)")
+    p.add_argument("--prompts", help="a text model's prompt table (encoder_hidden_states "
+                                     "[P, L, D], .safetensors or .npy); default: the one it was "
+                                     "distilled with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--classifier", help="classifier directory: report how many samples it "
@@ -259,17 +263,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     denoiser, model = checkpoint.denoiser, checkpoint.config
     if model.kind not in ("unet", "diffusers"):
         raise ConfigError("--checkpoint", f"sample grids need an image model, not a {model.kind}")
-    if model.kind == "diffusers" and model.diffusers.text_length:
-        raise ConfigError("--checkpoint", "is text-conditioned: sample grids are drawn per class")
+    if args.prompts:
+        if not checkpoint.text:
+            raise ConfigError("--prompts", "the model is not text-conditioned")
+        checkpoint.prompts = args.prompts
+    if checkpoint.text and not checkpoint.prompts:
+        raise ConfigError("--prompts", "is required: the model is text-conditioned and records "
+                                       "no prompt table")
+    try:
+        conditions = checkpoint.conditions
+    except ConfigError as err:
+        raise ConfigError("--prompts", err.message) from None
     images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule,
                                     shape=checkpoint.data_shape,
-                                    num_classes=checkpoint.num_classes, sampler=sampler,
+                                    conditions=conditions, sampler=sampler,
                                     seed=args.seed, device=device,
                                     stochastic=checkpoint.stochastic_sampler if stochastic else None)
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:
-        save_grid(images, checkpoint.num_classes, args.out)
+        save_grid(images, conditions.num_classes, args.out)
     how = (distilled.solver if distilled else "stochastic") if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"

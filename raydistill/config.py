@@ -410,8 +410,13 @@ class TeacherRef:
     diffusers: DiffusersTeacher | None = None
     fingerprint: str = ""            # optional pin: refuse a teacher with another fingerprint
     build: str = ""                  # a teacher YAML to train into `checkpoint` when it is missing
+    prompts: str = ""                # a text model's prompt table: encoder_hidden_states [P, L, D]
+                                     # (.safetensors or .npy; raydistill.conditions); a text
+                                     # student's default is the one it was distilled with
 
     def validate(self) -> None:
+        if self.prompts:
+            require_file(self.prompts, "prompts")
         if self.diffusers is not None:
             require(not self.checkpoint and self.analytic is None, "diffusers",
                     "give one of checkpoint, analytic and diffusers")
@@ -788,6 +793,7 @@ def with_absolute_paths(job: T) -> T:
         changes["teacher"] = dataclasses.replace(job.teacher,
                                                  checkpoint=absolute(job.teacher.checkpoint),
                                                  build=absolute(job.teacher.build),
+                                                 prompts=absolute(job.teacher.prompts),
                                                  diffusers=diffusers)
     if hasattr(job, "data"):
         changes["data"] = dataclasses.replace(job.data, path=absolute(job.data.path))

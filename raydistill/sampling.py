@@ -1,4 +1,5 @@
-"""Class-conditional samples, written as a PNG grid (one row per class) or as arrays: an .npz with
+"""Class-conditional samples (a text model's "classes" are its prompts), written as a PNG grid
+(one row per class) or as arrays: an .npz with
 uint8 images [N, H, W, C] as `arr_0` and labels as `arr_1`, the layout the guided-diffusion
 evaluation suite (openai/guided-diffusion's evaluations/evaluator.py) reads."""
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydistill.conditions import Conditions
 from raydistill.config import SamplerConfig
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.schedule import Schedule
@@ -20,7 +22,7 @@ from raydistill.diffusion.solvers import sample
 
 @torch.no_grad()
 def sample_classes(
-    w_denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], num_classes: int,
+    w_denoiser: Denoiser, schedule: Schedule, *, shape: tuple[int, ...], conditions: Conditions,
     sampler: SamplerConfig, seed: int = 0, stochastic: Callable[..., Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
@@ -32,10 +34,10 @@ def sample_classes(
     the same on every device.
     """
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_classes).repeat_interleave(sampler.per_class)
+    labels = torch.arange(conditions.num_classes).repeat_interleave(sampler.per_class)
     noise = torch.randn(len(labels), *shape, generator=generator).to(device)
     labels = labels.to(device)
-    cond = {"c": labels, "w": torch.full((len(labels),), float(sampler.w), device=device)}
+    cond = conditions.cond(labels, torch.full((len(labels),), float(sampler.w), device=device))
     if stochastic is not None:
         xi = torch.randn(len(labels), sampler.steps - 1, *shape, generator=generator)
         images = stochastic(w_denoiser, noise, cond, schedule, steps=sampler.steps,

@@ -20,7 +20,7 @@ def train_in_process(job: TrainJob, plan: Plan, report: Callable[[dict, str], No
     setup = setup_worker(job, plan.student_config, 0, 1)
     run_worker(job, setup.method, setup.streams,
                WorkerContext(0, 1, setup.device, report, restored, logged=logged),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """diffusers teachers behind the Denoiser contract: raydistill's DDIM through the adapter equals
 diffusers' own DDIM loop for the same noise, with class labels, text embeddings and CFG."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers_models import (
@@ -13,9 +14,10 @@ from diffusers_models import (
     write_model,
     write_null_embedding,
 )
+from safetensors.torch import save_file
 
 from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef
-from raydistill.diffusion import ddim, sample
+from raydistill.diffusion import NULL_CLASS, ddim, sample
 from raydistill.models.checkpoint import load_teacher
 
 TOLERANCE = 1e-4
@@ -78,7 +80,9 @@ def test_text_conditioned_teacher_with_null_embedding(tmp_path, prediction):
     null = write_null_embedding(str(tmp_path / "null.npy"))
     teacher = teacher_from(write_model(tmp_path / "model", unet, sched, pipeline=True),
                            null_embedding=str(tmp_path / "null.npy"))
-    assert teacher.config.diffusers.text_length == TOKENS and teacher.num_classes == 1
+    assert teacher.config.diffusers.text_length == TOKENS and teacher.text
+    with pytest.raises(ConfigError, match="teacher.prompts: is required for a text-conditioned"):
+        teacher.num_classes                                    # noqa: B018
     g = torch.Generator().manual_seed(2)
     noise, states = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, TOKENS, WIDTH, generator=g)
     cond = {"c": torch.zeros(3, dtype=torch.long), "encoder_hidden_states": states}
@@ -87,6 +91,34 @@ def test_text_conditioned_teacher_with_null_embedding(tmp_path, prediction):
     theirs = diffusers_ddim(unet, sched, noise, 4, guidance_scale=2.5, encoder_hidden_states=states,
                             null_encoder_hidden_states=null.expand(3, -1, -1))
     assert relative_error(guided, theirs) <= TOLERANCE
+
+
+def test_a_prompt_table_is_what_c_indexes(tmp_path):
+    """A text model's c indexes its prompt table (.safetensors or .npy, the same rows); NULL_CLASS
+    rows are left to the network's empty prompt; a table of another shape, or a file without the
+    tensor, is refused naming teacher.prompts."""
+    write_model(tmp_path / "model", tiny_unet(text=True), scheduler())
+    write_null_embedding(str(tmp_path / "null.npy"))
+    table = torch.randn(5, TOKENS, WIDTH, generator=torch.Generator().manual_seed(4))
+    np.save(tmp_path / "prompts.npy", table.numpy())
+    save_file({"encoder_hidden_states": table}, str(tmp_path / "prompts.safetensors"))
+    c = torch.tensor([2, NULL_CLASS, 4, 0])
+    for name in ("prompts.npy", "prompts.safetensors"):
+        teacher = teacher_from(tmp_path / "model", null_embedding=str(tmp_path / "null.npy"))
+        teacher.prompts = str(tmp_path / name)
+        assert teacher.num_classes == 5
+        cond = teacher.conditions.cond(c, torch.ones(4))
+        assert torch.equal(cond["encoder_hidden_states"][[0, 2, 3]], table[[2, 4, 0]])
+        assert torch.equal(cond["c"], c) and torch.equal(cond["w"], torch.ones(4))
+    save_file({"encoder_hidden_states": torch.zeros(5, TOKENS, WIDTH + 1)},
+              str(tmp_path / "wide.safetensors"))
+    save_file({"text": table}, str(tmp_path / "other.safetensors"))
+    for name, problem in (("wide.safetensors", rf"holds \[{TOKENS}, {WIDTH + 1}\] embeddings"),
+                          ("other.safetensors", "no tensor 'encoder_hidden_states'")):
+        teacher = teacher_from(tmp_path / "model", null_embedding=str(tmp_path / "null.npy"))
+        teacher.prompts = str(tmp_path / name)
+        with pytest.raises(ConfigError, match=f"teacher.prompts: .*{problem}"):
+            teacher.conditions                                 # noqa: B018
 
 
 def test_bad_diffusers_directories_are_refused_by_key(tmp_path):

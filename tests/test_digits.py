@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raydistill.cli import main
+from raydistill.conditions import Conditions
 from raydistill.config import ConfigError, DataConfig, SamplerConfig
 from raydistill.data import load_digits
 from raydistill.models import load_checkpoint, load_classifier
@@ -83,7 +84,7 @@ def test_sample_verb_writes_arrays_in_the_evaluation_suites_layout(smoke_run):
     assert labels.tolist() == [c for c in range(10) for _ in range(3)]
     checkpoint = load_checkpoint(teacher)
     want, _ = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule, shape=(1, 16, 16),
-                             num_classes=10, sampler=SamplerConfig(steps=4, w=2.0, per_class=3),
+                             conditions=Conditions(10), sampler=SamplerConfig(steps=4, w=2.0, per_class=3),
                              seed=5)
     pixels = ((want.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     assert np.array_equal(images, pixels.astype(np.uint8))
@@ -207,7 +208,7 @@ def test_full_digits_teacher_samples_are_recognised(tmp_path):
     checkpoint = load_checkpoint(teacher)
     images, labels = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule,
                                     shape=(1, 16, 16),
-                                    num_classes=10, sampler=SamplerConfig(steps=64, w=1.0,
+                                    conditions=Conditions(10), sampler=SamplerConfig(steps=64, w=1.0,
                                                                           per_class=50))
     accuracy = model.accuracy(images, labels)
     print(f"classifier held-out accuracy {meta['test_accuracy']:.1%}; it recognises "

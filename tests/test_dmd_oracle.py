@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+from raydistill.conditions import Conditions
 from raydistill.config import DMDConfig, MLPConfig, ModelConfig
 from raydistill.diffusion import CFG, CosineSchedule, renoise_sample, renoise_states, sample
 from raydistill.eval.distances import exact_distances
@@ -178,7 +179,7 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
         teacher=CFG(exact), generator=generator, fake_score=fake, generator_config=CONFIG,
         fake_config=CONFIG, schedule=SCHEDULE, dmd=DMDConfig(regression_weight=0.25,
                                                              fake_updates=5),
-        w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance=MSE,
+        w=0.0, conditions=Conditions(3), shape=(DIM,), weighting="snr_plus_one", distance=MSE,
         steps=STEPS)
     fit(dmd, ode_pairs, {"generator": 2e-4, "fake_score": 1e-3}, (0.0, 0.999), ema=EMA)
 
@@ -208,7 +209,7 @@ def test_a_four_step_generator_trained_by_backward_simulation(oracle, teacher_ne
             generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
             dmd=DMDConfig(regression_weight=0.0, fake_updates=5, generator_steps=4,
                           exit_step=exit_step),
-            w=0.0, num_classes=3, shape=(DIM,), weighting="snr_plus_one", distance=None,
+            w=0.0, conditions=Conditions(3), shape=(DIM,), weighting="snr_plus_one", distance=None,
             steps=800)
         fit(method, None, {"generator": 2e-4, "fake_score": 1e-3}, (0.0, 0.999), steps=800)
         rows[f"exit {exit_step}: sampled"] = scores(generator, mixture, 4)
@@ -232,7 +233,7 @@ def test_the_fake_score_learns_the_generators_distribution(oracle, teacher_netwo
     dmd = DistributionMatching(
         teacher=CFG(exact), generator=copy.deepcopy(teacher_network).requires_grad_(False),
         fake_score=fake, generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
-        dmd=DMDConfig(regression_weight=0.0), w=0.0, num_classes=3, shape=(DIM,),
+        dmd=DMDConfig(regression_weight=0.0), w=0.0, conditions=Conditions(3), shape=(DIM,),
         weighting="snr_plus_one", distance=None, steps=300)
     dmd.micro_batch = BATCH
     phase = dmd.phases()[0]

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from raydistill.conditions import Conditions
 from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
 from raydistill.diffusion import CFG, CosineSchedule, ddim, sample
 from raydistill.diffusion.progressive import stochastic_sample
@@ -17,6 +18,7 @@ from raydistill.models.denoiser import ModelDenoiser
 
 SCHEDULE = CosineSchedule()
 W_RANGE = GuidanceRange(w_min=0.0, w_max=3.0)
+CONDITIONS = Conditions(3)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def guided_student(oracle):
     mixture, teacher = oracle
     net, config = student()
     method = GuidedDistillation(teacher=teacher, student=net, student_config=config, schedule=SCHEDULE,
-                                guidance=W_RANGE, weighting="snr_plus_one", steps=1500)
+                                guidance=W_RANGE, weighting="snr_plus_one", steps=1500,
+                                conditions=CONDITIONS)
     fit(method, mixture)
     return net.eval(), config
 
@@ -101,7 +104,8 @@ def test_progressive_rounds_reproduce_the_sampler_they_distil(oracle, guided_stu
     guided_denoiser = ModelDenoiser(guided_net, SCHEDULE, config.prediction)
     method = ProgressiveDistillation(
         teacher=guided_denoiser, student=net, student_config=config, schedule=SCHEDULE,
-        guidance=W_RANGE, halving=HalvingConfig(start_steps=16, end_steps=1, steps_per_round=500))
+        guidance=W_RANGE, conditions=CONDITIONS,
+        halving=HalvingConfig(start_steps=16, end_steps=1, steps_per_round=500))
     assert round_steps(HalvingConfig(start_steps=16, end_steps=1)) == [8, 4, 2, 1]
     snapshots = fit(method, mixture, lr=2e-3)
     g = torch.Generator().manual_seed(11)
@@ -159,7 +163,7 @@ def test_stochastic_variant_samples_the_teacher_distribution(oracle, guided_stud
     net = copy.deepcopy(guided_net).train()
     method = ProgressiveDistillation(
         teacher=ModelDenoiser(guided_net, SCHEDULE, config.prediction), student=net,
-        student_config=config, schedule=SCHEDULE, guidance=W_RANGE,
+        student_config=config, schedule=SCHEDULE, guidance=W_RANGE, conditions=CONDITIONS,
         halving=HalvingConfig(start_steps=8, end_steps=2, steps_per_round=500, stochastic=True))
     fit(method, mixture, lr=2e-3)
     student = ModelDenoiser(net.eval(), SCHEDULE, config.prediction)
@@ -205,7 +209,8 @@ def test_progressive_student_with_guidance_built_in(oracle):
     fixed = GuidanceRange(w_min=2.0, w_max=2.0)
     method = ProgressiveDistillation(
         teacher=exact, student=net, student_config=config, schedule=SCHEDULE, guidance=fixed,
-        halving=HalvingConfig(start_steps=8, end_steps=2, steps_per_round=800))
+        conditions=CONDITIONS, halving=HalvingConfig(start_steps=8, end_steps=2,
+                                                     steps_per_round=800))
     snapshots = fit(method, mixture, lr=2e-3)
     g = torch.Generator().manual_seed(13)
     noise = torch.randn(2048, 2, generator=g)
@@ -232,9 +237,10 @@ def test_seeded_methods_draw_from_their_own_generator(oracle):
     net, config = student()
     methods = [
         GuidedDistillation(teacher=exact, student=net, student_config=config, schedule=SCHEDULE,
-                           guidance=W_RANGE, weighting="snr_plus_one", steps=1),
+                           guidance=W_RANGE, weighting="snr_plus_one", steps=1,
+                           conditions=CONDITIONS),
         ProgressiveDistillation(teacher=exact, student=net, student_config=config,
-                                schedule=SCHEDULE, guidance=W_RANGE,
+                                schedule=SCHEDULE, guidance=W_RANGE, conditions=CONDITIONS,
                                 halving=HalvingConfig(start_steps=8, end_steps=4))]
 
     def losses(seed: int) -> list[float]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raydistill import config as config_module
+from raydistill.conditions import Conditions
 from raydistill.config import (
     ConfigError,
     MixtureConfig,
@@ -160,7 +161,7 @@ def test_a_format_1_checkpoint_loads_and_samples_after_the_schema_grows(grown_sc
     assert isinstance(checkpoint.config.unet, grown_schema["UNetConfig"])
     assert checkpoint.fingerprint == stored["fingerprint"]
     images, _ = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule, shape=(1, 8, 8),
-                               num_classes=3, sampler=SamplerConfig(steps=4, w=1.0, per_class=2))
+                               conditions=Conditions(3), sampler=SamplerConfig(steps=4, w=1.0, per_class=2))
     expected = torch.from_numpy(np.load(os.path.join(DATA, "unet-v1-samples.npy")))
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
 

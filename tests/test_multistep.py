@@ -11,6 +11,7 @@ import torch
 from resume_harness import train_in_process
 
 from raydistill.cli import main
+from raydistill.conditions import Conditions
 from raydistill.config import (
     DMDConfig,
     MLPConfig,
@@ -82,7 +83,7 @@ def generator_method(exit_step: str) -> DistributionMatching:
         fake_score=FakeScore(build_network(config), config, head=False), generator_config=config,
         fake_config=config, schedule=SCHEDULE,
         dmd=DMDConfig(regression_weight=0.0, generator_steps=3, exit_step=exit_step), w=0.0,
-        num_classes=2, shape=(4,), weighting="snr_plus_one", distance=None, steps=1)
+        conditions=Conditions(2), shape=(4,), weighting="snr_plus_one", distance=None, steps=1)
     method.micro_batch = 64
     return method
 
@@ -96,14 +97,15 @@ def test_backward_simulation_trains_on_the_chain_the_sampler_runs():
         denoiser = as_denoiser(method.generator, method.generator_config)
         method.seed(7, torch.device("cpu"))
         with torch.no_grad():
-            x, c = method.generate()
+            x, cond = method.generate()
         method.seed(7, torch.device("cpu"))
-        z, c_again = method.draw()
+        z, cond_again = method.draw()
+        c = cond["c"]
         g = method.rng
         step = (torch.randint(0, 3, (64,), generator=g) if exit_step == "uniform"
                 else torch.full((64,), 2))
         xi = torch.randn(64, 2, 4, generator=g)
-        assert torch.equal(c, c_again)
+        assert torch.equal(c, cond_again["c"])
         with torch.no_grad():
             exits = torch.stack([denoiser(z_t, t, {"c": c}) for t, z_t in
                                  renoise_states(denoiser, z, {"c": c}, SCHEDULE, steps=3, xi=xi)])

@@ -12,7 +12,14 @@ from raydistill.config import ConfigError, PairsJob, from_dict
 from raydistill.diffusion import CFG, cfg_x, sample
 from raydistill.diffusion.progressive import jump_target, stochastic_sample
 from raydistill.models.checkpoint import load_teacher
-from raydistill.pairs.format import SCHEMAS, ShardError, decode_shard, encode_shard, load_npy
+from raydistill.pairs.format import (
+    SCHEMAS,
+    Layout,
+    ShardError,
+    decode_shard,
+    encode_shard,
+    load_npy,
+)
 from raydistill.pairs.generate import ShardMaker
 from raydistill.pairs.manifest import Manifest, claim_location
 from raydistill.storage import Location
@@ -30,8 +37,11 @@ def job(mode="ode", **overrides) -> PairsJob:
     return from_dict(PairsJob, data)
 
 
-def columns(mode, n=3):
-    arrays, fields = SCHEMAS[mode]
+LAYOUTS = [Layout(mode, text) for mode in SCHEMAS for text in (False, True)]
+
+
+def columns(layout, n=3):
+    arrays, fields = layout.arrays, layout.fields
     out = {name: np.random.default_rng(0).normal(size=(n, 2, 3)).astype(np.float32)
            for name in arrays}
     for name in fields:
@@ -39,29 +49,35 @@ def columns(mode, n=3):
     return out
 
 
-@pytest.mark.parametrize("mode", SCHEMAS)
-def test_encode_decode_round_trip_and_determinism(mode):
-    cols = columns(mode)
-    data = encode_shard(7, mode, cols)
-    assert data == encode_shard(7, mode, cols)          # fixed tar metadata: same bytes
-    samples = list(decode_shard(data, "x.tar", mode))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_encode_decode_round_trip_and_determinism(layout):
+    cols = columns(layout)
+    data = encode_shard(7, layout, cols)
+    assert data == encode_shard(7, layout, cols)          # fixed tar metadata: same bytes
+    samples = list(decode_shard(data, "x.tar", layout))
     assert [s["__key__"] for s in samples] == ["s000007_00000", "s000007_00001", "s000007_00002"]
     for i, s in enumerate(samples):
-        for name in SCHEMAS[mode][0]:
+        for name in layout.arrays:
             np.testing.assert_array_equal(s[name], cols[name][i])
-        for name in SCHEMAS[mode][1]:
+        for name in layout.fields:
             assert s[name] == cols[name][i]
+    assert ("encoder_hidden_states" in samples[0]) == layout.text
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert not [m for m in tar if m.name.endswith((".pickle", ".pyd", ".pth"))]
 
 
 def test_decode_errors_name_the_shard():
-    data = encode_shard(0, "ode", columns("ode"))
+    ode, text = Layout("ode"), Layout("ode", text=True)
+    data = encode_shard(0, ode, columns(ode))
     for cut in (len(data) // 3 + 100, len(data) // 3 // 512 * 512, len(data) - 1024):
         with pytest.raises(ShardError, match="shard bad.tar: (truncated|unreadable)"):
-            list(decode_shard(data[:cut], "bad.tar", "ode"))
+            list(decode_shard(data[:cut], "bad.tar", ode))
     with pytest.raises(ShardError, match="sample s000000_00001 is incomplete"):
-        list(decode_shard(_without(data, "s000000_00001.image.npy"), "bad.tar", "ode"))
+        list(decode_shard(_without(data, "s000000_00001.image.npy"), "bad.tar", ode))
+    with pytest.raises(ShardError, match="sample s000000_00000 is incomplete"):
+        list(decode_shard(data, "bad.tar", text))        # a text set's sample without embeddings
+    with pytest.raises(ShardError, match="unexpected member s000000_00000.encoder_hidden_states"):
+        list(decode_shard(encode_shard(0, text, columns(text)), "bad.tar", ode))
 
 
 @pytest.mark.parametrize("array", [
@@ -144,7 +160,8 @@ def test_shards_regenerate_identically_and_independently_of_batching():
     teacher = load_teacher(job().teacher)
     a = ShardMaker(job(), teacher).make(3)
     b = ShardMaker(job(batch_size=12), teacher).make(3)
-    assert encode_shard(3, "ode", a) == encode_shard(3, "ode", ShardMaker(job(), teacher).make(3))
+    ode = Layout("ode")
+    assert encode_shard(3, ode, a) == encode_shard(3, ode, ShardMaker(job(), teacher).make(3))
     np.testing.assert_allclose(a["image"], b["image"], rtol=0, atol=1e-6)
     assert len(set(a["seed"].tolist())) == 12
     other = ShardMaker(job(), teacher).make(4)

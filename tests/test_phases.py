@@ -70,7 +70,7 @@ def run(stage: int, tmp_path):
     logged = []
     run_worker(job, method, setup.streams, WorkerContext(0, 1, setup.device, lambda m, d: None,
                                                          logged=logged.append),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     return job, method, setup.streams, before, logged
 
 

@@ -58,7 +58,7 @@ def zero_stages_worker(config: dict) -> None:
         context = WorkerContext(rank, world, setup.device, report, logged=lambda metrics, losses=losses:
                                 losses.append({k: v for k, v in metrics.items()
                                                if k == "loss" or "/loss" in k}))
-        run_worker(job, setup.method, setup.streams, context, student, setup.teacher.fingerprint)
+        run_worker(job, setup.method, setup.streams, context, student, setup.teacher)
         if rank == 0:
             with open(f"{out}.json", "w") as f:
                 json.dump(losses, f)
@@ -147,7 +147,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
         setup.method.loss = flaky_loss
         context = WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append)
         run_worker(job, setup.method, setup.streams, context, plan.student_config,
-                   setup.teacher.fingerprint)
+                   setup.teacher)
 
     run({2, 4, 5})                        # three skipped updates, never three in a row
     assert [(r["step"], r["nan_skipped"], r["grad_skipped"]) for r in reports] == [
@@ -188,7 +188,7 @@ def nan_on_one_rank_worker(config: dict) -> None:
         setup.method.loss = flaky_loss
         run_worker(job, setup.method, setup.streams,
                    WorkerContext(rank, world, setup.device, lambda m, d: None, logged=logs.append),
-                   student, setup.teacher.fingerprint)
+                   student, setup.teacher)
         torch.save({"seen": seen, "final": full_state_dict(method.student.module), "logs": logs},
                    os.path.join(config["out"], f"zero{stage}-rank{rank}.pt"))
 
@@ -233,7 +233,7 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
     setup.method.loss, reports = poisoned_loss, []
     run_worker(job, setup.method, setup.streams,
                WorkerContext(0, 1, setup.device, lambda m, d: None, logged=reports.append),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     assert reports[-1]["grad_skipped"] == 1 and reports[-1]["nan_skipped"] == 0
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
     assert all(torch.isfinite(p).all() for p in setup.method.student.module.parameters())
@@ -257,7 +257,7 @@ def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_p
     with pytest.raises(NonFiniteLoss, match=r"step 3: 3 updates in a row were skipped"):
         run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device,
                                                                   lambda m, d: None),
-                   plan.student_config, setup.teacher.fingerprint)
+                   plan.student_config, setup.teacher)
 
 
 def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
@@ -393,7 +393,7 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
             final["student"] = load_file(os.path.join(directory, "student", "model.safetensors"))
 
     run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     assert calls[0] == 12
     raw = setup.method.student.module.state_dict()
     assert final["student"].keys() == raw.keys()
@@ -418,7 +418,7 @@ def test_teacher_evaluations_are_counted(single_process_group, overrides, per_sa
     run_worker(job, setup.method, setup.streams,
                WorkerContext(0, 1, setup.device, lambda m, d: None,
                              logged=lambda m: counts.append(m["teacher_evaluations"])),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     batch = job.optim.batch_size
     assert counts == list(itertools.accumulate(n * batch for n in per_sample))
 
@@ -460,7 +460,7 @@ def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_pa
             final.update(load_file(os.path.join(directory, "student", "model.safetensors")))
 
     run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     rounding = 0.0
     for name, param in setup.method.student.module.named_parameters():
         master = fp32_master(param).detach().float().reshape(param.shape)
@@ -521,7 +521,7 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
 
     method.start_round, method.loss = spying_start, spying_loss
     run_worker(job, method, setup.streams, WorkerContext(0, 1, setup.device, lambda m, d: None),
-               plan.student_config, setup.teacher.fingerprint)
+               plan.student_config, setup.teacher)
     assert any(not torch.equal(seen["live"][n], v) for n, v in seen["teacher"].items())
     for name, value in seen["teacher"].items():
         live = seen["student"][name]                 # the module's own weights: bf16 under bf16
@@ -553,7 +553,7 @@ def test_progressive_resume_rebuilds_the_rounds_teacher(single_process_group, tm
         setup.method.start_round = lambda i, w: (started.append((i, w)), start_round(i, w))
         run_worker(job, setup.method, setup.streams,
                    WorkerContext(0, 1, setup.device, report, restored), plan.student_config,
-                   setup.teacher.fingerprint)
+                   setup.teacher)
         return started
 
     run(keep)

@@ -10,7 +10,9 @@ A phase names the data streams it reads; `batch` maps each to one micro-batch of
 - DATA: real data `{"x", "c"}` (or exact draws of an analytic mixture), from which the method draws
   t, noise and w and evaluates the teacher inline;
 - PAIRS: the pair shards of the method's mode: precomputed targets `{"z_t", "target", "c", "w",
-  "t"}`, or ODE pairs `{"noise", "image", "c", "w"}`.
+  "t"}`, or ODE pairs `{"noise", "image", "c", "w"}`, plus a text model's "encoder_hidden_states".
+A data batch's c means what the teacher's `conditions` say (raydistill.conditions: a class, or a
+text model's prompt); a pair batch carries its whole condition (`batch_cond`).
 A phase that reads nothing draws its own inputs (`micro_batch` of them) and consumes no data.
 While a phase runs, only its module's parameters take gradients (the loop sees to it), so a loss
 may pass through another module (DMD2's GAN loss through the fake score) without updating it.

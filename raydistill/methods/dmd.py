@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raydistill.conditions import Conditions
 from raydistill.config import ConfigError, DMDConfig, ModelConfig, TrainJob
-from raydistill.diffusion.guidance import Denoiser
+from raydistill.diffusion.guidance import Cond, Denoiser
 from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
@@ -124,12 +125,13 @@ class DistributionMatching(Method):
 
     def __init__(self, *, teacher: Denoiser, generator: nn.Module, fake_score: FakeScore,
                  generator_config: ModelConfig, fake_config: ModelConfig, schedule: Schedule,
-                 dmd: DMDConfig, w: float, num_classes: int, shape: tuple[int, ...],
+                 dmd: DMDConfig, w: float, conditions: Conditions, shape: tuple[int, ...],
                  weighting: str, distance: Distance | None, steps: int):
+        """`conditions`: the teacher's, from which the generator's c are drawn uniformly."""
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.generator_config, self.fake_config, self.schedule = generator_config, fake_config, \
             schedule
-        self.dmd, self.w, self.num_classes, self.shape = dmd, w, num_classes, shape
+        self.dmd, self.w, self.conditions, self.shape = dmd, w, conditions, shape
         self.weighting, self.distance, self.steps = weighting, distance, steps
         self.gan = dmd.gan_weight > 0
         self.regression = dmd.regression_weight > 0
@@ -153,11 +155,12 @@ class DistributionMatching(Method):
 
     # ------------------------------------------------------------------------ draws
 
-    def draw(self) -> tuple[Tensor, Tensor]:
-        """A micro-batch of generator inputs (z, c), from the method's generator."""
+    def draw(self) -> tuple[Tensor, Cond]:
+        """A micro-batch of generator inputs: noise z and the condition of a uniform c, from the
+        method's generator."""
         g, n = self.rng, self.micro_batch
-        c = torch.randint(0, self.num_classes, (n,), generator=g, device=g.device)
-        return torch.randn((n, *self.shape), generator=g, device=g.device), c
+        c = torch.randint(0, self.conditions.num_classes, (n,), generator=g, device=g.device)
+        return torch.randn((n, *self.shape), generator=g, device=g.device), self.conditions.cond(c)
 
     def noised(self, x: Tensor, t: Tensor) -> Tensor:
         """z_t = alpha_t x + sigma_t eps."""
@@ -169,14 +172,14 @@ class DistributionMatching(Method):
         """t ~ U[low, high] (U(0, 1] by default)."""
         return low + (high - low) * uniform_t(n, generator=self.rng, device=self.rng.device)
 
-    def generate(self) -> tuple[Tensor, Tensor]:
-        """(G(z, c), c) for a fresh draw; for an N-step generator its output at the exit step of
-        its own sampler chain (backward simulation, see the module docstring)."""
-        z, c = self.draw()
+    def generate(self) -> tuple[Tensor, Cond]:
+        """(G(z, c), its condition) for a fresh draw; for an N-step generator its output at the
+        exit step of its own sampler chain (backward simulation, see the module docstring)."""
+        z, cond = self.draw()
         steps = self.dmd.generator_steps
         if steps == 1:
-            return one_step(self.generator, self.generator_config, self.schedule, z, c), c
-        g, cond = self.rng, {"c": c}
+            return one_step(self.generator, self.generator_config, self.schedule, z, cond), cond
+        g = self.rng
         if self.dmd.exit_step == "uniform":
             step = torch.randint(0, steps, (len(z),), generator=g, device=g.device)
         else:
@@ -189,7 +192,7 @@ class DistributionMatching(Method):
         rows = torch.arange(len(z), device=z.device)
         t = torch.stack([t for t, _ in states])[step, rows]
         z_t = torch.stack([z_t for _, z_t in states])[step, rows]
-        return self.generator_x_hat(z_t, t, cond), c
+        return self.generator_x_hat(z_t, t, cond), cond
 
     def generator_x_hat(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The generator as a Denoiser: its x_hat at (z_t, t)."""
@@ -200,13 +203,13 @@ class DistributionMatching(Method):
 
     def fake_score_loss(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         with torch.no_grad():
-            x, c = self.generate()
+            x, cond = self.generate()
         t = self.times(len(x))
         z_t = self.noised(x, t)
         if self.gan:                    # the head's logit from the same forward pass
-            out, fake_logits = self.fake_score(z_t, t, {"c": c}, classify=True)
+            out, fake_logits = self.fake_score(z_t, t, cond, classify=True)
         else:
-            out = self.fake_score(z_t, t, {"c": c})
+            out = self.fake_score(z_t, t, cond)
         denoising = output_loss(out, self.fake_config, self.schedule, self.weighting, z_t, t,
                                 x).mean()
         loss, values = denoising, {"loss_denoise": denoising.detach()}
@@ -214,21 +217,21 @@ class DistributionMatching(Method):
             real = batch[DATA]
             t_real = self.times(len(real["x"]))
             _, real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
-                                             {"c": real["c"]}, classify=True)
+                                             self.conditions.cond(real["c"]), classify=True)
             head = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             loss = loss + self.dmd.gan_head_weight * head
             values["loss_head"] = head.detach()
         return {"loss": loss, **values}
 
     def generator_loss(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-        x, c = self.generate()
+        x, cond = self.generate()
         t = self.times(len(x), self.dmd.t_min, self.dmd.t_max)
         with torch.no_grad():
             z_t = self.noised(x.detach(), t)
             w = torch.full((len(x),), self.w, device=x.device, dtype=x.dtype)
-            x_real = self.teacher(z_t, t, {"c": c, "w": w}).to(x.dtype)
+            x_real = self.teacher(z_t, t, {**cond, "w": w}).to(x.dtype)
             x_fake = denoise(self.fake_score, self.schedule, self.fake_config.prediction, z_t, t,
-                             {"c": c})
+                             cond)
             grad = dm_gradient(x=x.detach(), x_real=x_real, x_fake=x_fake)
         matching = 0.5 * F.mse_loss(x, x.detach() - grad)
         loss, values = matching, {"loss_dm": matching.detach()}
@@ -239,7 +242,7 @@ class DistributionMatching(Method):
             values["loss_reg"] = regression.detach()
         if self.gan:
             t_gan = self.times(len(x))
-            _, logits = self.fake_score(self.noised(x, t_gan), t_gan, {"c": c}, classify=True)
+            _, logits = self.fake_score(self.noised(x, t_gan), t_gan, cond, classify=True)
             adversarial = F.softplus(-logits).mean()
             loss = loss + self.dmd.gan_weight * adversarial
             values["loss_gan"] = adversarial.detach()
@@ -292,7 +295,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
         generator_config=student_config, fake_config=fake_config,
         schedule=teacher.denoiser.schedule, dmd=job.dmd, w=job.guidance.w_min,
-        num_classes=teacher.num_classes, shape=teacher.data_shape,
+        conditions=teacher.conditions, shape=teacher.data_shape,
         weighting=job.loss_weighting, steps=job.optim.steps,
         distance=make_distance(job.distance, job.lpips, device) if job.pairs else None)
 

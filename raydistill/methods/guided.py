@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from raydistill.conditions import Conditions, batch_cond
 from raydistill.config import ConfigError, GuidanceRange, ModelConfig, TrainJob
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
@@ -49,10 +50,12 @@ def guided_target(teacher: Denoiser, *, x: Tensor, eps: Tensor, t: Tensor, cond:
 class GuidedDistillation(Method):
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, weighting: str, steps: int,
-                 reads: str = DATA):
-        """`reads`: DATA (targets inline) or PAIRS (precomputed targets)."""
+                 conditions: Conditions, reads: str = DATA):
+        """`reads`: DATA (targets inline) or PAIRS (precomputed targets); `conditions`: what a
+        data batch's c means (the teacher's)."""
         require_distillable(student_config)
         self.teacher, self.student, self.config = teacher, student, student_config
+        self.conditions = conditions
         self.schedule, self.guidance, self.weighting, self.steps = schedule, guidance, weighting, steps
         self.reads = reads
 
@@ -68,17 +71,19 @@ class GuidedDistillation(Method):
 
     def loss(self, batch: dict[str, dict[str, Tensor]], phase: Phase) -> dict[str, Tensor]:
         if PAIRS in batch:
-            z_t, t, c, w, x_tilde = (batch[PAIRS][k] for k in ("z_t", "t", "c", "w", "target"))
+            z_t, t, x_tilde = (batch[PAIRS][k] for k in ("z_t", "t", "target"))
+            cond = batch_cond(batch[PAIRS])
         else:
             x, c = batch[DATA]["x"], batch[DATA]["c"]
             n, device, g = len(x), x.device, self.rng
             t = uniform_t(n, generator=g, device=device, dtype=x.dtype)
             w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
             eps = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
-            z_t, x_tilde = guided_target(self.teacher, x=x, eps=eps, t=t, cond={"c": c, "w": w},
+            cond = self.conditions.cond(c, w)
+            z_t, x_tilde = guided_target(self.teacher, x=x, eps=eps, t=t, cond=cond,
                                          schedule=self.schedule)
         per_sample = regression_loss(self.student, self.config, self.schedule, self.weighting,
-                                     z_t, t, {"c": c, "w": w}, x_tilde)
+                                     z_t, t, cond, x_tilde)
         return {"loss": per_sample.mean()}
 
     def round_meta(self, index: int) -> dict:
@@ -115,7 +120,8 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     return GuidedDistillation(teacher=teacher.w_denoiser, student=student,
                               student_config=student_config, schedule=teacher.denoiser.schedule,
                               guidance=job.guidance, weighting=job.loss_weighting,
-                              steps=job.optim.steps, reads=PAIRS if job.pairs else DATA)
+                              steps=job.optim.steps, conditions=teacher.conditions,
+                              reads=PAIRS if job.pairs else DATA)
 
 
 SPEC = MethodSpec(name="guided", pairs_mode="guided",

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raydistill.conditions import batch_cond
 from raydistill.config import ConfigError, ModelConfig, TrainJob
+from raydistill.diffusion.guidance import Cond
 from raydistill.diffusion.schedule import Schedule
 from raydistill.methods.base import PAIRS, Method, MethodSpec, Phase
 from raydistill.methods.guided import check_continuous_teacher
@@ -40,10 +42,10 @@ from raydistill.models.denoiser import denoise
 
 
 def one_step(generator: nn.Module, config: ModelConfig, schedule: Schedule, z: Tensor,
-             c: Tensor) -> Tensor:
-    """G(z, c): the generator's x_hat from pure noise z at t = 1."""
+             cond: Cond) -> Tensor:
+    """G(z, c): the generator's x_hat from pure noise z at t = 1 under condition `cond`."""
     t = torch.ones(len(z), device=z.device, dtype=z.dtype)
-    return denoise(generator, schedule, config.prediction, z, t, {"c": c})
+    return denoise(generator, schedule, config.prediction, z, t, cond)
 
 
 #: per-sample d(x, y) [B] of two batches
@@ -95,8 +97,10 @@ def make_distance(kind: str, lpips: str, device: torch.device) -> Distance:
 
 def pair_regression(generator: nn.Module, config: ModelConfig, schedule: Schedule,
                     pairs: dict[str, Tensor], d: Distance) -> Tensor:
-    """E d(G(noise, c), image) over a batch of ODE pairs."""
-    x = one_step(generator, config, schedule, pairs["noise"], pairs["c"])
+    """E d(G(noise, c), image) over a batch of ODE pairs (a generator takes no w: its guidance
+    strength is built in)."""
+    cond = {key: value for key, value in batch_cond(pairs).items() if key != "w"}
+    x = one_step(generator, config, schedule, pairs["noise"], cond)
     return d(x, pairs["image"]).mean()
 
 

@@ -29,6 +29,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from raydistill.conditions import Conditions, batch_cond
 from raydistill.config import ConfigError, GuidanceRange, HalvingConfig, ModelConfig, TrainJob
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
@@ -95,12 +96,13 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, *, teacher: Denoiser | None, student: nn.Module, student_config: ModelConfig,
                  schedule: Schedule, guidance: GuidanceRange, halving: HalvingConfig,
-                 weighting: str = "truncated_snr", teacher_is_stochastic: bool = False,
-                 reads: str = DATA):
+                 conditions: Conditions, weighting: str = "truncated_snr",
+                 teacher_is_stochastic: bool = False, reads: str = DATA):
         """`teacher_is_stochastic`: the original teacher is itself a stochastic-sampler student,
         whose own 1/N jumps make the targets of the first round. `reads`: DATA (targets inline)
-        or PAIRS (precomputed targets)."""
+        or PAIRS (precomputed targets); `conditions`: what a data batch's c means."""
         require_distillable(student_config)
+        self.conditions = conditions
         self.original_teacher, self.teacher = teacher, teacher
         self.original_is_stochastic = teacher_is_stochastic
         self.student, self.config, self.schedule = student, student_config, schedule
@@ -145,24 +147,27 @@ class ProgressiveDistillation(Method):
             if int(batch["N"][0]) != self.student_steps:
                 raise ValueError(f"pair targets are for {int(batch['N'][0])}-step students, this "
                                  f"round trains {self.student_steps} steps")
-            z_t, t, c, w, x_tilde = (batch[k] for k in ("z_t", "t", "c", "w", "target"))
+            z_t, t, x_tilde = (batch[k] for k in ("z_t", "t", "target"))
+            cond = batch_cond(batch)
         else:
-            z_t, t, c, w, x_tilde = self.inline_targets(batch[DATA]["x"], batch[DATA]["c"])
+            z_t, t, cond, x_tilde = self.inline_targets(batch[DATA]["x"], batch[DATA]["c"])
         per_sample = regression_loss(self.student, self.config, self.schedule, self.weighting,
-                                     z_t, t, {"c": c, "w": w}, x_tilde)
+                                     z_t, t, cond, x_tilde)
         return {"loss": per_sample.mean()}
 
-    def inline_targets(self, x: Tensor, c: Tensor) -> tuple[Tensor, ...]:
-        """Draws i, w and the noise from the method's generator, then `halving_target`."""
+    def inline_targets(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, dict, Tensor]:
+        """(z_t, t, cond, x_tilde): draws i, w and the noise from the method's generator, then
+        `halving_target`."""
         n, device, g = len(x), x.device, self.rng
         i = torch.randint(1, self.student_steps + 1, (n,), generator=g, device=device)
         w = draw_w(n, self.guidance.w_min, self.guidance.w_max, g, device).to(x.dtype)
         eps = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
+        cond = self.conditions.cond(c, w)
         z_t, t, x_tilde = halving_target(
-            self.teacher, x=x, eps=eps, i=i, cond={"c": c, "w": w}, schedule=self.schedule,
+            self.teacher, x=x, eps=eps, i=i, cond=cond, schedule=self.schedule,
             student_steps=self.student_steps, stochastic=self.stochastic,
             teacher_is_stochastic=self.teacher_is_stochastic)
-        return z_t, t, c, w, x_tilde
+        return z_t, t, cond, x_tilde
 
     def round_meta(self, index: int) -> dict:
         return {"method": "progressive", "steps": self.round_steps[index],
@@ -221,7 +226,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     return ProgressiveDistillation(
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
-        weighting=job.loss_weighting,
+        conditions=teacher.conditions, weighting=job.loss_weighting,
         teacher_is_stochastic=teacher.is_stochastic_student, reads=PAIRS if job.pairs else DATA)
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raydistill.conditions import Conditions, PromptTable
 from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
 from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.diffusion.multistep import renoise_sample
@@ -157,6 +158,7 @@ class Checkpoint:
     config: ModelConfig
     fingerprint: str
     extra: dict[str, Any]
+    prompts: str = ""                # a text model's prompt table (raydistill.conditions)
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -164,11 +166,38 @@ class Checkpoint:
         return model_data_shape(self.config)
 
     @property
+    def text(self) -> bool:
+        """Whether the model is conditioned on text (encoder_hidden_states)."""
+        return self.config.kind == "diffusers" and self.config.diffusers.text_length > 0
+
+    @property
     def num_classes(self) -> int:
+        """The condition indices c the model is sampled under: its classes, or a text model's
+        prompts."""
+        return self.conditions.num_classes
+
+    @functools.cached_property
+    def conditions(self) -> Conditions:
+        """What c means to the model (raydistill.conditions): a text model needs its prompt
+        table, whose rows must have the width and length of its empty-prompt embedding."""
         config = self.config
-        if config.kind == "diffusers":
-            return self.network.num_classes
-        return {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind].num_classes
+        if not self.text:
+            if config.kind == "diffusers":
+                return Conditions(self.network.num_classes)
+            spec = {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind]
+            return Conditions(spec.num_classes)
+        if not self.prompts:
+            raise ConfigError("teacher.prompts", "is required for a text-conditioned model: the "
+                                                 "prompt embeddings (encoder_hidden_states "
+                                                 "[P, L, D]) its samples are conditioned on")
+        table = PromptTable(self.prompts, "teacher.prompts")
+        expected = tuple(self.network.null_embedding.shape)
+        if (table.length, table.width) != expected:
+            raise ConfigError("teacher.prompts", f"{self.prompts} holds [{table.length}, "
+                                                 f"{table.width}] embeddings; the model takes "
+                                                 f"[{expected[0]}, {expected[1]}] (the shape of "
+                                                 "its empty-prompt embedding)")
+        return Conditions(table.count, table)
 
     @functools.cached_property
     def denoiser(self) -> Denoiser:
@@ -347,7 +376,8 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
     digest = fingerprint(network, meta["model"])
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
-    return Checkpoint(network.eval(), config, digest, meta.get("extra", {}))
+    extra = meta.get("extra", {})
+    return Checkpoint(network.eval(), config, digest, extra, extra.get("prompts", ""))
 
 
 def load_teacher(ref: TeacherRef) -> Checkpoint:
@@ -362,6 +392,8 @@ def load_teacher(ref: TeacherRef) -> Checkpoint:
         checkpoint = Checkpoint(network, config, fingerprint(network, written_config(config)), {})
     else:
         checkpoint = load_checkpoint(ref.checkpoint)
+    if ref.prompts:
+        checkpoint.prompts = ref.prompts
     if ref.fingerprint and not checkpoint.fingerprint.startswith(ref.fingerprint):
         raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
                                                  f"{checkpoint.fingerprint[:16]}, config pins "

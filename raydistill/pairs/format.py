@@ -9,6 +9,10 @@ pickle) and `<key>.json` (scalars). Schemas per mode:
 | `guided`      | `z_t`, `target`   | `c`, `w`, `t`, `seed`  |
 | `progressive` | `z_t`, `target`   | `c`, `w`, `t`, `N`, `seed` |
 
+A text model's pairs (their run identity records its prompt table, `prompts`) add the array
+`encoder_hidden_states` [L, D] to every sample: the prompt embedding its c indexes
+(raydistill.conditions), so training from them needs no table.
+
 `ode`: image = the teacher's ODE solution from noise z_1 under guidance w (class c). `guided`:
 target = x_hat_w(z_t, c), the guided teacher's prediction (methods.guided.guided_target).
 `progressive`: target = x_tilde, the x_hat for which one student DDIM step from z_t lands where the
@@ -24,14 +28,39 @@ import json
 import math
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
+
+from raydistill.conditions import TEXT
 
 SCHEMAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ode": (("noise", "image"), ("c", "w", "seed")),
     "guided": (("z_t", "target"), ("c", "w", "t", "seed")),
     "progressive": (("z_t", "target"), ("c", "w", "t", "N", "seed")),
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What each sample of a pair set holds: its mode's arrays and fields, plus a text model's
+    embeddings."""
+
+    mode: str
+    text: bool = False
+
+    @classmethod
+    def of(cls, identity: dict) -> Layout:
+        """The layout of a pair set with this run identity (pairs.json)."""
+        return cls(identity["mode"], "prompts" in identity)
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return SCHEMAS[self.mode][0] + ((TEXT,) if self.text else ())
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return SCHEMAS[self.mode][1]
 
 
 class ShardError(ValueError):
@@ -50,9 +79,9 @@ def sample_key(index: int, i: int) -> str:
     return f"s{index:06d}_{i:05d}"
 
 
-def encode_shard(index: int, mode: str, columns: dict[str, np.ndarray]) -> bytes:
+def encode_shard(index: int, layout: Layout, columns: dict[str, np.ndarray]) -> bytes:
     """A tar (bytes) of the samples in `columns` (arrays [n, ...] and scalar columns [n])."""
-    arrays, fields = SCHEMAS[mode]
+    arrays, fields = layout.arrays, layout.fields
     count = len(columns[arrays[0]])
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -74,9 +103,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
+def decode_shard(data: bytes, shard: str, layout: Layout) -> Iterator[dict]:
     """The samples of a shard as dicts of numpy arrays and scalars (plus `__key__`)."""
-    arrays, fields = SCHEMAS[mode]
+    arrays, fields = layout.arrays, layout.fields
     expected = {f"{name}.npy" for name in arrays} | {"json"}
     layouts: dict[bytes, tuple] = {}
     try:
@@ -103,7 +132,8 @@ def decode_shard(data: bytes, shard: str, mode: str) -> Iterator[dict]:
                 elif suffix in expected:
                     sample[suffix[:-4]] = load_npy(raw, layouts)
                 else:
-                    raise ShardError(shard, f"unexpected member {member.name} for mode {mode}")
+                    raise ShardError(shard, f"unexpected member {member.name} for mode "
+                                            f"{layout.mode}")
                 sample.setdefault("__members__", set()).add(suffix)
             if sample:
                 yield _finish(sample, expected, shard)

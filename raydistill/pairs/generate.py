@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydistill.conditions import TEXT
 from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
+from raydistill.diffusion.guidance import Cond
 from raydistill.diffusion.schedule import uniform_t
 from raydistill.diffusion.solvers import sample
 from raydistill.methods.guided import guided_target
@@ -37,7 +39,7 @@ class ShardMaker:
         self.teacher_is_stochastic = teacher.is_stochastic_student
         self.stochastic_sample = teacher.stochastic_sampler
         self.schedule = teacher.denoiser.schedule
-        self.shape, self.num_classes = teacher.data_shape, teacher.num_classes
+        self.shape, self.conditions = teacher.data_shape, teacher.conditions
         self.data = self._real_data(teacher) if job.mode != "ode" else None
 
     def _real_data(self, teacher: Checkpoint) -> Tensor | GaussianMixture:
@@ -60,7 +62,7 @@ class ShardMaker:
             seed = derive_seed(base, i)
             g = torch.Generator().manual_seed(seed)
             row = {"seed": torch.tensor(seed),
-                   "c": torch.randint(0, self.num_classes, (), generator=g),
+                   "c": torch.randint(0, self.conditions.num_classes, (), generator=g),
                    "w": job.guidance.w_min + (job.guidance.w_max - job.guidance.w_min)
                    * torch.rand((), generator=g)}
             if job.mode == "ode":
@@ -84,20 +86,23 @@ class ShardMaker:
 
     @torch.no_grad()
     def make(self, shard: int) -> dict[str, np.ndarray]:
-        """The columns of shard k (see raydistill.pairs.format for the schema per mode)."""
+        """The columns of shard k (see raydistill.pairs.format for the schema per mode), with a
+        text model's encoder_hidden_states."""
         inputs = self.inputs(shard)
         columns: dict[str, list[Tensor]] = {}
         for start in range(0, self.job.samples_per_shard, self.job.batch_size):
             batch = {k: v[start:start + self.job.batch_size].to(self.device) for k, v in inputs.items()}
-            for key, value in self._compute(batch).items():
+            cond = self.conditions.cond(batch["c"], batch["w"])
+            for key, value in self._compute(batch, cond).items():
                 columns.setdefault(key, []).append(value.cpu())
+            if TEXT in cond:
+                columns.setdefault(TEXT, []).append(cond[TEXT].cpu())
         out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
         out.update(c=inputs["c"].numpy(), w=inputs["w"].numpy(), seed=inputs["seed"].numpy())
         return out
 
-    def _compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _compute(self, batch: dict[str, Tensor], cond: Cond) -> dict[str, Tensor]:
         job = self.job
-        cond = {"c": batch["c"], "w": batch["w"]}
         if job.mode == "ode" and job.stochastic:
             image = self.stochastic_sample(self.teacher, batch["noise"], cond, self.schedule,
                                            steps=job.solver.steps, xi=batch["xi"])

@@ -59,7 +59,8 @@ COLUMNS = SCHEMA.names
 
 def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
     """What makes two runs' shards interchangeable: all of it must match to add to a location.
-    `teacher_steps` follows from the teacher's fingerprint; it is recorded for the reader."""
+    `teacher_steps` follows from the teacher's fingerprint; it is recorded for the reader. A text
+    model's pairs record its prompt table (what c indexes), and their samples carry its rows."""
     distilled = teacher.distilled_sampler
     identity = {"mode": job.mode, "teacher_fingerprint": teacher.fingerprint,
                 "teacher_steps": distilled.steps if distilled else None,
@@ -73,6 +74,9 @@ def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
         identity["student_steps"] = job.student_steps
     if job.mode != "guided":
         identity["stochastic"] = job.stochastic
+    if teacher.text:
+        table = teacher.conditions.prompts
+        identity["prompts"] = {"sha256": table.digest(), "count": table.count}
     return identity
 
 

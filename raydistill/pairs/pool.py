@@ -30,7 +30,7 @@ from raydistill.methods.guided import check_continuous_teacher
 from raydistill.methods.progressive import check_halving_teacher
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.models.denoiser import EvaluationCounter
-from raydistill.pairs.format import encode_shard, shard_name
+from raydistill.pairs.format import Layout, encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
 from raydistill.storage import Location
@@ -104,6 +104,7 @@ class ShardWorker:
         if self.teacher.fingerprint != fingerprint:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
         self.maker = ShardMaker(self.job, self.teacher, worker_device(self.job))
+        self.layout = Layout(self.job.mode, self.teacher.text)
         self.location = Location.parse(out)
         self.evaluations = EvaluationCounter()
         self.evaluations.watch(self.teacher.denoiser)
@@ -113,7 +114,7 @@ class ShardWorker:
         for index in batch["index"].tolist():
             self.evaluations.take()
             columns = self.maker.make(index)
-            data = encode_shard(index, self.job.mode, columns)
+            data = encode_shard(index, self.layout, columns)
             self.location.write_atomic(shard_name(index), data)
             rows.append(shard_row(self.job, self.teacher, index, data, len(columns["c"])))
             evaluations.append(self.evaluations.take())

@@ -18,22 +18,23 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from raydistill.data.units import Source, Unit, require_shards_per_worker, shuffled
-from raydistill.pairs.format import ShardError, decode_shard
+from raydistill.pairs.format import Layout, ShardError, decode_shard
 from raydistill.pairs.manifest import Manifest, read_run
 from raydistill.storage import Location
 
 
-def open_pairs(uri: str) -> tuple[Location, Manifest, str]:
-    """The location, its manifest and its mode; raises ShardError if it holds no pairs."""
+def open_pairs(uri: str) -> tuple[Location, Manifest, Layout]:
+    """The location, its manifest and its samples' layout; raises ShardError if it holds no
+    pairs."""
     location = Location.parse(uri)
     run = read_run(location)
     manifest = Manifest.read(location)
     if run is None or not len(manifest):
         raise ShardError(uri, "no pairs here (missing pairs.json or empty manifest)")
-    return location, manifest, run["identity"]["mode"]
+    return location, manifest, Layout.of(run["identity"])
 
 
-def read_shard(location: Location, row: dict, mode: str) -> list[dict]:
+def read_shard(location: Location, row: dict, layout: Layout) -> list[dict]:
     """The verified samples of one manifest row."""
     name = row["shard"]
     try:
@@ -45,7 +46,7 @@ def read_shard(location: Location, row: dict, mode: str) -> list[dict]:
                                "(truncated or replaced)")
     if hashlib.sha256(data).hexdigest() != row["sha256"]:
         raise ShardError(name, "sha256 differs from the manifest (altered)")
-    samples = list(decode_shard(data, name, mode))
+    samples = list(decode_shard(data, name, layout))
     if len(samples) != row["count"]:
         raise ShardError(name, f"has {len(samples)} samples, the manifest says {row['count']}")
     return samples
@@ -56,7 +57,7 @@ class PairReader(IterableDataset):
 
     def __init__(self, uri: str, *, rank: int = 0, world_size: int = 1, shuffle: bool = False,
                  seed: int = 0):
-        self.location, self.manifest, self.mode = open_pairs(uri)
+        self.location, self.manifest, self.layout = open_pairs(uri)
         names = sorted(self.manifest.rows)
         self.shards = names[rank::world_size]
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
@@ -72,7 +73,7 @@ class PairReader(IterableDataset):
         if info is not None:
             shards = shards[info.id::info.num_workers]
         for name in shards:
-            samples = read_shard(self.location, self.manifest.rows[name], self.mode)
+            samples = read_shard(self.location, self.manifest.rows[name], self.layout)
             if self.shuffle:
                 random.Random(f"{self.seed}-{self.epoch}-{name}").shuffle(samples)
             for sample in samples:
@@ -86,7 +87,7 @@ class PairShards(Source):
     CHECKED = ("shard", "bytes", "sha256", "count")        # what read_shard verifies against
 
     def __init__(self, uri: str, *, rank: int = 0, world: int = 1):
-        _, manifest, self.mode = open_pairs(uri)
+        _, manifest, self.layout = open_pairs(uri)
         names = sorted(manifest.rows)
         require_shards_per_worker(len(names), world, uri)
         self.uri = uri
@@ -100,7 +101,7 @@ class PairShards(Source):
                 for i in rng.permutation(len(self.rows))]
 
     def read(self, item: dict) -> list[dict]:
-        samples = read_shard(Location.parse(self.uri), item, self.mode)
+        samples = read_shard(Location.parse(self.uri), item, self.layout)
         rows = [{k: np.asarray(v) for k, v in sample.items() if k != "__key__"}
                 for sample in samples]
         return shuffled(rows, item["seed"])

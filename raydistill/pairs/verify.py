@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raydistill.config import ConfigError, PairsJob, from_dict
-from raydistill.pairs.format import ShardError, shard_name
+from raydistill.pairs.format import Layout, ShardError, shard_name
 from raydistill.pairs.manifest import RUN, Manifest, check_regenerable, read_run
 from raydistill.pairs.reader import read_shard
 from raydistill.storage import Location
@@ -39,14 +39,14 @@ def verify_pairs(uri: str) -> VerifyReport:
         report.problems.append(f"{uri}: no {RUN} (not a pairs location)")
         return report
     manifest = Manifest.read(location)
-    mode = run["identity"]["mode"]
+    layout = Layout.of(run["identity"])
     for index in range(run["num_shards"]):
         name = shard_name(index)
         row = manifest.rows.get(name)
         try:
             if row is None:
                 raise ShardError(name, "missing (not in the manifest)")
-            samples = read_shard(location, row, mode)
+            samples = read_shard(location, row, layout)
         except ShardError as err:
             report.bad[name] = err.problem
             report.problems.append(str(err))

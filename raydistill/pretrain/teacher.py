@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from raydistill.conditions import Conditions
 from raydistill.config import ConfigError, TeacherJob
 from raydistill.data import LabelledImages, load_images
 from raydistill.devices import resolve_device
@@ -135,7 +136,8 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
              "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
     images, _ = sample_classes(CFG(ModelDenoiser(ema, schedule, prediction)), schedule,
                                shape=(unet.in_channels, unet.resolution, unet.resolution),
-                               num_classes=unet.num_classes, sampler=job.preview, seed=job.seed,
+                               conditions=Conditions(unet.num_classes), sampler=job.preview,
+                               seed=job.seed,
                                device=device)
     files = {"train_log.jsonl": "".join(json.dumps(row) + "\n" for row in result.log).encode(),
              "preview.png": grid_png(images, unet.num_classes)}

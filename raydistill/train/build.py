@@ -124,13 +124,17 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
 
     spec = method_spec(job.method)
     try:
-        location, manifest, mode = open_pairs(job.pairs)
+        location, manifest, layout = open_pairs(job.pairs)
     except ShardError as err:
         raise ConfigError("pairs", str(err)) from None
     identity = read_run(location)["identity"]
-    if mode != spec.pairs_mode:
-        raise ConfigError("pairs", f"{job.pairs} holds {mode} pairs; method {job.method} needs "
-                                   f"{spec.pairs_mode} pairs")
+    if layout.mode != spec.pairs_mode:
+        raise ConfigError("pairs", f"{job.pairs} holds {layout.mode} pairs; method {job.method} "
+                                   f"needs {spec.pairs_mode} pairs")
+    if layout.text != teacher.text:
+        raise ConfigError("pairs", f"{job.pairs} holds pairs of a "
+                                   f"{'text' if layout.text else 'class'}-conditioned model; the "
+                                   f"teacher is {'text' if teacher.text else 'class'}-conditioned")
     if identity["teacher_fingerprint"] != teacher.fingerprint:
         raise ConfigError("pairs", f"{job.pairs} was made by teacher "
                                    f"{identity['teacher_fingerprint'][:16]}, the configured teacher "

@@ -272,7 +272,7 @@ def worker_main(config: dict) -> None:
                                     reached={"entered": entered, "set_up": set_up},
                                     events=config["events"])
             run_worker(job, setup.method, setup.streams, context, student_config,
-                       setup.teacher.fingerprint)
+                       setup.teacher)
 
 
 @dataclass
@@ -314,14 +314,12 @@ def data_stream(name: str, job: TrainJob, teacher: Checkpoint, micro: int, rank:
     mixture."""
     common = {"micro": micro, "seed": job.seed, "rank": rank}
     if name == PAIRS:
-        from raydistill.methods.registry import method_spec
-        from raydistill.pairs.format import SCHEMAS
         from raydistill.pairs.reader import PairShards
 
-        arrays, fields = SCHEMAS[method_spec(job.method).pairs_mode]
-        columns = {key: key for key in (*arrays, *fields) if key != "seed"}
-        return source_stream(PairShards(job.pairs, rank=rank, world=world), columns=columns,
-                             name=job.pairs, **common)
+        shards = PairShards(job.pairs, rank=rank, world=world)
+        columns = {key: key for key in (*shards.layout.arrays, *shards.layout.fields)
+                   if key != "seed"}
+        return source_stream(shards, columns=columns, name=job.pairs, **common)
     if name != DATA:
         raise ValueError(f"unknown data stream {name!r} (expected {DATA} or {PAIRS})")
     if job.data.source == "mixture":

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from raydistill.config import ModelConfig, TrainJob
 from raydistill.events import EventWriter
 from raydistill.methods import Method, Phase
-from raydistill.models.checkpoint import build_network, save_checkpoint
+from raydistill.models.checkpoint import Checkpoint, build_network, save_checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
 from raydistill.train.engine import (
     StudentEMA,
@@ -116,9 +116,12 @@ class Progress:
 
 
 def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: WorkerContext,
-               student_config: ModelConfig, teacher_fingerprint: str) -> None:
+               student_config: ModelConfig, teacher: Checkpoint) -> None:
     """Train `method` to the end of its rounds, reading `streams` by name, checkpointing and
-    reporting through `ctx`."""
+    reporting through `ctx`. Each student saved records `teacher`'s fingerprint (and a text
+    teacher's prompt table, which it is sampled with)."""
+    teacher_record = {"teacher_fingerprint": teacher.fingerprint,
+                      **({"prompts": teacher.prompts} if teacher.text else {})}
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
@@ -151,8 +154,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     def save_student(directory: str, weights: dict[str, Tensor], index: int) -> None:
         network = build_network(student_config)
         network.load_state_dict(weights)
-        extra = {**method.round_meta(index), "teacher_fingerprint": teacher_fingerprint,
-                 "train_steps": progress.step}
+        extra = {**method.round_meta(index), **teacher_record, "train_steps": progress.step}
         save_checkpoint(directory, network, student_config, extra=extra)
 
     def checkpoint(final: bool, metrics: dict) -> None:
