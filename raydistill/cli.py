@@ -259,6 +259,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                    "spacing": "--spacing",
                                    "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
     checkpoint.network.to(device)
+    if checkpoint.autoencoder is not None:
+        checkpoint.autoencoder.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
     if model.kind not in ("unet", "diffusers"):
@@ -279,6 +281,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                     conditions=conditions, sampler=sampler,
                                     seed=args.seed, device=device,
                                     stochastic=checkpoint.stochastic_sampler if stochastic else None)
+    images = checkpoint.images(images).clamp(-1, 1)       # a latent model's decoded
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:

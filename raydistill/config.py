@@ -391,6 +391,8 @@ class DiffusersTeacher:
     null_class: int = -1             # class-conditional: the label trained as "no class" (-1: last)
     null_embedding: str = ""         # text-conditioned: the empty prompt's encoder_hidden_states
                                      # [L, D] (.npy or .safetensors, key "encoder_hidden_states")
+    vae: str = ""                    # a latent model's AutoencoderKL directory (default: the
+                                     # pipeline's vae/, when there is one)
 
     def validate(self) -> None:
         require(bool(self.path), "path", "is required (a diffusers model or pipeline directory)")
@@ -398,6 +400,8 @@ class DiffusersTeacher:
         if self.null_embedding:
             require(os.path.isfile(self.null_embedding), "null_embedding",
                     f"no such file: {self.null_embedding}")
+        if self.vae:
+            require(os.path.isdir(self.vae), "vae", f"no such directory: {self.vae}")
 
 
 @dataclass
@@ -789,7 +793,8 @@ def with_absolute_paths(job: T) -> T:
         diffusers = job.teacher.diffusers
         if diffusers is not None:
             diffusers = dataclasses.replace(diffusers, path=absolute(diffusers.path),
-                                            null_embedding=absolute(diffusers.null_embedding))
+                                            null_embedding=absolute(diffusers.null_embedding),
+                                            vae=absolute(diffusers.vae))
         changes["teacher"] = dataclasses.replace(job.teacher,
                                                  checkpoint=absolute(job.teacher.checkpoint),
                                                  build=absolute(job.teacher.build),

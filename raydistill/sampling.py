@@ -26,7 +26,8 @@ def sample_classes(
     sampler: SamplerConfig, seed: int = 0, stochastic: Callable[..., Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """sampler.per_class samples of every class, class-major; returns (images, labels) on the CPU.
+    """sampler.per_class samples of every class, class-major; returns (samples, labels) on the
+    CPU: images as the model gives them (not clamped), or a latent model's latents.
 
     `w_denoiser` reads the guidance strength from cond["w"] (Checkpoint.w_denoiser). `stochastic`:
     a sampler with re-noise draws (Checkpoint.stochastic_sampler: Meng et al.'s or a multi-step
@@ -45,7 +46,7 @@ def sample_classes(
     else:
         images = sample(w_denoiser, noise, cond, schedule, steps=sampler.steps,
                         solver=sampler.solver, spacing=sampler.spacing)
-    return images.clamp(-1, 1).cpu(), labels.cpu()
+    return images.cpu(), labels.cpu()
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -210,7 +210,7 @@ def test_full_digits_teacher_samples_are_recognised(tmp_path):
                                     shape=(1, 16, 16),
                                     conditions=Conditions(10), sampler=SamplerConfig(steps=64, w=1.0,
                                                                           per_class=50))
-    accuracy = model.accuracy(images, labels)
+    accuracy = model.accuracy(images.clamp(-1, 1), labels)
     print(f"classifier held-out accuracy {meta['test_accuracy']:.1%}; it recognises "
           f"{accuracy:.1%} of 500 CFG (w=1) 64-step DDIM teacher samples as their class")
     assert meta["test_accuracy"] >= 0.95

@@ -142,7 +142,8 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
     for row in rows:
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
-        images, labels = read_samples(plans[row.key].location.uri, job.num_samples)
+        samples, labels = read_samples(plans[row.key].location.uri, job.num_samples)
+        images = teacher.images(samples)           # a latent teacher's decoded
         grid = None
         if not analytic:              # the first samples: the same noise and classes in every grid
             grid = os.path.join("grids", f"{row.key}.png")

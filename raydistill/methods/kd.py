@@ -149,6 +149,9 @@ def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig
         if len(teacher.data_shape) != 3:
             raise ConfigError("distance", f"lpips compares images; the teacher's samples have "
                                           f"shape {list(teacher.data_shape)}")
+        if teacher.autoencoder_path:
+            raise ConfigError("distance", "lpips compares images; a latent teacher's samples are "
+                                          "latents (use pseudo_huber or mse)")
         load_lpips(job.lpips)
     if student.w_conditioned:
         raise ConfigError("student", "a generator takes no w input (its guidance "

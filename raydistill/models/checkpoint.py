@@ -40,6 +40,7 @@ from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, t
 from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.diffusion.multistep import renoise_sample
 from raydistill.diffusion.progressive import stochastic_sample
+from raydistill.models.autoencoder import Autoencoder, load_autoencoder
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.diffusers_unet import DiffusersUNet, load_diffusers
 from raydistill.models.diffusers_unet import data_shape as diffusers_data_shape
@@ -159,11 +160,30 @@ class Checkpoint:
     fingerprint: str
     extra: dict[str, Any]
     prompts: str = ""                # a text model's prompt table (raydistill.conditions)
+    autoencoder_path: str = ""       # a latent model's AutoencoderKL (models.autoencoder)
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """The shape of one sample x the model denoises."""
+        """The shape of one sample x the model denoises (a latent model's latents)."""
         return model_data_shape(self.config)
+
+    @functools.cached_property
+    def autoencoder(self) -> Autoencoder | None:
+        """A latent model's autoencoder (on the CPU until moved), None for a pixel model."""
+        if not self.autoencoder_path:
+            return None
+        return load_autoencoder(self.autoencoder_path, "teacher.diffusers.vae")
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image: the data shape, or what a latent model's latents decode to."""
+        autoencoder = self.autoencoder
+        return self.data_shape if autoencoder is None else autoencoder.image_shape(self.data_shape)
+
+    def images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples as images: decoded by a latent model's autoencoder, else as they are."""
+        autoencoder = self.autoencoder
+        return samples if autoencoder is None else autoencoder.decode(samples)
 
     @property
     def text(self) -> bool:
@@ -377,7 +397,8 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
     extra = meta.get("extra", {})
-    return Checkpoint(network.eval(), config, digest, extra, extra.get("prompts", ""))
+    return Checkpoint(network.eval(), config, digest, extra, extra.get("prompts", ""),
+                      extra.get("autoencoder", ""))
 
 
 def load_teacher(ref: TeacherRef) -> Checkpoint:
@@ -388,8 +409,12 @@ def load_teacher(ref: TeacherRef) -> Checkpoint:
         network = build_network(config)
         checkpoint = Checkpoint(network, config, fingerprint(network, sparse_config(config)), {})
     elif ref.diffusers is not None:
-        network, config = load_diffusers(ref.diffusers)
-        checkpoint = Checkpoint(network, config, fingerprint(network, written_config(config)), {})
+        network, config, vae = load_diffusers(ref.diffusers)
+        digest = fingerprint(network, written_config(config))
+        checkpoint = Checkpoint(network, config, digest, {}, autoencoder_path=vae)
+        if vae:          # a latent teacher is its UNet and its autoencoder
+            digest = fingerprint(checkpoint.autoencoder, {"unet": digest})
+            checkpoint.fingerprint = digest
     else:
         checkpoint = load_checkpoint(ref.checkpoint)
     if ref.prompts:

@@ -204,9 +204,15 @@ def _null_embedding(path: str, width: int) -> Tensor:
     return value.float()
 
 
-def load_diffusers(ref: DiffusersTeacher) -> tuple[DiffusersUNet, ModelConfig]:
-    """The network and model config of a diffusers directory (weights read locally, no hub)."""
+def load_diffusers(ref: DiffusersTeacher) -> tuple[DiffusersUNet, ModelConfig, str]:
+    """The network and model config of a diffusers directory (weights read locally, no hub),
+    and a latent model's autoencoder directory ("" for a pixel model)."""
     unet_dir, scheduler_path = locate(ref.path)
+    vae = ref.vae or os.path.join(ref.path, "vae")
+    if not os.path.isfile(os.path.join(vae, MODEL_CONFIG)):
+        if ref.vae:
+            raise ConfigError("teacher.diffusers.vae", f"{vae}/{MODEL_CONFIG} is missing")
+        vae = ""
     model = _read_json(os.path.join(unet_dir, MODEL_CONFIG))
     model_class = model.get("_class_name")
     if model_class not in MODEL_CLASSES:
@@ -231,4 +237,4 @@ def load_diffusers(ref: DiffusersTeacher) -> tuple[DiffusersUNet, ModelConfig]:
     network = DiffusersUNet(config.diffusers, make_schedule(schedule), unet)
     if text_length:
         network.null_embedding.copy_(null)
-    return network.eval(), config
+    return network.eval(), config, vae

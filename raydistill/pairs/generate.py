@@ -41,6 +41,10 @@ class ShardMaker:
         self.schedule = teacher.denoiser.schedule
         self.shape, self.conditions = teacher.data_shape, teacher.conditions
         self.data = self._real_data(teacher) if job.mode != "ode" else None
+        # real images become a latent teacher's latents (ODE pairs start from noise: no images)
+        self.autoencoder = teacher.autoencoder if self.data is not None else None
+        if self.autoencoder is not None:
+            self.autoencoder.to(self.device)
 
     def _real_data(self, teacher: Checkpoint) -> Tensor | GaussianMixture:
         source = self.job.data.source
@@ -49,9 +53,9 @@ class ShardMaker:
                 raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
             return teacher.network
         images = load_images(self.job.data).train.images
-        if tuple(images.shape[1:]) != self.shape:
+        if tuple(images.shape[1:]) != teacher.image_shape:
             raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
-                                                 f"match the teacher's {self.shape}")
+                                                 f"match the teacher's {teacher.image_shape}")
         return images
 
     def inputs(self, shard: int) -> dict[str, Tensor]:
@@ -70,7 +74,8 @@ class ShardMaker:
                 if job.stochastic:
                     row["xi"] = torch.randn(job.solver.steps - 1, *self.shape, generator=g)
             else:
-                row["x"] = self._draw_x(row["c"], g)
+                row["x"] = self._draw_x(row["c"], g)      # an image (a latent teacher's: encoded
+                                                          # per batch in `make`)
                 row["eps"] = torch.randn(self.shape, generator=g)
                 if job.mode == "guided":
                     row["t"] = uniform_t(1, generator=g)[0]
@@ -92,6 +97,8 @@ class ShardMaker:
         columns: dict[str, list[Tensor]] = {}
         for start in range(0, self.job.samples_per_shard, self.job.batch_size):
             batch = {k: v[start:start + self.job.batch_size].to(self.device) for k, v in inputs.items()}
+            if "x" in batch and self.autoencoder is not None:
+                batch["x"] = self.autoencoder.encode(batch["x"])
             cond = self.conditions.cond(batch["c"], batch["w"])
             for key, value in self._compute(batch, cond).items():
                 columns.setdefault(key, []).append(value.cpu())

@@ -106,9 +106,9 @@ def prepare(job: TrainJob) -> Plan:
             raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
     else:
         data = with_teacher_shape(job, teacher).data
-        if (data.channels, data.resolution, data.resolution) != teacher.data_shape:
+        if (data.channels, data.resolution, data.resolution) != teacher.image_shape:
             raise ConfigError("data", f"{data.channels}x{data.resolution}x{data.resolution} images "
-                                      f"do not fit the teacher's {teacher.data_shape}")
+                                      f"do not fit the teacher's {teacher.image_shape}")
         if data.source == "webdataset":
             from raydistill.data.ray_source import tar_shards
             require_shards_per_worker(len(tar_shards(data)), job.workers.num, "data.path")
@@ -168,4 +168,4 @@ def with_teacher_shape(job: TrainJob, teacher: Checkpoint) -> TrainJob:
     if teacher.config.kind == "gmm" or job.data.channels:
         return job
     return dataclasses.replace(job, data=dataclasses.replace(job.data,
-                                                             channels=teacher.data_shape[0]))
+                                                             channels=teacher.image_shape[0]))

@@ -303,6 +303,8 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
     method = build_method(job, teacher, student_config, device)
     micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
     names = sorted({name for phase in method.phases() for name in phase.reads})
+    if DATA in names and teacher.autoencoder is not None:   # encodes real images to latents
+        teacher.autoencoder.to(device)
     streams = {name: data_stream(name, job, teacher, micro, rank, world) for name in names}
     return WorkerSetup(device, teacher, method, streams)
 
@@ -326,6 +328,10 @@ def data_stream(name: str, job: TrainJob, teacher: Checkpoint, micro: int, rank:
         return mixture_stream(teacher.network, **common)
     from raydistill.data.ray_source import image_source
 
-    return source_stream(image_source(job.data, rank=rank, world=world),
-                         columns={"image": "x", "label": "c"},
-                         name=job.data.path or job.data.source, **common)
+    stream = source_stream(image_source(job.data, rank=rank, world=world),
+                           columns={"image": "x", "label": "c"},
+                           name=job.data.path or job.data.source, **common)
+    autoencoder = teacher.autoencoder
+    if autoencoder is None:
+        return stream
+    return stream.map(lambda batch: {**batch, "x": autoencoder.encode(batch["x"])})

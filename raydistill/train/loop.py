@@ -118,10 +118,12 @@ class Progress:
 def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: WorkerContext,
                student_config: ModelConfig, teacher: Checkpoint) -> None:
     """Train `method` to the end of its rounds, reading `streams` by name, checkpointing and
-    reporting through `ctx`. Each student saved records `teacher`'s fingerprint (and a text
-    teacher's prompt table, which it is sampled with)."""
+    reporting through `ctx`. Each student saved records `teacher`'s fingerprint (and what it is
+    sampled with: a text teacher's prompt table, a latent teacher's autoencoder)."""
     teacher_record = {"teacher_fingerprint": teacher.fingerprint,
-                      **({"prompts": teacher.prompts} if teacher.text else {})}
+                      **({"prompts": teacher.prompts} if teacher.text else {}),
+                      **({"autoencoder": teacher.autoencoder_path}
+                         if teacher.autoencoder_path else {})}
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"

@@ -53,6 +53,7 @@ class Stream:
 
     def __init__(self, batches: Callable[[Position], Iterator[dict[str, Tensor]]]):
         self._batches, self.position, self._iterator = batches, Position(), None
+        self._map: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
         self._device, self._copies, self._ahead = torch.device("cpu"), None, None
         self._read = Position()          # where the reader is: one batch past `position`
 
@@ -60,6 +61,12 @@ class Stream:
         self._device = torch.device(device)
         if self._device.type == "cuda":
             self._copies = torch.cuda.Stream(self._device)
+        return self
+
+    def map(self, function: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> Stream:
+        """Have it hand out function(batch), applied on the device (e.g. a latent teacher's
+        encoder)."""
+        self._map = function
         return self
 
     def restore(self, position: Position) -> None:
@@ -80,7 +87,7 @@ class Stream:
             current.wait_stream(self._copies)
             for value in batch.values():      # memory the copy stream allocated, used on this one
                 value.record_stream(current)
-        return batch
+        return batch if self._map is None else self._map(batch)
 
     def _fetch(self) -> tuple[dict[str, Tensor], Position]:
         batch = next(self._iterator)
