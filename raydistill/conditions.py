@@ -36,7 +36,7 @@ class PromptTable:
     file; `key` names the setting that gave the path, for errors."""
 
     def __init__(self, path: str, key: str):
-        self.path, self.key = path, key
+        self.path, self.key, self._rows = path, key, None
         try:
             shape = self._shape()
         except (OSError, ValueError, KeyError) as err:
@@ -47,27 +47,36 @@ class PromptTable:
                                    "width] encoder_hidden_states")
         self.count, self.length, self.width = shape
 
-    def _shape(self) -> tuple[int, ...]:
-        if self.path.endswith(".npy"):
-            return tuple(np.load(self.path, mmap_mode="r", allow_pickle=False).shape)
-        from safetensors import safe_open
+    def _open(self):
+        """The table indexable by row, opened once per process (memory-mapped): the .npy array,
+        or the safetensors tensor's slice (with the file handle it reads through)."""
+        if self._rows is None:
+            if self.path.endswith(".npy"):
+                self._rows = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            else:
+                from safetensors import safe_open
 
-        with safe_open(self.path, "pt") as f:
-            if TEXT not in f.keys():
-                raise KeyError(f"no tensor {TEXT!r}")
-            return tuple(f.get_slice(TEXT).get_shape())
+                handle = safe_open(self.path, "pt")
+                if TEXT not in handle.keys():
+                    raise KeyError(f"no tensor {TEXT!r}")
+                self._handle, self._rows = handle, handle.get_slice(TEXT)
+        return self._rows
+
+    def _shape(self) -> tuple[int, ...]:
+        rows = self._open()
+        return tuple(rows.shape if isinstance(rows, np.ndarray) else rows.get_shape())
+
+    def __getstate__(self) -> dict:
+        """Pickled (to a Ray worker) without the open file: the worker opens its own."""
+        return {"path": self.path, "key": self.key, "_rows": None, "count": self.count,
+                "length": self.length, "width": self.width}
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows `index` [B] of the table, [B, L, D] float32 on the CPU."""
-        index = index.cpu().tolist()
-        if self.path.endswith(".npy"):
-            table = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            return torch.from_numpy(np.stack([table[i] for i in index])).float()
-        from safetensors import safe_open
-
-        with safe_open(self.path, "pt") as f:
-            table = f.get_slice(TEXT)
-            return torch.stack([table[i] for i in index]).float()
+        table = self._open()
+        rows = [torch.from_numpy(np.array(table[i])) if isinstance(table, np.ndarray)
+                else table[i] for i in index.cpu().tolist()]
+        return torch.stack(rows).float()
 
     def digest(self) -> str:
         """sha256 of the file: what a pair set made from it records."""

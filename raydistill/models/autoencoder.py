@@ -14,6 +14,7 @@ features, report grids and `raydistill sample`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -34,16 +35,10 @@ class Autoencoder(nn.Module):
         self.vae = vae.requires_grad_(False).eval()
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(vae.config.get("shift_factor") or 0.0)
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
-
-    def image_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(C, H, W) of the images whose latents have `latent_shape`."""
-        _, height, width = latent_shape
-        return (self.vae.config.in_channels, height * self.factor, width * self.factor)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -62,6 +57,19 @@ class Autoencoder(nn.Module):
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+
+def image_shape(path: str, latent_shape: tuple[int, ...], key: str) -> tuple[int, ...]:
+    """(C, H, W) of the images whose latents have `latent_shape`, from the config of the
+    AutoencoderKL in `path` alone (its weights are not read)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(key, f"{path} holds no autoencoder (config.json is missing)")
+    with open(config_path) as f:
+        config = json.load(f)
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    _, height, width = latent_shape
+    return (config["in_channels"], height * factor, width * factor)
 
 
 def load_autoencoder(path: str, key: str) -> Autoencoder:

@@ -41,6 +41,7 @@ from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.diffusion.multistep import renoise_sample
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.models.autoencoder import Autoencoder, load_autoencoder
+from raydistill.models.autoencoder import image_shape as autoencoder_image_shape
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.diffusers_unet import DiffusersUNet, load_diffusers
 from raydistill.models.diffusers_unet import data_shape as diffusers_data_shape
@@ -177,8 +178,10 @@ class Checkpoint:
     @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one image: the data shape, or what a latent model's latents decode to."""
-        autoencoder = self.autoencoder
-        return self.data_shape if autoencoder is None else autoencoder.image_shape(self.data_shape)
+        if not self.autoencoder_path:
+            return self.data_shape
+        return autoencoder_image_shape(self.autoencoder_path, self.data_shape,
+                                       "teacher.diffusers.vae")
 
     def images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples as images: decoded by a latent model's autoencoder, else as they are."""
