@@ -337,11 +337,14 @@ def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, con
     assert not (tmp_path / "run").exists()
 
 
-def test_eps_prediction_students_are_refused_and_eps_teachers_get_v_students(tmp_path):
+def test_eps_students_where_the_schedule_allows_them_and_v_students_elsewhere(tmp_path):
     """x_hat = (z_t - sigma eps_hat) / alpha: an eps student's x-space loss weight is SNR^-1 at
-    high noise (~4.9e8 at t = 1 of the cosine schedule under truncated-SNR weighting). The default
-    student of an eps-prediction teacher is its network predicting v instead."""
-    from raydistill.config import UNetConfig
+    high noise (~4.9e8 at t = 1 of the cosine schedule under truncated-SNR weighting), so there an
+    eps student is refused and an eps teacher's default student predicts v (starting fresh: the eps
+    weights read as v would be another function). Stable Diffusion's scaled_linear schedule ends at
+    sigma / alpha = 14.6: its eps teacher's student stays eps and starts from the teacher's weights
+    (DMD2's one-step generators convert eps to x there)."""
+    from raydistill.config import ScheduleConfig, UNetConfig
     from raydistill.diffusion import CosineSchedule, loss_weight, x_jacobian
     from raydistill.models import build_network, save_checkpoint
     from raydistill.train.build import build_student, starts_from_teacher, student_config
@@ -351,24 +354,27 @@ def test_eps_prediction_students_are_refused_and_eps_teachers_get_v_students(tmp
     weight = loss_weight("truncated_snr", schedule.logsnr(t)) * x_jacobian("eps", alpha=alpha,
                                                                            sigma=sigma) ** 2
     assert float(weight) > 4e8
-    config = ModelConfig(prediction="eps", unet=UNetConfig(base_channels=8, attention_resolutions=[]))
-    teacher = str(tmp_path / "teacher")
-    save_checkpoint(teacher, build_network(config), config)
-    for method in ("guided", "progressive"):
-        job = load(TrainJob, None, [f"teacher.checkpoint={teacher}", f"method={method}",
-                                    "guidance.w_max=0.0", "optim.warmup_steps=0"])
-        plan = prepare(job)
-        assert plan.student_config.prediction == "v" == student_config(job, plan.teacher).prediction
-        with pytest.raises(ConfigError, match="^student.prediction: an eps-prediction student"):
-            prepare(dataclasses.replace(job, student=config))
-    # The eps weights read as v would start the student as another function: it starts fresh.
-    teacher_weights = plan.teacher.network.state_dict()
-    student = build_student(plan.student_config, plan.teacher, seed=0).state_dict()
-    assert not starts_from_teacher(plan.student_config, plan.teacher)
-    assert not all(torch.equal(student[k], teacher_weights[k]) for k in teacher_weights)
-    v_teacher = dataclasses.replace(plan.teacher, config=plan.student_config)
-    copied = build_student(plan.student_config, v_teacher, seed=0).state_dict()
-    assert all(torch.equal(copied[k], teacher_weights[k]) for k in teacher_weights)
+    unet = UNetConfig(base_channels=8, attention_resolutions=[])
+    stable = ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for schedule_config, student_prediction in ((ScheduleConfig(), "v"), (stable, "eps")):
+        config = ModelConfig(prediction="eps", unet=unet, schedule=schedule_config)
+        teacher = str(tmp_path / schedule_config.kind)
+        save_checkpoint(teacher, build_network(config), config)
+        for method in ("guided", "progressive"):
+            job = load(TrainJob, None, [f"teacher.checkpoint={teacher}", f"method={method}",
+                                        "guidance.w_max=0.0", "optim.warmup_steps=0"])
+            plan = prepare(job)
+            assert plan.student_config.prediction == student_prediction \
+                == student_config(job, plan.teacher).prediction
+            if student_prediction == "v":
+                with pytest.raises(ConfigError, match="^student.prediction: an eps-prediction "
+                                                      "student cannot be distilled on a cosine"):
+                    prepare(dataclasses.replace(job, student=config))
+        teacher_weights = plan.teacher.network.state_dict()
+        student = build_student(plan.student_config, plan.teacher, seed=0).state_dict()
+        copied = all(torch.equal(student[k], teacher_weights[k]) for k in teacher_weights)
+        assert starts_from_teacher(plan.student_config, plan.teacher) == copied \
+            == (student_prediction == "eps")
 
 
 def test_gradient_accumulation_and_ema(single_process_group, tmp_path):

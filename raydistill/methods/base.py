@@ -20,6 +20,7 @@ may pass through another module (DMD2's GAN loss through the fake score) without
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,14 +160,30 @@ class MethodSpec:
     streams: Callable[[TrainJob], tuple[str, ...]] = lambda job: (PAIRS if job.pairs else DATA,)
 
 
+#: The lowest log-SNR at t = 1 at which an eps-prediction student is distilled: sigma / alpha
+#: <= 100 there, so x_hat = (z_t - sigma eps_hat) / alpha amplifies the output's error at most
+#: 100-fold. Stable Diffusion's scaled_linear betas end at log-SNR -5.4 (sigma / alpha = 14.6; its
+#: one-step generators convert eps to x there, as DMD2's do); a cosine schedule's -20 (or a
+#: beta-capped one's) is where Salimans & Ho (Sec. 4) find eps unusable.
+EPS_LOGSNR_FLOOR = -2 * math.log(100.0)
+
+
+def eps_distillable(config: ModelConfig) -> bool:
+    """Whether an eps-prediction network on `config`'s schedule can be a student."""
+    from raydistill.models.denoiser import make_schedule
+
+    return float(make_schedule(config.schedule).logsnr(torch.ones(1))) >= EPS_LOGSNR_FLOOR
+
+
 def require_distillable(config: ModelConfig, key: str = "student.prediction") -> None:
-    """Refuse an eps-prediction student: x_hat = (z_t - sigma_t eps_hat) / alpha_t is
-    ill-conditioned as alpha_t -> 0, and the x-space loss weight becomes SNR^-1 ~ 5e8 at t = 1 of
-    the cosine schedule (Salimans & Ho 2022, Sec. 4). An eps-prediction teacher is fine."""
-    if config.prediction == "eps":
-        raise ConfigError(key, "an eps-prediction student cannot be distilled: x_hat = (z_t - "
-                               "sigma eps_hat) / alpha is ill-conditioned at high noise (Salimans "
-                               "& Ho, Sec. 4); use v or x")
+    """Refuse an eps-prediction student where x_hat = (z_t - sigma_t eps_hat) / alpha_t is
+    ill-conditioned at t = 1 (see EPS_LOGSNR_FLOOR): there the x-space loss weight becomes SNR^-1
+    (~5e8 at t = 1 of the cosine schedule). An eps-prediction teacher is always fine."""
+    if config.prediction == "eps" and not eps_distillable(config):
+        raise ConfigError(key, f"an eps-prediction student cannot be distilled on a "
+                               f"{config.schedule.kind} schedule: x_hat = (z_t - sigma eps_hat) / "
+                               f"alpha is ill-conditioned at t = 1, where log-SNR is below "
+                               f"{EPS_LOGSNR_FLOOR:.1f} (Salimans & Ho, Sec. 4); use v or x")
 
 
 def regression_loss(

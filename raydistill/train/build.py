@@ -14,7 +14,7 @@ from torch import nn
 from raydistill.config import ConfigError, ModelConfig, TrainJob
 from raydistill.data.units import require_shards_per_worker
 from raydistill.methods import Method
-from raydistill.methods.base import DATA, PAIRS, require_distillable
+from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distillable
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
 from raydistill.seeds import STUDENT_STREAM, derive_seed
@@ -30,15 +30,16 @@ class Plan:
 
 
 def student_config(job: TrainJob, teacher: Checkpoint) -> ModelConfig:
-    """The configured student, or the method's default from the teacher's own network; an
-    eps-prediction teacher's network predicts v as a student (see require_distillable), and then
-    starts from its own initialisation (see starts_from_teacher)."""
+    """The configured student, or the method's default from the teacher's own network. An
+    eps-prediction teacher's network stays eps (and starts from the teacher's weights) where its
+    schedule allows an eps student (see require_distillable: Stable Diffusion's does); otherwise
+    it predicts v, and then starts from its own initialisation (see starts_from_teacher)."""
     if job.student is not None:
         return job.student
     if teacher.config.kind == "gmm":
         raise ConfigError("student", "is required with an analytic teacher (e.g. kind: mlp)")
     config = copy.deepcopy(teacher.config)
-    if config.prediction == "eps":
+    if config.prediction == "eps" and not eps_distillable(config):
         config.prediction = "v"
     return method_spec(job.method).student(config)
 
