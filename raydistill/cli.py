@@ -24,6 +24,7 @@ from raydistill.config import (
     TrainJob,
     from_dict,
     load,
+    read_config,
     with_absolute_paths,
 )
 
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --out from its last checkpoint")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="one step on a tiny random model of the diffusers teacher's family "
+                        "(written to DIR/teacher; the run in DIR/run), every other key as "
+                        "configured (raydistill.dryrun)")
     p.set_defaults(handler=cmd_train)
     p = verbs.add_parser("eval", help=PLANNED["eval"])
     _config_args(p, "evaluation directory: DIR/eval.json, DIR/samples/ROW (reused by a re-run)")
@@ -315,9 +320,21 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from raydistill.train.driver import TrainingFailed, train
 
-    job = load(TrainJob, args.config, args.overrides)
+    out = args.out
+    if args.dry_run:
+        from raydistill.dryrun import dry_run_job
+
+        if args.resume:
+            raise ConfigError("--resume", "a dry run starts afresh: leave out --resume")
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise ConfigError(out, "is not empty; a dry run needs a new --out")
+        job, line = dry_run_job(read_config(args.config, args.overrides), out)
+        out = os.path.join(out, "run")
+        print(line, flush=True)
+    else:
+        job = load(TrainJob, args.config, args.overrides)
     try:
-        result = train(job, args.out, resume=args.resume, address=args.address,
+        result = train(job, out, resume=args.resume, address=args.address,
                        progress=not args.quiet)
     except TrainingFailed as err:
         print(f"raydistill train: error: {err}", file=sys.stderr)

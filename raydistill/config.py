@@ -752,7 +752,14 @@ class PipelineJob:
 
 def load(cls: type[T], path: str | None = None, overrides: list[str] = (),
          preset: str | None = None) -> T:
-    """Build a `cls` config from a YAML file (optional) and `key=value` overrides, then validate.
+    """Build a `cls` config from a YAML file (optional) and `key=value` overrides (see
+    `read_config`), then validate."""
+    return from_dict(cls, read_config(path, overrides, preset))
+
+
+def read_config(path: str | None = None, overrides: list[str] = (),
+                preset: str | None = None) -> dict[str, Any]:
+    """The mapping of a YAML file (optional) with `key=value` overrides applied, not validated.
 
     A file may hold `presets:`, a mapping of preset name -> list of overrides; `preset` applies
     one of them (before `overrides`), and a file with presets names its default in
@@ -778,7 +785,7 @@ def load(cls: type[T], path: str | None = None, overrides: list[str] = (),
         overrides = [*presets[preset], *overrides]
     for item in overrides:
         apply_override(data, item)
-    return from_dict(cls, data)
+    return data
 
 
 def with_absolute_paths(job: T) -> T:

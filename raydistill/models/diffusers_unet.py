@@ -108,8 +108,11 @@ class DiffusersUNet(nn.Module):
         return (sample + self._w_shift.to(sample.dtype),)
 
     def forward(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The UNet's output for z_t at native timestep n(t), computed in the UNet's own dtype
+        (bf16 under mixed precision; the caller casts the output back)."""
         n = self.schedule.timestep(t).clamp(min=0)
-        c = cond["c"]
+        c, dtype = cond["c"], self.unet.dtype
+        z_t = z_t.to(dtype)
         kwargs: dict[str, Any] = {}
         if self.class_labels:
             kwargs["class_labels"] = torch.where(c == NULL_CLASS, self.null_label,
@@ -117,12 +120,12 @@ class DiffusersUNet(nn.Module):
         if self.text:
             if "encoder_hidden_states" not in cond:
                 raise ValueError("a text-conditioned UNet needs cond['encoder_hidden_states']")
-            states = cond["encoder_hidden_states"].to(z_t.dtype)
+            states = cond["encoder_hidden_states"].to(dtype)
             null = (c == NULL_CLASS)[:, None, None]
-            kwargs["encoder_hidden_states"] = torch.where(null, self.null_embedding.to(z_t.dtype),
+            kwargs["encoder_hidden_states"] = torch.where(null, self.null_embedding.to(dtype),
                                                           states)
         if self.config.w_embedding:
-            features = guidance_embedding(cond["w"], self.config.w_embedding_dim).to(z_t.dtype)
+            features = guidance_embedding(cond["w"], self.config.w_embedding_dim).to(dtype)
             if self.text:
                 kwargs["timestep_cond"] = features
             else:
