@@ -209,6 +209,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from raydistill.pretrain.teacher import train_teacher
 
     job = load(TeacherJob, args.config, args.overrides)
+    if job.pretrained is not None:
+        raise ConfigError("pretrained", "names a teacher to distil in a pipeline (raydistill run); "
+                                        "raydistill teacher trains one")
     check_replaceable(args.out)
     result = train_teacher(job, args.out, progress=not args.quiet)
     print(f"teacher: wrote {args.out} (fingerprint {result.fingerprint[:12]}, held-out loss "

@@ -342,8 +342,12 @@ class HalvingConfig:
 
 @dataclass
 class TeacherJob:
-    """`raydistill teacher`: train a class-conditional teacher with label dropout for CFG."""
+    """`raydistill teacher`: train a class-conditional teacher with label dropout for CFG. In a
+    pipeline, `pretrained` names an existing teacher to distil instead (a diffusers directory or a
+    checkpoint): nothing is trained, and `data` stays the real images (stage-1 targets, DMD2's
+    GAN batch and the evaluation's reference)."""
 
+    pretrained: TeacherRef | None = None
     seed: int = 0
     device: str = "auto"             # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
     threads: int = 0                 # torch intra-op threads; 0 = all cores
@@ -355,6 +359,8 @@ class TeacherJob:
     preview: SamplerConfig = field(default_factory=SamplerConfig)
 
     def validate(self) -> None:
+        require(self.pretrained is None or self.pretrained.analytic is None, "pretrained",
+                "must be a diffusers directory or a checkpoint (a pipeline evaluates images)")
         require(0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)")
         require(self.model.kind == "unet", "model.kind", "a trained teacher must be a unet")
         require(self.data.source != "mixture", "data.source",
@@ -723,8 +729,9 @@ class PipelineJob:
     teacher: TeacherJob = field(default_factory=TeacherJob)
     classifier: ClassifierJob = field(default_factory=ClassifierJob)
     students: list[StudentStage] = field(default_factory=list)
-    eval: dict[str, Any] = field(default_factory=dict)   # EvalJob keys; teacher, students,
-                                                          # features and data come from the run
+    #: EvalJob keys; teacher, students and data come from the run, and features from the
+    #: pipeline's classifier unless given here
+    eval: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         seen, names = {"teacher"}, {"teacher", "classifier", "eval"}
@@ -743,8 +750,16 @@ class PipelineJob:
                         f"{source.name}'s pairs are made by {source.teacher!r}, this stage's "
                         f"teacher is {stage.teacher!r}")
             seen.add(stage.name)
-        for key in ("teacher", "students", "features", "data"):
+        for key in ("teacher", "students", "data"):
             require(key not in self.eval, f"eval.{key}", "is set by the pipeline")
+        if "features" in self.eval:                 # instead of the classifier stage's
+            from_dict(FeaturesConfig, self.eval["features"], "eval.features")
+
+    @property
+    def trains_classifier(self) -> bool:
+        """Whether the evaluation's features are the pipeline's own classifier (the default)
+        rather than the given `eval.features` (e.g. Inception weights for a latent text model)."""
+        return "features" not in self.eval
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -796,17 +811,8 @@ def with_absolute_paths(job: T) -> T:
         return os.path.abspath(path) if path and "://" not in path else path
 
     changes: dict[str, Any] = {}
-    if hasattr(job, "teacher"):
-        diffusers = job.teacher.diffusers
-        if diffusers is not None:
-            diffusers = dataclasses.replace(diffusers, path=absolute(diffusers.path),
-                                            null_embedding=absolute(diffusers.null_embedding),
-                                            vae=absolute(diffusers.vae))
-        changes["teacher"] = dataclasses.replace(job.teacher,
-                                                 checkpoint=absolute(job.teacher.checkpoint),
-                                                 build=absolute(job.teacher.build),
-                                                 prompts=absolute(job.teacher.prompts),
-                                                 diffusers=diffusers)
+    if isinstance(getattr(job, "teacher", None), TeacherRef):
+        changes["teacher"] = absolute_teacher(job.teacher)
     if hasattr(job, "data"):
         changes["data"] = dataclasses.replace(job.data, path=absolute(job.data.path))
     if hasattr(job, "pairs"):
@@ -817,6 +823,21 @@ def with_absolute_paths(job: T) -> T:
         changes["students"] = [dataclasses.replace(s, checkpoint=absolute(s.checkpoint))
                                for s in job.students]
     return dataclasses.replace(job, **changes)
+
+
+def absolute_teacher(ref: TeacherRef) -> TeacherRef:
+    """The teacher reference with its local paths made absolute (see with_absolute_paths)."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path and "://" not in path else path
+
+    diffusers = ref.diffusers
+    if diffusers is not None:
+        diffusers = dataclasses.replace(diffusers, path=absolute(diffusers.path),
+                                        null_embedding=absolute(diffusers.null_embedding),
+                                        vae=absolute(diffusers.vae))
+    return dataclasses.replace(ref, checkpoint=absolute(ref.checkpoint),
+                               build=absolute(ref.build), prompts=absolute(ref.prompts),
+                               diffusers=diffusers)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

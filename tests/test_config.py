@@ -224,7 +224,8 @@ def test_every_shipped_config_loads(monkeypatch):
     verbs = {"pairs": PairsJob, "teacher": TeacherJob, "classifier": ClassifierJob,
              "pipeline": PipelineJob}
     paths = [p for p in sorted(glob.glob("configs/**/*.yaml", recursive=True))
-             if not p.startswith("configs/cluster/")]      # Ray cluster launcher configs, not jobs
+             if not p.startswith(("configs/cluster/",     # Ray cluster launcher configs, not jobs
+                                  "configs/sd15/"))]      # cluster files: tests/test_sd15.py
     assert "configs/smoke/dmd.yaml" in paths and "configs/digits/dmd2.yaml" in paths
     for path in paths:
         name = os.path.basename(path)
@@ -232,3 +233,21 @@ def test_every_shipped_config_loads(monkeypatch):
         if "npz" in name or "folder" in name or "webdataset" in name:
             continue                # they name the user's data, which the tests do not have
         load(cls, path)
+
+
+def test_a_pretrained_teacher_is_for_pipelines_and_must_be_images(tmp_path, capsys):
+    """`teacher.pretrained` names a teacher a pipeline distils where it lies: `raydistill teacher`
+    refuses it (it trains one), and an analytic one is refused (a pipeline scores images)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    teacher_yaml = os.path.join(root, "configs", "smoke", "teacher.yaml")
+    (tmp_path / "model").mkdir()
+    assert main(["teacher", "--config", teacher_yaml, "--out", str(tmp_path / "t"),
+                 f"pretrained.diffusers.path={tmp_path / 'model'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("pretrained: names a teacher to distil in a pipeline (raydistill run); "
+                        "raydistill teacher trains one") and not (tmp_path / "t").exists()
+    with pytest.raises(ConfigError, match="^teacher.pretrained: must be a diffusers directory or "
+                                          "a checkpoint"):
+        load(PipelineJob, None, ["teacher.pretrained.analytic={num_classes: 2}"])
+    with pytest.raises(ConfigError, match="^teacher.pretrained.diffusers.path: no such directory"):
+        load(PipelineJob, None, ["teacher.pretrained.diffusers.path=/nowhere"])

@@ -120,21 +120,35 @@ TRAIN = dict(optim={"steps": 4, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 1
 
 
 @pytest.fixture(scope="module")
-def students(local_ray, pipeline, tmp_path_factory):
-    """A stage-1 student (targets at encoded digits, inline) and a DMD2 generator whose GAN head
-    sees encoded digits, both trained on the latent teacher."""
-    directory = tmp_path_factory.mktemp("students")
+def distilled(local_ray, pipeline, tmp_path_factory):
+    """`raydistill run` distilling the latent teacher where it lies (teacher.pretrained): a
+    stage-1 student (targets at encoded digits, inline) and a DMD2 generator whose GAN head sees
+    encoded digits, scored in the feature space of a classifier given as eval.features (so the
+    run trains none). Returns the run's directory and the classifier's."""
+    directory = tmp_path_factory.mktemp("run")
+    classifier = str(directory / "classifier")
+    assert main(["classifier", "--config", f"{ROOT}/configs/smoke/classifier.yaml", "--out",
+                 classifier, "--quiet"]) == 0
     options = {"guided": dict(guidance={"w_min": 0.0, "w_max": 2.0}),
                "dmd": dict(guidance={"w_min": 1.0, "w_max": 1.0},
                            dmd={"regression_weight": 0.0, "gan_weight": 0.01, "gan_head_weight": 0.01,
                                 "fake_updates": 2})}
-    out = {}
-    for method, extra in options.items():
-        config = write_config(directory / f"{method}.yaml", method=method,
-                              teacher=teacher_ref(pipeline), **extra, **TRAIN)
-        out[method] = str(directory / method)
-        assert main(["train", "--config", config, "--out", out[method], "--quiet"]) == 0
-    return out
+    config = write_config(
+        directory / "pipeline.yaml",
+        teacher={"pretrained": teacher_ref(pipeline), "data": {"source": "digits", "resolution": 16}},
+        students=[{"name": method, "train": {"method": method, **extra, **TRAIN}}
+                  for method, extra in options.items()],
+        eval={"teacher_steps": 4, "baseline_steps": [1], "baseline_solvers": ["ddim"], "w": 1.0,
+              "num_samples": 40, "samples_per_shard": 20, "kid_subset_size": 20,
+              "features": {"kind": "classifier", "path": classifier}})
+    out = str(directory / "out")
+    assert main(["run", "--config", config, "--out", out, "--quiet"]) == 0
+    return out, config
+
+
+@pytest.fixture(scope="module")
+def students(distilled):
+    return {method: os.path.join(distilled[0], method) for method in ("guided", "dmd")}
 
 
 @pytest.mark.parametrize("method", ["guided", "dmd"])
@@ -153,28 +167,31 @@ def test_latent_students_record_the_autoencoder_and_sample_images(students, pipe
     assert images.shape == (CLASSES, 16, 16, 1)
 
 
-def test_eval_scores_and_grids_decoded_samples(local_ray, students, pipeline, tmp_path):
-    """`raydistill eval` of the latent teacher and its stage-1 student: FID in the classifier's
-    feature space of decoded images, and grids of decoded 16x16 images."""
-    classifier = str(tmp_path / "classifier")
-    assert main(["classifier", "--config", f"{ROOT}/configs/smoke/classifier.yaml", "--out",
-                 classifier, "--quiet"]) == 0
-    config = write_config(
-        tmp_path / "eval.yaml", teacher=teacher_ref(pipeline), teacher_steps=4,
-        baseline_steps=[1], baseline_solvers=["ddim"], w=1.0, num_samples=40,
-        samples_per_shard=20, kid_subset_size=20, data={"source": "digits", "resolution": 16},
-        features={"kind": "classifier", "path": classifier},
-        students=[{"name": "guided", "checkpoint": os.path.join(students["guided"], "student"),
-                   "steps": [2]}])
-    out = str(tmp_path / "eval")
-    assert main(["eval", "--config", config, "--out", out, "--quiet"]) == 0
-    report = json.load(open(os.path.join(out, "eval.json")))
-    assert [row["name"] for row in report["rows"]] == ["teacher", "ddim", "guided"]
-    assert all(np.isfinite(row["fid"]) for row in report["rows"])
-    grid = open(os.path.join(out, report["rows"][0]["grid"]), "rb").read()
-    assert len(grid) > 0 and grid[:4] == b"\x89PNG"
+def test_the_pipeline_distils_a_pretrained_teacher_and_reports_decoded_grids(distilled, pipeline,
+                                                                             capsys):
+    """The run's teacher stage records the pretrained teacher's fingerprint (and holds no copy of
+    it); every student and the evaluation take the diffusers teacher pinned to that fingerprint;
+    FID is taken on decoded images and the grids show 16x16 images; a second run reuses it all."""
+    out, config = distilled
+    teacher = load_teacher(from_dict(TeacherRef, teacher_ref(pipeline)))
+    record = json.load(open(os.path.join(out, "teacher", "lineage.json")))
+    assert record["fingerprint"] == teacher.fingerprint
+    assert sorted(os.listdir(os.path.join(out, "teacher"))) == ["lineage.json"]
+    with open(os.path.join(out, "guided", "train.yaml")) as f:
+        ran = yaml.safe_load(f)["teacher"]
+    assert ran["diffusers"]["path"] == pipeline and ran["fingerprint"] == teacher.fingerprint
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert list(metrics["stages"]) == ["teacher", "guided", "dmd", "eval"]   # no classifier
+    rows = metrics["eval"]
+    assert [row["name"] for row in rows] == ["teacher", "ddim", "guided", "dmd"]
+    assert all(np.isfinite(row["fid"]) for row in rows)
     expected = grid_png(torch.zeros(40, 1, 16, 16), 5)           # 5 rows of 8 16x16 images
-    assert _png_size(grid) == _png_size(expected)
+    for row in rows:
+        grid = open(os.path.join(out, "eval", row["grid"]), "rb").read()
+        assert grid[:4] == b"\x89PNG" and _png_size(grid) == _png_size(expected)
+    capsys.readouterr()
+    assert main(["run", "--config", config, "--out", out, "--quiet"]) == 0
+    assert "4 stages done (0 ran, 4 reused)" in capsys.readouterr().out
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """`raydistill run`: the whole chain on one Ray instance, each stage skipped when its lineage
 matches (raydistill.pipeline.lineage).
 
-    DIR/teacher      the teacher checkpoint           (raydistill teacher)
-    DIR/classifier   the domain classifier            (raydistill classifier; FID features)
+    DIR/teacher      the teacher checkpoint           (raydistill teacher), or only the lineage
+                     of `teacher.pretrained` (a diffusers directory or a checkpoint, distilled
+                     where it is)
+    DIR/classifier   the domain classifier            (raydistill classifier; FID features),
+                     unless `eval.features` names the features to score with
     DIR/<student>-pairs  a student's pair set, when its stage has `pairs:` (raydistill pairs)
     DIR/<student>    one training run per student      (raydistill train; DIR/<student>/student)
     DIR/eval         sample sets and eval.json         (raydistill eval)
@@ -35,13 +38,14 @@ from raydistill.config import (
     PipelineJob,
     StudentStage,
     TrainJob,
+    absolute_teacher,
     from_dict,
     to_dict,
     with_absolute_paths,
 )
 from raydistill.logs import engine_logs_to
 from raydistill.methods.registry import method_spec
-from raydistill.models.checkpoint import load_checkpoint
+from raydistill.models.checkpoint import load_checkpoint, load_teacher
 from raydistill.pipeline.lineage import (
     forget_record,
     read_record,
@@ -108,7 +112,9 @@ class Pipeline:
         self.progress, self._print = progress, log
         self.fingerprints: dict[str, str] = {}
         self.outcomes: list[StageOutcome] = []
-        self.stages = ["teacher", "classifier",
+        pretrained = job.teacher.pretrained
+        self.pretrained = absolute_teacher(pretrained) if pretrained is not None else None
+        self.stages = ["teacher", *(["classifier"] if job.trains_classifier else []),
                        *(name for s in job.students for name in (s.pairs_stage, s.name) if name),
                        "eval"]
 
@@ -127,10 +133,16 @@ class Pipeline:
         return self.outcomes
 
     def _run(self) -> None:
-        self.stage("teacher", to_dict(self.job.teacher), {}, checkpoint_fingerprint,
-                   self._train_teacher)
-        self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
-                   self._train_classifier)
+        if self.pretrained is None:
+            self.stage("teacher", to_dict(self.job.teacher), {}, checkpoint_fingerprint,
+                       self._train_teacher)
+        else:
+            self.stage("teacher", {"pretrained": to_dict(self.pretrained)}, {},
+                       lambda directory: load_teacher(self.pretrained).fingerprint,
+                       lambda directory: os.makedirs(directory, exist_ok=True))
+        if self.job.trains_classifier:
+            self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
+                       self._train_classifier)
         for stage in self.job.students:
             inputs = {stage.teacher: self.fingerprints[stage.teacher]}
             if stage.pairs_stage:
@@ -143,8 +155,9 @@ class Pipeline:
                        student_fingerprint,
                        lambda directory, s=stage: self._train_student(s, directory))
         evaluated = [s.name for s in self.job.students if s.evaluate]
+        scored_by = ["classifier"] if self.job.trains_classifier else []
         self.stage("eval", {"eval": self.job.eval, "students": evaluated},
-                   {name: self.fingerprints[name] for name in ["teacher", "classifier",
+                   {name: self.fingerprints[name] for name in ["teacher", *scored_by,
                                                                *evaluated]},
                    eval_fingerprint, self._evaluate)
 
@@ -197,16 +210,20 @@ class Pipeline:
         result = train_classifier(self.job.classifier, directory, progress=self.progress)
         return {"test_accuracy": result.test_accuracy}
 
-    def teacher_path(self, stage: StudentStage) -> str:
-        return self.path(stage.teacher) if stage.teacher == "teacher" else \
-            os.path.join(self.path(stage.teacher), "student")
+    def teacher_ref(self, name: str) -> dict[str, Any]:
+        """The TeacherRef of stage `name`'s model: the pipeline's teacher (a pretrained one
+        pinned to the fingerprint its stage recorded), or an earlier stage's student."""
+        if name == "teacher" and self.pretrained is not None:
+            return {**to_dict(self.pretrained), "fingerprint": self.fingerprints["teacher"]}
+        return {"checkpoint": self.path(name) if name == "teacher" else
+                os.path.join(self.path(name), "student")}
 
     def train_job(self, stage: StudentStage) -> TrainJob:
         data = {"data": to_dict(self.job.teacher.data)} if "data" not in stage.train else {}
         pairs = {"pairs": self.path(stage.reads_pairs)} if stage.reads_pairs else {}
         try:
             job = from_dict(TrainJob, {**data, **stage.train, **pairs,
-                                       "teacher": {"checkpoint": self.teacher_path(stage)}})
+                                       "teacher": self.teacher_ref(stage.teacher)})
         except ConfigError as err:
             raise err.under(f"students[{self.job.students.index(stage)}].train") from None
         return with_absolute_paths(job)
@@ -218,7 +235,7 @@ class Pipeline:
         spec = method_spec(train.method)
         try:
             job = from_dict(PairsJob, {
-                "mode": spec.pairs_mode, "teacher": {"checkpoint": self.teacher_path(stage)},
+                "mode": spec.pairs_mode, "teacher": self.teacher_ref(stage.teacher),
                 "data": to_dict(train.data), "guidance": to_dict(train.guidance),
                 **spec.pairs_keys(train), **stage.pairs})
         except ConfigError as err:
@@ -235,7 +252,7 @@ class Pipeline:
         job = self.pairs_job(stage)
         previous = read_run(Location.parse(directory)) if os.path.isdir(directory) else None
         if previous is not None and previous["identity"] != run_identity(
-                job, load_checkpoint(self.teacher_path(stage))):
+                job, load_teacher(job.teacher)):
             _clear(directory)
         plan = plan_pairs(job, directory)
         if plan.lost:
@@ -280,11 +297,12 @@ class Pipeline:
         students = [{"name": s.name, "checkpoint": checkpoint}
                     for s in self.job.students if s.evaluate
                     for checkpoint in self.students_to_score(s)]
+        features = {"features": {"kind": "classifier", "path": self.path("classifier")}} \
+            if self.job.trains_classifier else {}
         try:
             job = from_dict(EvalJob, {
-                **self.job.eval, "teacher": {"checkpoint": self.path("teacher")},
-                "students": students, "data": to_dict(self.job.teacher.data),
-                "features": {"kind": "classifier", "path": self.path("classifier")}})
+                **self.job.eval, "teacher": self.teacher_ref("teacher"),
+                "students": students, "data": to_dict(self.job.teacher.data), **features})
         except ConfigError as err:
             raise err.under("eval") from None
         return with_absolute_paths(job)
