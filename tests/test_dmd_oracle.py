@@ -193,6 +193,7 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
     assert ours["off_mode"] < baseline["off_mode"]     # sharper: fewer samples between modes
 
 
+@pytest.mark.slow    # 70 s: the suite keeps one-step DMD's oracle; test-all runs this
 def test_a_four_step_generator_trained_by_backward_simulation(oracle, teacher_network):
     """DMD2's multi-step generator: 4 steps, no regression, 800 steps. With exit_step last (the
     sampled output is the trained one) its samples match the mixture, far better than the

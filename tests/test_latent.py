@@ -20,8 +20,10 @@ from raydistill.data import load_images
 from raydistill.models import load_checkpoint
 from raydistill.models.checkpoint import load_teacher
 from raydistill.pairs.generate import ShardMaker
+from raydistill.pairs.manifest import read_run
 from raydistill.pairs.reader import PairReader
 from raydistill.sampling import grid_png
+from raydistill.storage import Location
 
 CLASSES, SCALE = 10, 0.5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,21 +124,26 @@ TRAIN = dict(optim={"steps": 4, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 1
 @pytest.fixture(scope="module")
 def distilled(local_ray, pipeline, tmp_path_factory):
     """`raydistill run` distilling the latent teacher where it lies (teacher.pretrained): a
-    stage-1 student (targets at encoded digits, inline) and a DMD2 generator whose GAN head sees
-    encoded digits, scored in the feature space of a classifier given as eval.features (so the
-    run trains none). Returns the run's directory and the classifier's."""
+    stage-1 student (targets at encoded digits, inline), a KD generator on ODE pairs the run makes
+    (latents) and a DMD2 generator whose GAN head sees encoded digits, scored in the feature
+    space of a classifier given as eval.features (so the run trains none). Returns the run's
+    directory and its config."""
     directory = tmp_path_factory.mktemp("run")
     classifier = str(directory / "classifier")
     assert main(["classifier", "--config", f"{ROOT}/configs/smoke/classifier.yaml", "--out",
                  classifier, "--quiet"]) == 0
     options = {"guided": dict(guidance={"w_min": 0.0, "w_max": 2.0}),
+               "kd": dict(guidance={"w_min": 1.0, "w_max": 1.0}),
                "dmd": dict(guidance={"w_min": 1.0, "w_max": 1.0},
                            dmd={"regression_weight": 0.0, "gan_weight": 0.01, "gan_head_weight": 0.01,
                                 "fake_updates": 2})}
+    kd_pairs = {"solver": {"solver": "ddim", "steps": 4}, "num_shards": 1, "samples_per_shard": 16,
+                "batch_size": 16, "workers": {"max": 1}}
     config = write_config(
         directory / "pipeline.yaml",
         teacher={"pretrained": teacher_ref(pipeline), "data": {"source": "digits", "resolution": 16}},
-        students=[{"name": method, "train": {"method": method, **extra, **TRAIN}}
+        students=[{"name": method, "train": {"method": method, **extra, **TRAIN},
+                   **({"pairs": kd_pairs} if method == "kd" else {})}
                   for method, extra in options.items()],
         eval={"teacher_steps": 4, "baseline_steps": [1], "baseline_solvers": ["ddim"], "w": 1.0,
               "num_samples": 40, "samples_per_shard": 20, "kid_subset_size": 20,
@@ -181,9 +188,11 @@ def test_the_pipeline_distils_a_pretrained_teacher_and_reports_decoded_grids(dis
         ran = yaml.safe_load(f)["teacher"]
     assert ran["diffusers"]["path"] == pipeline and ran["fingerprint"] == teacher.fingerprint
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert list(metrics["stages"]) == ["teacher", "guided", "dmd", "eval"]   # no classifier
+    assert list(metrics["stages"]) == ["teacher", "guided", "kd-pairs", "kd", "dmd", "eval"]
+    pairs = read_run(Location.parse(os.path.join(out, "kd-pairs")))["identity"]
+    assert pairs["teacher_fingerprint"] == teacher.fingerprint           # no classifier stage
     rows = metrics["eval"]
-    assert [row["name"] for row in rows] == ["teacher", "ddim", "guided", "dmd"]
+    assert [row["name"] for row in rows] == ["teacher", "ddim", "guided", "kd", "dmd"]
     assert all(np.isfinite(row["fid"]) for row in rows)
     expected = grid_png(torch.zeros(40, 1, 16, 16), 5)           # 5 rows of 8 16x16 images
     for row in rows:
@@ -191,7 +200,7 @@ def test_the_pipeline_distils_a_pretrained_teacher_and_reports_decoded_grids(dis
         assert grid[:4] == b"\x89PNG" and _png_size(grid) == _png_size(expected)
     capsys.readouterr()
     assert main(["run", "--config", config, "--out", out, "--quiet"]) == 0
-    assert "4 stages done (0 ran, 4 reused)" in capsys.readouterr().out
+    assert "6 stages done (0 ran, 6 reused)" in capsys.readouterr().out
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

@@ -53,7 +53,9 @@ def test_an_sd15_config_validates_at_its_real_values(name, tmp_path):
         load(TrainJob, CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [
+    pytest.param("guided", marks=pytest.mark.slow), pytest.param("progressive", marks=pytest.mark.slow),
+    "dmd"])      # the suite runs the two-engine one (20-35 s each); test-all runs them all
 def test_dry_run_trains_one_step_of_an_sd15_config(local_ray, name, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(["train", "--config", CONFIGS[name], "--out", str(out), "--dry-run",

@@ -82,6 +82,7 @@ def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
     assert load_checkpoint(result.student).extra["train_steps"] == 200
 
 
+@pytest.mark.slow    # 70 s: the suite keeps the one-engine kill and resume; test-all runs this
 def test_dmd_worker_killed_mid_run_resumes_with_both_engines(tmp_path):
     """A DMD run (ZeRO-2, 2 workers, two engines) loses a worker after a checkpoint, resumes, and
     ends with the generator an uninterrupted run ends with."""
