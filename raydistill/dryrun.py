@@ -52,7 +52,6 @@ SD15_SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "steps_offset": 1,
     "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False,
 }
-SD15_TOKENS = 77                 # CLIP ViT-L/14's encoder_hidden_states: [77, 768]
 
 LATENT_SIZE = 8                  # the tiny UNet's sample size
 TOKENS, PROMPTS = 4, 4
@@ -76,7 +75,8 @@ def dry_run_job(data: dict[str, Any], out: str) -> tuple[TrainJob, str]:
     family = _family(source)
     directory = os.path.join(out, "teacher")
     built = _write_teacher(directory, *family)
-    data["teacher"] = {"diffusers": {"path": directory, **built["diffusers"]},
+    options = {k: v for k, v in teacher["diffusers"].items() if k == "null_class"}
+    data["teacher"] = {"diffusers": {**options, "path": directory, **built["diffusers"]},
                        **({"prompts": built["prompts"]} if "prompts" in built else {})}
     data["data"] = {**{k: v for k, v in (data.get("data") or {}).items()
                        if k in ("holdout_fraction", "seed")},
