@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/pairs_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/dmd_step.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks
