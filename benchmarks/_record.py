@@ -3,7 +3,9 @@
 import json
 import os
 import platform
+import statistics
 import subprocess
+from collections.abc import Iterable
 
 import torch
 
@@ -29,3 +31,9 @@ def commit() -> str:
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                   ":(top,exclude)benchmarks/results")
     return head + ("+uncommitted changes" if changed else "")
+
+
+def spread(values: Iterable[float]) -> dict:
+    """One figure over rounds: its median and range."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -27,7 +27,7 @@ import statistics
 import tempfile
 
 import torch
-from _record import write_record
+from _record import spread, write_record
 from train_throughput import (
     BATCH,
     fresh_method,
@@ -147,9 +147,7 @@ def main() -> None:
                   f"{figures['loop_vs_bare']:.2f}x); 2 workers: ZeRO-0 "
                   f"{figures['zero0_ms']:.1f} ms, ZeRO-3 {figures['zero3_ms']:.1f} ms per iteration",
                   flush=True)
-    summary = {key: {"median": statistics.median(r[key] for r in rounds),
-                     "min": min(r[key] for r in rounds), "max": max(r[key] for r in rounds)}
-               for key in rounds[0] if key != "bytes"}
+    summary = {key: spread(r[key] for r in rounds) for key in rounds[0] if key != "bytes"}
     memory = rounds[-1]["bytes"]
 
     def fig(key: str, unit: str) -> str:

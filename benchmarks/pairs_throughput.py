@@ -23,13 +23,12 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
-import statistics
 import tempfile
 import time
 
 import ray
 import torch
-from _record import write_record
+from _record import spread, write_record
 
 from raydistill.config import ModelConfig, PairsJob, UNetConfig, from_dict
 from raydistill.models import build_network, save_checkpoint
@@ -151,9 +150,7 @@ def main() -> None:
                   f"{f['ray_2workers']['steady']:.1f} steady, "
                   f"{f['ray_2workers']['end_to_end']:.1f} end to end; 2 bare loops at once "
                   f"{f['bare_2processes_pairs_per_s']:.1f}", flush=True)
-    summary = {key: {"median": statistics.median(r[key] for r in rounds),
-                     "min": min(r[key] for r in rounds), "max": max(r[key] for r in rounds)}
-               for key in RATIOS}
+    summary = {key: spread(r[key] for r in rounds) for key in RATIOS}
     print(f"median (range) of {len(rounds)} rounds, {args.shards} shards of 64 pairs:")
     for key, (what, goal) in RATIOS.items():
         s = summary[key]

@@ -36,7 +36,7 @@ import sys
 import tempfile
 
 import torch
-from _record import write_record
+from _record import spread, write_record
 from train_throughput import (
     BATCH,
     deepspeed_step,
@@ -209,9 +209,7 @@ def summarise(figures: list[dict]) -> dict:
     out = {}
     for group in ("step_ms", "overhead_ms", "vs_bare"):
         for key in figures[0][group]:
-            values = [f[group][key] for f in figures]
-            out[f"{group}.{key}"] = {"median": statistics.median(values), "min": min(values),
-                                     "max": max(values)}
+            out[f"{group}.{key}"] = spread(f[group][key] for f in figures)
     return out
 
 
