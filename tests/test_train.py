@@ -327,6 +327,9 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
     (ANALYTIC_DMD, ["student.mlp.w_embedding=true"],
      "student: a generator takes no w input"),
     (ANALYTIC_DMD, ["method=kd"], "optim.modules.fake_score: is not a module of method kd"),
+    (ANALYTIC_DMD, ["optim.modules={fake_score: {warmup_steps: 24}}"],
+     "optim.modules.fake_score.warmup_steps: is 24, not below the 24 updates of fake_score in "
+     "optim.steps = 12 steps (2 a step)"),
     (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
 ])
 def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, config, overrides,
@@ -335,6 +338,21 @@ def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, con
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_modules_warmup_counts_its_own_updates_per_step():
+    """DMD2's fake score makes dmd.fake_updates updates a step, and its warm-up counts them (as
+    its learning-rate schedule does in the loop): 20 warm-up updates of the 24 it makes in 12
+    steps are valid (the rule that compared them with optim.steps refused them)."""
+    from raydistill.methods.registry import method_spec
+    from raydistill.train.build import build_method
+    from raydistill.train.loop import updates_per_step
+
+    job = load(TrainJob, ANALYTIC_DMD, ["optim.modules={fake_score: {warmup_steps: 20}}"])
+    plan = prepare(job)
+    method = build_method(job, plan.teacher, plan.student_config, torch.device("cpu"))
+    loop = updates_per_step(method.phases(), method.modules(), {"data": None, "pairs": None})
+    assert loop == method_spec("dmd").updates_per_step(job) == {"generator": 1, "fake_score": 2}
 
 
 def test_eps_students_where_the_schedule_allows_them_and_v_students_elsewhere(tmp_path):

@@ -156,8 +156,15 @@ class MethodSpec:
     pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
     #: its trainable modules' names (what `optim.modules` may name)
     modules: tuple[str, ...] = ("student",)
+    #: the optimizer updates a module makes per training step, where not 1 (DMD2's fake score:
+    #: dmd.fake_updates): what its warm-up and learning-rate schedule count
+    updates: Callable[[TrainJob], dict[str, int]] = lambda job: {}
     #: the data streams its phases read for this job (DATA, PAIRS): what the driver checks
     streams: Callable[[TrainJob], tuple[str, ...]] = lambda job: (PAIRS if job.pairs else DATA,)
+
+    def updates_per_step(self, job: TrainJob) -> dict[str, int]:
+        """Each trainable module's optimizer updates per training step."""
+        return {name: 1 for name in self.modules} | self.updates(job)
 
 
 #: The lowest log-SNR at t = 1 at which an eps-prediction student is distilled: sigma / alpha

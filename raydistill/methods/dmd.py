@@ -303,4 +303,5 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 SPEC = MethodSpec(name="dmd", pairs_mode="ode",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
-                  build=_build, modules=("generator", "fake_score"), streams=_streams)
+                  build=_build, modules=("generator", "fake_score"), streams=_streams,
+                  updates=lambda job: {"fake_score": job.dmd.fake_updates})

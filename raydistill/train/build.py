@@ -68,17 +68,28 @@ def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Mod
     return student
 
 
+def check_warmup(job: TrainJob) -> None:
+    """Each module's warm-up (counted in its own updates) must end inside a round: a round of
+    `round_length` steps makes that many times the module's updates per step."""
+    spec = method_spec(job.method)
+    key, round_length = spec.round_length(job)
+    for module, per_step in spec.updates_per_step(job).items():
+        given = job.optim.modules.get(module)
+        warmup_key = f"optim.modules.{module}.warmup_steps" if given is not None and \
+            given.warmup_steps is not None else "optim.warmup_steps"
+        warmup, updates = job.optim.for_module(module).warmup_steps, round_length * per_step
+        if warmup >= updates:
+            count = f"{key} = {round_length}" if per_step == 1 else \
+                f"the {updates} updates of {module} in {key} = {round_length} steps " \
+                f"({per_step} a step)"
+            raise ConfigError(warmup_key, f"is {warmup}, not below {count}: the learning rate "
+                                          "would never leave warm-up")
+
+
 def prepare(job: TrainJob) -> Plan:
     """Every check that needs the teacher, the data or the pair set, done on the driver."""
     spec = method_spec(job.method)
-    key, round_length = spec.round_length(job)
-    for module in spec.modules:
-        warmup = job.optim.for_module(module).warmup_steps
-        warmup_key = f"optim.modules.{module}.warmup_steps" if module in job.optim.modules and \
-            job.optim.modules[module].warmup_steps is not None else "optim.warmup_steps"
-        if warmup >= round_length:
-            raise ConfigError(warmup_key, f"is {warmup}, not below {key} = {round_length}: the "
-                                          "learning rate would never leave warm-up")
+    check_warmup(job)
     teacher = load_teacher(job.teacher)
     config = student_config(job, teacher)
     require_distillable(config)
