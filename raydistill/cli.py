@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "pipeline directory: one subdirectory per stage, report.md, metrics.json")
     p.add_argument("--preset", help="one of the config's presets (default: its default_preset)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--check", action="store_true",
+                   help="only check every stage's job and print the plan: each stage, what it "
+                        "reads, its key settings and whether the run would reuse it; nothing "
+                        "runs and nothing is written")
     p.set_defaults(handler=cmd_run)
     p = verbs.add_parser("export", help="a student of a diffusers teacher as a diffusers UNet "
                                         "directory and DDIMScheduler config")
@@ -362,12 +366,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from raydistill.pipeline.plan import format_plan
     from raydistill.pipeline.report import write_report
     from raydistill.pipeline.run import Pipeline
     from raydistill.train.driver import TrainingFailed
 
     job = load(PipelineJob, args.config, args.overrides, preset=args.preset)
     pipeline = Pipeline(job, args.out, address=args.address, progress=not args.quiet)
+    plan = pipeline.check()
+    if args.check:
+        reused = sum(p.verdict.startswith("reused") for p in plan)
+        print(f"run --check: {len(plan)} stages checked, every job valid; {len(plan) - reused} "
+              f"would run, {reused} be reused ({pipeline.out})\n{format_plan(plan)}")
+        return 0
     try:
         outcomes = pipeline.run()
     except TrainingFailed as err:

@@ -7,12 +7,15 @@ prints it on one line and exits with code 2.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -41,9 +44,33 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+#: the directories that the earlier stages of a pipeline being checked will write
+#: (raydistill.pipeline.plan): while it checks the later stages' jobs, they count as present
+_PLANNED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("planned",
+                                                                        default=frozenset())
+
+
+@contextlib.contextmanager
+def planned_outputs(directories: Iterable[str]) -> Iterator[None]:
+    """Inside, `directories` pass the checks that a file or directory exists."""
+    token = _PLANNED.set(frozenset(os.path.abspath(d) for d in directories))
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
+
+
+def _planned(path: str) -> bool:
+    return bool(path) and os.path.abspath(path) in _PLANNED.get()
+
+
 def require_file(path: str, key: str) -> None:
     require(bool(path), key, "is required")
-    require(os.path.exists(path), key, f"no such file or directory: {path}")
+    require(os.path.exists(path) or _planned(path), key, f"no such file or directory: {path}")
+
+
+def require_dir(path: str, key: str) -> None:
+    require(os.path.isdir(path) or _planned(path), key, f"no such directory: {path}")
 
 
 # ----------------------------------------------------------------------------------- components
@@ -612,7 +639,7 @@ class FeaturesConfig:
     def validate(self) -> None:
         require(bool(self.path), "path", f"is required (the {self.kind} to extract features with)")
         if self.kind == "classifier":
-            require(os.path.isdir(self.path), "path", f"no such directory: {self.path}")
+            require_dir(self.path, "path")
         else:
             require(os.path.isfile(self.path), "path", f"no such file: {self.path}")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
@@ -631,8 +658,7 @@ class EvalStudent:
 
     def validate(self) -> None:
         require(bool(self.name), "name", "is required (the row's label)")
-        require(os.path.isdir(self.checkpoint), "checkpoint",
-                f"no such directory: {self.checkpoint!r}")
+        require_dir(self.checkpoint, "checkpoint")
         require(all(n >= 1 for n in self.steps), "steps", "must all be at least 1")
 
 

@@ -106,6 +106,57 @@ def test_the_smoke_pipeline_reports_finite_numbers_and_its_lineage(smoke_pipelin
     assert "10 stages done (0 ran, 10 reused)" in capsys.readouterr().out
 
 
+def _files(directory):
+    return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_check_prints_the_plan_and_what_the_run_would_reuse(smoke_pipeline, capsys):
+    """`run --check` validates every stage and prints the plan (each stage, what it reads, its
+    settings, whether its lineage lets the run reuse it) and writes nothing; after a finished run
+    every stage is reused, and a changed stage runs with everything downstream of it."""
+    out, before = smoke_pipeline, _files(smoke_pipeline)
+    capsys.readouterr()
+    assert main(["run", "--config", SMOKE, "--out", out, "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "10 stages checked, every job valid; 0 would run, 10 be reused" in printed
+    for i, stage in enumerate(STAGES):
+        assert f"[{i + 1}/10] {stage} " in printed
+    assert printed.count("reused (lineage matches") == 10
+    assert "reads teacher, kd-pairs" in printed
+    assert "dmd: optim.steps = 10, batch 32" in printed and "fake_updates=2" in printed
+    assert main(["run", "--config", SMOKE, "--out", out, "--check",
+                 "students.4.train.optim.lr=2e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 be reused" in printed and "dmd  runs: its config changed" in printed
+    assert "eval  runs: after dmd" in printed
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("students.4.train.optim.modules={fake_score: {warmup_steps: 20}}",
+     "stage dmd [9/10]: students[4].train.optim.modules.fake_score.warmup_steps: is 20, not below "
+     "the 20 updates of fake_score in optim.steps = 10 steps (2 a step)"),
+    ("students.4.train.guidance={w_min: 1.0, w_max: 2.0}",
+     "stage dmd [9/10]: students[4].train.guidance: a generator distils one guidance strength"),
+    ("students.3.pairs.solver={steps: 0}",
+     "stage kd-pairs [7/10]: students[3].pairs.solver.steps: must be positive, got 0"),
+    ("students.1.train.halving.end_steps=3",
+     "stage progressive [5/10]: students[1].train.halving.end_steps: must be a power of two"),
+    ("eval.w=2", "stage eval [10/10]: eval: row kd-renoise-1: guidance: the model is a distilled "
+                 "student with guidance w=1 built in"),
+])
+def test_a_bad_stage_fails_before_the_first_stage_runs(tmp_path, capsys, override, message):
+    """A pipeline checks every stage's job, against what the earlier stages will write, before
+    its first stage runs: an error in the last stages names the stage and the key, exits 2, and
+    leaves nothing behind."""
+    out = tmp_path / "run"
+    assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raydistill run: error: {message}") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_a_run_killed_mid_stage_resumes_without_redoing_finished_ones(smoke_pipeline,
                                                                     monkeypatch, capsys):
     """Fewer eval samples change the eval stage's config only; killed after its first row, the

@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,15 @@ class Row:
         return f"{self.name}-{self.solver}-{self.steps}"
 
 
-def plan_rows(job: EvalJob) -> list[Row]:
+def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teacher) -> list[Row]:
+    """The rows of the evaluation; `load` gives a student's checkpoint (what it records decides
+    how it is sampled)."""
     rows = [Row("teacher", job.teacher, "ddim", job.teacher_steps)]
     rows += [Row(solver, job.teacher, solver, steps)
              for solver in job.baseline_solvers for steps in job.baseline_steps]
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
-        model = load_teacher(ref)
+        model = load(ref)
         distilled = model.distilled_sampler
         solver = distilled.solver if distilled else "ddim"
         steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])

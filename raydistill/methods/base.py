@@ -130,10 +130,6 @@ class Method(ABC):
         """Scalars by name; "loss" is the one the phase's module minimises, the others are
         detached metrics."""
 
-    def round_meta(self, index: int) -> dict:
-        """What a checkpoint of the student after round `index` should record (e.g. its steps)."""
-        return {}
-
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -150,10 +146,15 @@ class MethodSpec:
     check: Callable[[TrainJob, Checkpoint, ModelConfig], None]
     #: method-specific checks of a pair set's identity (mode, teacher and w range already match)
     check_pairs: Callable[[TrainJob, dict], None]
+    #: what the checkpoint of the student after round i (-1: the last) records: the method and
+    #: what it is sampled with (e.g. its steps), which later stages read
+    record: Callable[[TrainJob, int], dict]
     #: the Method, given the job, its teacher, the student's config and network
     build: Callable[[TrainJob, Checkpoint, ModelConfig, nn.Module], Method]
     #: the PairsJob keys a pair set for this job needs besides mode, teacher, data and guidance
     pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
+    #: its section of TrainJob (e.g. halving), if it has one
+    section: str = ""
     #: its trainable modules' names (what `optim.modules` may name)
     modules: tuple[str, ...] = ("student",)
     #: the optimizer updates a module makes per training step, where not 1 (DMD2's fake score:

@@ -248,9 +248,6 @@ class DistributionMatching(Method):
             values["loss_gan"] = adversarial.detach()
         return {"loss": loss, **values}
 
-    def round_meta(self, index: int) -> dict:
-        return generator_meta("dmd", self.w, steps=self.dmd.generator_steps)
-
 
 # ------------------------------------------------------------------------- registry entry
 
@@ -303,5 +300,8 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 SPEC = MethodSpec(name="dmd", pairs_mode="ode",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
+                  record=lambda job, index: generator_meta("dmd", job.guidance.w_min,
+                                                           steps=job.dmd.generator_steps),
                   build=_build, modules=("generator", "fake_score"), streams=_streams,
+                  section="dmd",
                   updates=lambda job: {"fake_score": job.dmd.fake_updates})

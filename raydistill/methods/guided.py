@@ -86,9 +86,6 @@ class GuidedDistillation(Method):
                                      z_t, t, cond, x_tilde)
         return {"loss": per_sample.mean()}
 
-    def round_meta(self, index: int) -> dict:
-        return {"method": "guided", "w_min": self.guidance.w_min, "w_max": self.guidance.w_max}
-
 
 # ------------------------------------------------------------------------- registry entry
 
@@ -127,4 +124,6 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 SPEC = MethodSpec(name="guided", pairs_mode="guided",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=_student, check=_check, check_pairs=lambda job, identity: None,
+                  record=lambda job, index: {"method": "guided", "w_min": job.guidance.w_min,
+                                             "w_max": job.guidance.w_max},
                   build=_build)

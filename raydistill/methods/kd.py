@@ -126,9 +126,6 @@ class KnowledgeDistillation(Method):
         return {"loss": pair_regression(self.generator, self.config, self.schedule, batch[PAIRS],
                                         self.distance)}
 
-    def round_meta(self, index: int) -> dict:
-        return generator_meta("kd", self.w, steps=1)
-
 
 # ------------------------------------------------------------------------- registry entry
 
@@ -188,4 +185,5 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 SPEC = MethodSpec(name="kd", pairs_mode="ode",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
+                  record=lambda job, index: generator_meta("kd", job.guidance.w_min, steps=1),
                   build=_build, modules=("generator",), streams=lambda job: (PAIRS,))

@@ -169,11 +169,6 @@ class ProgressiveDistillation(Method):
             teacher_is_stochastic=self.teacher_is_stochastic)
         return z_t, t, cond, x_tilde
 
-    def round_meta(self, index: int) -> dict:
-        return {"method": "progressive", "steps": self.round_steps[index],
-                "stochastic": self.stochastic, "w_min": self.guidance.w_min,
-                "w_max": self.guidance.w_max}
-
 
 # ------------------------------------------------------------------------- registry entry
 
@@ -234,5 +229,9 @@ SPEC = MethodSpec(
     name="progressive", pairs_mode="progressive",
     round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
     student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build,
+    section="halving",
+    record=lambda job, index: {"method": "progressive", "steps": round_steps(job.halving)[index],
+                               "stochastic": job.halving.stochastic,
+                               "w_min": job.guidance.w_min, "w_max": job.guidance.w_max},
     pairs_keys=lambda job: {"student_steps": job.halving.start_steps // 2,
                             "stochastic": job.halving.stochastic})

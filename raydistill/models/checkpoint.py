@@ -19,6 +19,7 @@ differ from their defaults, which a field added later with a default leaves unch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -54,14 +55,17 @@ READABLE_FORMATS = ("raydistill-model/1", FORMAT)
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
-def build_network(config: ModelConfig) -> nn.Module:
-    """The trainable (or analytic) module a ModelConfig describes, freshly initialised."""
-    if config.kind == "unet":
-        return UNet(config.unet)
-    if config.kind == "mlp":
-        return MLP(config.mlp)
-    if config.kind == "diffusers":
-        return DiffusersUNet(config.diffusers, make_schedule(config.schedule))
+def build_network(config: ModelConfig, *, meta: bool = False) -> nn.Module:
+    """The trainable (or analytic) module a ModelConfig describes, freshly initialised; with
+    `meta`, its parameters on the meta device (shapes without values, for checks)."""
+    if config.kind in ("unet", "mlp", "diffusers"):
+        schedule = make_schedule(config.schedule) if config.kind == "diffusers" else None
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            if config.kind == "unet":
+                return UNet(config.unet)
+            if config.kind == "mlp":
+                return MLP(config.mlp)
+            return DiffusersUNet(config.diffusers, schedule)
     gmm = config.gmm
     return GaussianMixture.random(
         num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
@@ -399,7 +403,26 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
     digest = fingerprint(network, meta["model"])
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")
-    extra = meta.get("extra", {})
+    return _checkpoint(network, config, digest, meta.get("extra", {}))
+
+
+def planned_checkpoint(config: ModelConfig, extra: dict[str, Any], digest: str) -> Checkpoint:
+    """What a checkpoint with this config and record is, without its weights (the network on the
+    meta device): what a pipeline's checks see of a model an earlier stage will write."""
+    return _checkpoint(build_network(config, meta=True), config, digest, extra)
+
+
+def as_planned(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint without its weights (see planned_checkpoint), its fingerprint kept."""
+    planned = planned_checkpoint(checkpoint.config, checkpoint.extra, checkpoint.fingerprint)
+    planned.prompts, planned.autoencoder_path = checkpoint.prompts, checkpoint.autoencoder_path
+    return planned
+
+
+def _checkpoint(network: nn.Module, config: ModelConfig, digest: str,
+                extra: dict[str, Any]) -> Checkpoint:
+    """A student records what it is sampled with: a text model's prompts, a latent model's
+    autoencoder."""
     return Checkpoint(network.eval(), config, digest, extra, extra.get("prompts", ""),
                       extra.get("autoencoder", ""))
 

@@ -29,6 +29,20 @@ def shard_seed(run_seed: int, shard: int) -> int:
     return derive_seed(run_seed, shard)
 
 
+def real_data(job: PairsJob, teacher: Checkpoint) -> Tensor | GaussianMixture:
+    """The real x that guided and progressive targets start from: the training images, which must
+    fit the teacher, or an analytic teacher's own mixture."""
+    if job.data.source == "mixture":
+        if teacher.config.kind != "gmm":
+            raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
+        return teacher.network
+    images = load_images(job.data).train.images
+    if tuple(images.shape[1:]) != teacher.image_shape:
+        raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
+                                             f"match the teacher's {teacher.image_shape}")
+    return images
+
+
 class ShardMaker:
     """Computes the columns of shard k for a PairsJob and a loaded teacher."""
 
@@ -40,23 +54,11 @@ class ShardMaker:
         self.stochastic_sample = teacher.stochastic_sampler
         self.schedule = teacher.denoiser.schedule
         self.shape, self.conditions = teacher.data_shape, teacher.conditions
-        self.data = self._real_data(teacher) if job.mode != "ode" else None
+        self.data = real_data(job, teacher) if job.mode != "ode" else None
         # real images become a latent teacher's latents (ODE pairs start from noise: no images)
         self.autoencoder = teacher.autoencoder if self.data is not None else None
         if self.autoencoder is not None:
             self.autoencoder.to(self.device)
-
-    def _real_data(self, teacher: Checkpoint) -> Tensor | GaussianMixture:
-        source = self.job.data.source
-        if source == "mixture":
-            if teacher.config.kind != "gmm":
-                raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
-            return teacher.network
-        images = load_images(self.job.data).train.images
-        if tuple(images.shape[1:]) != teacher.image_shape:
-            raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
-                                                 f"match the teacher's {teacher.image_shape}")
-        return images
 
     def inputs(self, shard: int) -> dict[str, Tensor]:
         """The per-sample random inputs of shard k (CPU), each from its own seeded generator."""

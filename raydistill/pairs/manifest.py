@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +55,18 @@ SCHEMA = pa.schema([
     ("worker", pa.string()),
 ])
 COLUMNS = SCHEMA.names
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """What a training job checks of its pair set: the identity its pairs.json records, the mode
+    and conditioning of its shards, how many shards and rows it holds."""
+
+    identity: dict
+    mode: str
+    text: bool
+    shards: int
+    rows: int
 
 
 def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:

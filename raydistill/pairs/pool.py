@@ -31,8 +31,8 @@ from raydistill.methods.progressive import check_halving_teacher
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.models.denoiser import EvaluationCounter
 from raydistill.pairs.format import Layout, encode_shard, shard_name
-from raydistill.pairs.generate import ShardMaker, shard_seed
-from raydistill.pairs.manifest import COLUMNS, Manifest, claim_location
+from raydistill.pairs.generate import ShardMaker, real_data, shard_seed
+from raydistill.pairs.manifest import COLUMNS, Manifest, PairSet, claim_location, run_identity
 from raydistill.storage import Location
 
 
@@ -75,6 +75,20 @@ def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
         check_halving_teacher(teacher, teacher_steps=2 * job.student_steps,
                               stochastic=job.stochastic, keys=("student_steps", "stochastic"),
                               value=job.student_steps)
+
+
+def check_pairs_job(job: PairsJob, teacher: Checkpoint) -> None:
+    """Every check of a pairs job against its teacher (one that exists, or one an earlier pipeline
+    stage will make): how the teacher may be sampled, and the real data its targets start from."""
+    check_teacher(job, teacher)
+    if job.mode != "ode":
+        real_data(job, teacher)
+
+
+def planned_pair_set(job: PairsJob, teacher: Checkpoint) -> PairSet:
+    """What the pair set `job` makes will be, as a training job's checks see it."""
+    return PairSet(run_identity(job, teacher), job.mode, teacher.text, job.num_shards,
+                   job.num_shards * job.samples_per_shard)
 
 
 def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count: int) -> dict:
@@ -152,8 +166,7 @@ def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
     fit it, or a location holding another run's shards.
     """
     teacher = load_teacher(job.teacher)
-    check_teacher(job, teacher)
-    ShardMaker(job, teacher)                  # validates data and shapes against the teacher
+    check_pairs_job(job, teacher)
     location = Location.parse(out)
     manifest = Manifest.read(location)
     run = claim_location(location, job, teacher)

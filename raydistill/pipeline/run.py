@@ -14,11 +14,13 @@ matches (raydistill.pipeline.lineage).
                      each training stage's workers log to DIR/<student>/logs/
 
 A student stage that was killed midway continues from its last checkpoint when its job is
-unchanged (train --resume), and starts over otherwise.
+unchanged (train --resume), and starts over otherwise. Before the first stage runs, every stage's
+job is checked against what the earlier stages will write (raydistill.pipeline.plan).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,21 +42,37 @@ from raydistill.config import (
     TrainJob,
     absolute_teacher,
     from_dict,
+    planned_outputs,
     to_dict,
     with_absolute_paths,
 )
 from raydistill.logs import engine_logs_to
 from raydistill.methods.registry import method_spec
-from raydistill.models.checkpoint import load_checkpoint, load_teacher
+from raydistill.models.checkpoint import Checkpoint, as_planned, load_checkpoint, load_teacher
 from raydistill.pipeline.lineage import (
     forget_record,
     read_record,
     why_rerun,
     write_record,
 )
+from raydistill.pipeline.plan import Planner, StagePlan
 from raydistill.storage import file_sha256
 
 RUN_LOG = "run.log"
+
+
+@dataclass
+class Stage:
+    """One stage: its lineage config (built when it is reached), the stages whose outputs it reads,
+    how its output is fingerprinted and made, and how it is checked before the run (its key
+    settings, one line)."""
+
+    name: str
+    config: Callable[[], dict[str, Any]]
+    inputs: list[str]
+    fingerprint: Callable[[str], str]
+    make: Callable[[str], dict[str, Any] | None]
+    check: Callable[[Planner], str]
 
 
 @dataclass
@@ -112,11 +130,50 @@ class Pipeline:
         self.progress, self._print = progress, log
         self.fingerprints: dict[str, str] = {}
         self.outcomes: list[StageOutcome] = []
+        self.checked: list[StagePlan] | None = None          # what `check` found
+        self.reusable: dict[str, str] = {}    # stages the check found done, and their fingerprints
         pretrained = job.teacher.pretrained
         self.pretrained = absolute_teacher(pretrained) if pretrained is not None else None
-        self.stages = ["teacher", *(["classifier"] if job.trains_classifier else []),
-                       *(name for s in job.students for name in (s.pairs_stage, s.name) if name),
-                       "eval"]
+        self.plan = self._stages()
+        self.stages = [stage.name for stage in self.plan]
+
+    def _stages(self) -> list[Stage]:
+        if self.pretrained is None:
+            stages = [Stage("teacher", lambda: to_dict(self.job.teacher), [],
+                            checkpoint_fingerprint, self._train_teacher,
+                            lambda planner: planner.teacher())]
+        else:
+            stages = [Stage("teacher", lambda: {"pretrained": to_dict(self.pretrained)}, [],
+                            lambda directory: self.pretrained_model.fingerprint,
+                            lambda directory: os.makedirs(directory, exist_ok=True),
+                            lambda planner: planner.teacher())]
+        if self.job.trains_classifier:
+            stages.append(Stage("classifier", lambda: to_dict(self.job.classifier), [],
+                                classifier_fingerprint, self._train_classifier,
+                                lambda planner: planner.classifier()))
+        for s in self.job.students:
+            if s.pairs_stage:
+                stages.append(Stage(s.pairs_stage,
+                                    lambda s=s: {"pairs": to_dict(self.pairs_job(s))}, [s.teacher],
+                                    pairs_fingerprint,
+                                    lambda directory, s=s: self._make_pairs(s, directory),
+                                    lambda planner, s=s: planner.pairs(s)))
+            stages.append(Stage(s.name, lambda s=s: {"teacher": s.teacher, "train": s.train},
+                                [s.teacher, *([s.reads_pairs] if s.reads_pairs else [])],
+                                student_fingerprint,
+                                lambda directory, s=s: self._train_student(s, directory),
+                                lambda planner, s=s: planner.student(s)))
+        evaluated = [s.name for s in self.job.students if s.evaluate]
+        scored_by = ["classifier"] if self.job.trains_classifier else []
+        stages.append(Stage("eval", lambda: {"eval": self.job.eval, "students": evaluated},
+                            ["teacher", *scored_by, *evaluated], eval_fingerprint,
+                            self._evaluate, lambda planner: planner.evaluation()))
+        return stages
+
+    @functools.cached_property
+    def pretrained_model(self) -> Checkpoint | None:
+        """The pretrained teacher, read once (its fingerprint and record, without its weights)."""
+        return as_planned(load_teacher(self.pretrained)) if self.pretrained is not None else None
 
     def log(self, line: str) -> None:
         """A line for the terminal, also kept in DIR/run.log."""
@@ -126,40 +183,52 @@ class Pipeline:
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
+    def check(self) -> list[StagePlan]:
+        """Check every stage's job against what the earlier stages will write, before any stage
+        runs (ConfigError naming the stage and the key), and say which stages the lineage records
+        let the run reuse."""
+        planner, plans, self.reusable = Planner(self), [], {}
+        with planned_outputs(self.outputs()):
+            for index, stage in enumerate(self.plan):
+                try:
+                    settings = stage.check(planner)
+                except ConfigError as err:
+                    raise ConfigError(f"stage {stage.name} [{index + 1}/{len(self.plan)}]",
+                                      str(err)) from None
+                plans.append(StagePlan(stage.name, stage.inputs, settings, self._verdict(stage)))
+        self.checked = plans
+        return plans
+
+    def outputs(self) -> list[str]:
+        """The directories the stages write that later stages read."""
+        made = [self.path(name) for name in ("teacher", "classifier")] + [
+            self.path(s.pairs_stage) for s in self.job.students if s.pairs_stage]
+        return made + [os.path.join(self.path(s.name), "student") for s in self.job.students]
+
+    def _verdict(self, stage: Stage) -> str:
+        """Whether the run will reuse the stage (its lineage record matches, and every stage it
+        reads is reused), or why it runs."""
+        waiting = [name for name in stage.inputs if name not in self.reusable]
+        if waiting:
+            return f"runs: after {', '.join(waiting)}"
+        directory = self.path(stage.name)
+        reason = why_rerun(directory, stage.config(),
+                           {name: self.reusable[name] for name in stage.inputs}, stage.fingerprint)
+        if reason is not None:
+            return f"runs: {reason}"
+        self.reusable[stage.name] = read_record(directory)["fingerprint"]
+        return f"reused (lineage matches, {self.reusable[stage.name][:12]})"
+
     def run(self) -> list[StageOutcome]:
+        """Check every stage (see `check`) unless that was done, then run those that are not
+        done."""
+        if self.checked is None:
+            self.check()
         os.makedirs(self.out, exist_ok=True)
         with engine_logs_to(os.path.join(self.out, RUN_LOG)):
-            self._run()
+            for stage in self.plan:
+                self.stage(stage)
         return self.outcomes
-
-    def _run(self) -> None:
-        if self.pretrained is None:
-            self.stage("teacher", to_dict(self.job.teacher), {}, checkpoint_fingerprint,
-                       self._train_teacher)
-        else:
-            self.stage("teacher", {"pretrained": to_dict(self.pretrained)}, {},
-                       lambda directory: load_teacher(self.pretrained).fingerprint,
-                       lambda directory: os.makedirs(directory, exist_ok=True))
-        if self.job.trains_classifier:
-            self.stage("classifier", to_dict(self.job.classifier), {}, classifier_fingerprint,
-                       self._train_classifier)
-        for stage in self.job.students:
-            inputs = {stage.teacher: self.fingerprints[stage.teacher]}
-            if stage.pairs_stage:
-                self.stage(stage.pairs_stage, {"pairs": to_dict(self.pairs_job(stage))}, inputs,
-                           pairs_fingerprint,
-                           lambda directory, s=stage: self._make_pairs(s, directory))
-            if stage.reads_pairs:
-                inputs = {**inputs, stage.reads_pairs: self.fingerprints[stage.reads_pairs]}
-            self.stage(stage.name, {"teacher": stage.teacher, "train": stage.train}, inputs,
-                       student_fingerprint,
-                       lambda directory, s=stage: self._train_student(s, directory))
-        evaluated = [s.name for s in self.job.students if s.evaluate]
-        scored_by = ["classifier"] if self.job.trains_classifier else []
-        self.stage("eval", {"eval": self.job.eval, "students": evaluated},
-                   {name: self.fingerprints[name] for name in ["teacher", *scored_by,
-                                                               *evaluated]},
-                   eval_fingerprint, self._evaluate)
 
     def ray(self) -> None:
         """One Ray instance serves every stage that needs one, started by the first of them (Ray
@@ -171,12 +240,14 @@ class Pipeline:
                                    for s in self.job.students])
         init_ray(self.address, num_cpus=max(os.cpu_count() or 1, workers + 1), dashboard=True)
 
-    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, str],
-              fingerprint: Callable[[str], str],
-              make: Callable[[str], dict[str, Any] | None]) -> None:
-        directory = self.path(name)
+    def stage(self, stage: Stage) -> None:
+        """Reuse the stage if the check found it done, or if its lineage matches now (a stage it
+        reads may have run again to the same output); else run it and record its lineage."""
+        name, config, directory = stage.name, stage.config(), self.path(stage.name)
         index = f"[{self.stages.index(name) + 1}/{len(self.stages)}]"
-        reason = why_rerun(directory, config, inputs, fingerprint)
+        inputs = {source: self.fingerprints[source] for source in stage.inputs}
+        reason = None if name in self.reusable else why_rerun(directory, config, inputs,
+                                                              stage.fingerprint)
         if reason is None:
             record = read_record(directory)
             self.log(f"run: {index} {name}: done already (lineage matches, "
@@ -187,10 +258,10 @@ class Pipeline:
         self.log(f"run: {index} {name}: running ({reason})")
         forget_record(directory)         # until it finishes again, nothing claims it did
         start = time.perf_counter()
-        extra = make(directory) or {}
+        extra = stage.make(directory) or {}
         seconds = time.perf_counter() - start
-        record = write_record(directory, name, config, inputs, fingerprint(directory), seconds,
-                              **extra)
+        record = write_record(directory, name, config, inputs, stage.fingerprint(directory),
+                              seconds, **extra)
         self.fingerprints[name] = record["fingerprint"]
         self.outcomes.append(StageOutcome(name, True, record))
         self.log(f"run: {index} {name}: finished in {seconds:.0f} s "
@@ -214,9 +285,13 @@ class Pipeline:
         """The TeacherRef of stage `name`'s model: the pipeline's teacher (a pretrained one
         pinned to the fingerprint its stage recorded), or an earlier stage's student."""
         if name == "teacher" and self.pretrained is not None:
-            return {**to_dict(self.pretrained), "fingerprint": self.fingerprints["teacher"]}
+            return {**to_dict(self.pretrained), "fingerprint": self.pretrained_model.fingerprint}
         return {"checkpoint": self.path(name) if name == "teacher" else
                 os.path.join(self.path(name), "student")}
+
+    def students_key(self, stage: StudentStage, section: str) -> str:
+        """The config key of a section of the stage: students[i].section."""
+        return f"students[{self.job.students.index(stage)}].{section}"
 
     def train_job(self, stage: StudentStage) -> TrainJob:
         data = {"data": to_dict(self.job.teacher.data)} if "data" not in stage.train else {}
@@ -225,7 +300,7 @@ class Pipeline:
             job = from_dict(TrainJob, {**data, **stage.train, **pairs,
                                        "teacher": self.teacher_ref(stage.teacher)})
         except ConfigError as err:
-            raise err.under(f"students[{self.job.students.index(stage)}].train") from None
+            raise err.under(self.students_key(stage, "train")) from None
         return with_absolute_paths(job)
 
     def pairs_job(self, stage: StudentStage) -> PairsJob:
@@ -239,7 +314,7 @@ class Pipeline:
                 "data": to_dict(train.data), "guidance": to_dict(train.guidance),
                 **spec.pairs_keys(train), **stage.pairs})
         except ConfigError as err:
-            raise err.under(f"students[{self.job.students.index(stage)}].pairs") from None
+            raise err.under(self.students_key(stage, "pairs")) from None
         return with_absolute_paths(job)
 
     def _make_pairs(self, stage: StudentStage, directory: str) -> dict:
@@ -293,10 +368,13 @@ class Pipeline:
             return [os.path.join(rounds, name) for name in sorted(os.listdir(rounds))]
         return [os.path.join(self.path(stage.name), "student")]
 
-    def eval_job(self) -> EvalJob:
+    def eval_job(self, planned: bool = False) -> EvalJob:
+        """The evaluation of every student the stages made, or (`planned`) of the final student
+        each stage will make."""
         students = [{"name": s.name, "checkpoint": checkpoint}
                     for s in self.job.students if s.evaluate
-                    for checkpoint in self.students_to_score(s)]
+                    for checkpoint in ([os.path.join(self.path(s.name), "student")] if planned
+                                       else self.students_to_score(s))]
         features = {"features": {"kind": "classifier", "path": self.path("classifier")}} \
             if self.job.trains_classifier else {}
         try:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from raydistill.conditions import Conditions
-from raydistill.config import ConfigError, TeacherJob
-from raydistill.data import LabelledImages, load_images
+from raydistill.config import ConfigError, ModelConfig, TeacherJob
+from raydistill.data import LabelledImages, Split, load_images
 from raydistill.devices import resolve_device
 from raydistill.diffusion.guidance import CFG, NULL_CLASS
 from raydistill.diffusion.parameterization import (
@@ -31,7 +31,7 @@ from raydistill.diffusion.parameterization import (
     x_jacobian,
 )
 from raydistill.diffusion.schedule import Schedule, uniform_t
-from raydistill.models.checkpoint import save_checkpoint
+from raydistill.models.checkpoint import Checkpoint, planned_checkpoint, save_checkpoint
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.unet import UNet
 from raydistill.sampling import grid_png, sample_classes
@@ -59,6 +59,26 @@ def diffusion_loss(
     return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
 
 
+def trained_model(job: TeacherJob, split: Split) -> ModelConfig:
+    """The network the teacher trains: the configured UNet with the data's channels, resolution
+    and class count (the null class for CFG is added on top)."""
+    images = split.train.images
+    unet = dataclasses.replace(job.model.unet, in_channels=images.shape[1],
+                               resolution=images.shape[-1], num_classes=split.num_classes)
+    try:
+        unet.validate()
+    except ConfigError as err:
+        raise err.under("model.unet") from None
+    return dataclasses.replace(job.model, unet=unet)
+
+
+def planned_teacher(job: TeacherJob) -> Checkpoint:
+    """The teacher `job` will train, without training it (its network on the meta device): what
+    the checks of the jobs that read it see before it exists."""
+    return planned_checkpoint(trained_model(job, load_images(job.data)),
+                              {"trained_on": job.data.source}, "planned:teacher")
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -83,15 +103,8 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
     torch.manual_seed(job.seed)
     device = resolve_device(job.device)
     split = load_images(job.data).to(device)
-    # The data decides the shape and the class count (the null class for CFG is added on top).
-    channels, resolution = split.train.images.shape[1], split.train.images.shape[-1]
-    unet = dataclasses.replace(job.model.unet, in_channels=channels, resolution=resolution,
-                               num_classes=split.num_classes)
-    job = dataclasses.replace(job, model=dataclasses.replace(job.model, unet=unet))
-    try:
-        unet.validate()
-    except ConfigError as err:
-        raise err.under("model.unet") from None
+    job = dataclasses.replace(job, model=trained_model(job, split))
+    unet = job.model.unet
     schedule = make_schedule(job.model.schedule)
     prediction, weighting = job.model.prediction, job.loss_weighting
     net = UNet(unet).to(device)

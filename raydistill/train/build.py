@@ -17,6 +17,7 @@ from raydistill.methods import Method
 from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distillable
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
+from raydistill.pairs.manifest import PairSet
 from raydistill.seeds import STUDENT_STREAM, derive_seed
 
 
@@ -59,13 +60,22 @@ def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, STUDENT_STREAM))
         student = build_network(config)
-    if not starts_from_teacher(config, teacher):
-        return student
-    missing, unexpected = student.load_state_dict(teacher.network.state_dict(), strict=False)
-    if unexpected or any(not name.startswith(student.W_INPUTS) for name in missing):
+    if starts_from_teacher(config, teacher):
+        check_fits(student, teacher)
+        student.load_state_dict(teacher.network.state_dict(), strict=False)
+    return student
+
+
+def check_fits(student: nn.Module, teacher: Checkpoint) -> None:
+    """A student that starts from the teacher's weights must hold every one of them, in its shape,
+    and nothing else but its w inputs (works on networks built on the meta device)."""
+    mine = {name: tuple(value.shape) for name, value in student.state_dict().items()}
+    theirs = {name: tuple(value.shape) for name, value in teacher.network.state_dict().items()}
+    extra = [name for name in mine.keys() - theirs.keys() if not name.startswith(student.W_INPUTS)]
+    other = [name for name in mine.keys() & theirs.keys() if mine[name] != theirs[name]]
+    if extra or theirs.keys() - mine.keys() or other:
         raise ConfigError("student", "does not match the teacher's network, so it cannot start "
                                      "from the teacher's weights (leave `student` unset to copy it)")
-    return student
 
 
 def check_warmup(job: TrainJob) -> None:
@@ -86,17 +96,39 @@ def check_warmup(job: TrainJob) -> None:
                                           "would never leave warm-up")
 
 
+def read_pair_set(path: str) -> PairSet:
+    from raydistill.pairs.format import ShardError
+    from raydistill.pairs.manifest import read_run
+    from raydistill.pairs.reader import open_pairs
+
+    try:
+        location, manifest, layout = open_pairs(path)
+    except ShardError as err:
+        raise ConfigError("pairs", str(err)) from None
+    return PairSet(read_run(location)["identity"], layout.mode, layout.text, len(manifest.rows),
+                   sum(int(r["count"]) for r in manifest.rows.values()))
+
+
 def prepare(job: TrainJob) -> Plan:
     """Every check that needs the teacher, the data or the pair set, done on the driver."""
+    teacher = load_teacher(job.teacher)
+    reads_pairs = bool(job.pairs) and PAIRS in method_spec(job.method).streams(job)
+    return check_job(job, teacher, read_pair_set(job.pairs) if reads_pairs else None)
+
+
+def check_job(job: TrainJob, teacher: Checkpoint, pairs: PairSet | None) -> Plan:
+    """Every check of `job` against its teacher and the pair set it reads, whether they exist or
+    are what earlier stages will make (raydistill.pipeline.plan); `pairs` None: it reads none, or
+    they cannot be there yet (their teacher is not trained)."""
     spec = method_spec(job.method)
     check_warmup(job)
-    teacher = load_teacher(job.teacher)
     config = student_config(job, teacher)
     require_distillable(config)
     if model_data_shape(config) != teacher.data_shape:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
-    build_student(config, teacher, job.seed)
+    if starts_from_teacher(config, teacher):
+        check_fits(build_network(config, meta=True), teacher)
     teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
     world = job.workers.num * job.deepspeed.grad_accum
     if job.optim.batch_size % world:
@@ -109,8 +141,9 @@ def prepare(job: TrainJob) -> Plan:
     spec.check(job, teacher, config)
     plan = Plan(teacher, config)
     streams = spec.streams(job)
-    if PAIRS in streams:
-        plan.pairs_rows = _check_pairs(job, teacher)
+    if PAIRS in streams and pairs is not None:
+        _check_pairs(job, teacher, pairs)
+        plan.pairs_rows = pairs.rows
     if DATA not in streams:
         return plan
     if job.data.source == "mixture":
@@ -127,25 +160,16 @@ def prepare(job: TrainJob) -> Plan:
     return plan
 
 
-def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
+def _check_pairs(job: TrainJob, teacher: Checkpoint, pairs: PairSet) -> None:
     """The pair set must hold this method's targets, made by this teacher over this job's w range
     (its pairs.json identity), and pass the method's own checks."""
-    from raydistill.pairs.format import ShardError
-    from raydistill.pairs.manifest import read_run
-    from raydistill.pairs.reader import open_pairs
-
-    spec = method_spec(job.method)
-    try:
-        location, manifest, layout = open_pairs(job.pairs)
-    except ShardError as err:
-        raise ConfigError("pairs", str(err)) from None
-    identity = read_run(location)["identity"]
-    if layout.mode != spec.pairs_mode:
-        raise ConfigError("pairs", f"{job.pairs} holds {layout.mode} pairs; method {job.method} "
+    spec, identity = method_spec(job.method), pairs.identity
+    if pairs.mode != spec.pairs_mode:
+        raise ConfigError("pairs", f"{job.pairs} holds {pairs.mode} pairs; method {job.method} "
                                    f"needs {spec.pairs_mode} pairs")
-    if layout.text != teacher.text:
+    if pairs.text != teacher.text:
         raise ConfigError("pairs", f"{job.pairs} holds pairs of a "
-                                   f"{'text' if layout.text else 'class'}-conditioned model; the "
+                                   f"{'text' if pairs.text else 'class'}-conditioned model; the "
                                    f"teacher is {'text' if teacher.text else 'class'}-conditioned")
     if identity["teacher_fingerprint"] != teacher.fingerprint:
         raise ConfigError("pairs", f"{job.pairs} was made by teacher "
@@ -157,8 +181,17 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint) -> int:
                                       f"{job.pairs} holds targets for w in [{made['w_min']:g}, "
                                       f"{made['w_max']:g}]")
     spec.check_pairs(job, identity)
-    require_shards_per_worker(len(manifest.rows), job.workers.num, "pairs")
-    return sum(int(r["count"]) for r in manifest.rows.values())
+    require_shards_per_worker(pairs.shards, job.workers.num, "pairs")
+
+
+def student_record(job: TrainJob, teacher: Checkpoint, index: int) -> dict:
+    """What the checkpoint of the student after round `index` (-1: the last) records: the method's
+    record, the teacher's fingerprint, and what the student is sampled with (a text teacher's
+    prompt table, a latent teacher's autoencoder)."""
+    return {**method_spec(job.method).record(job, index),
+            "teacher_fingerprint": teacher.fingerprint,
+            **({"prompts": teacher.prompts} if teacher.text else {}),
+            **({"autoencoder": teacher.autoencoder_path} if teacher.autoencoder_path else {})}
 
 
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,

@@ -42,7 +42,13 @@ from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
 from raydistill.methods.base import DATA, PAIRS
 from raydistill.models.checkpoint import Checkpoint, load_teacher
-from raydistill.train.build import build_method, prepare, starts_from_teacher, with_teacher_shape
+from raydistill.train.build import (
+    build_method,
+    check_job,
+    prepare,
+    starts_from_teacher,
+    with_teacher_shape,
+)
 from raydistill.train.errors import FatalTrainingError, TrainingFailed
 from raydistill.train.progress import StepBar
 from raydistill.train.stream import Stream, mixture_stream, source_stream
@@ -78,14 +84,17 @@ def startup_phases(called: float, launched: float, finished: float,
 
 
 def ensure_teacher(job: TrainJob, progress: bool) -> None:
-    """Train the teacher `teacher.build` describes when its checkpoint does not exist yet."""
+    """Train the teacher `teacher.build` describes when its checkpoint does not exist yet, once
+    the job checks out against the teacher it will train."""
     ref = job.teacher
     if not ref.build or os.path.isdir(ref.checkpoint):
         return
-    from raydistill.pretrain.teacher import train_teacher
+    from raydistill.pretrain.teacher import planned_teacher, train_teacher
 
+    build = load(TeacherJob, ref.build)
+    check_job(job, planned_teacher(build), None)   # its pairs can only be made once it is trained
     print(f"train: no teacher at {ref.checkpoint}; training one from {ref.build}", flush=True)
-    train_teacher(load(TeacherJob, ref.build), ref.checkpoint, progress=progress)
+    train_teacher(build, ref.checkpoint, progress=progress)
 
 
 def check_out_dir(job: TrainJob, out: str, resume: bool) -> None:

@@ -64,6 +64,7 @@ from raydistill.events import EventWriter
 from raydistill.methods import Method, Phase
 from raydistill.models.checkpoint import Checkpoint, build_network, save_checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
+from raydistill.train.build import student_record
 from raydistill.train.engine import (
     StudentEMA,
     build_engine,
@@ -120,10 +121,6 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     """Train `method` to the end of its rounds, reading `streams` by name, checkpointing and
     reporting through `ctx`. Each student saved records `teacher`'s fingerprint (and what it is
     sampled with: a text teacher's prompt table, a latent teacher's autoencoder)."""
-    teacher_record = {"teacher_fingerprint": teacher.fingerprint,
-                      **({"prompts": teacher.prompts} if teacher.text else {}),
-                      **({"autoencoder": teacher.autoencoder_path}
-                         if teacher.autoencoder_path else {})}
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
@@ -156,7 +153,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     def save_student(directory: str, weights: dict[str, Tensor], index: int) -> None:
         network = build_network(student_config)
         network.load_state_dict(weights)
-        extra = {**method.round_meta(index), **teacher_record, "train_steps": progress.step}
+        extra = {**student_record(job, teacher, index), "train_steps": progress.step}
         save_checkpoint(directory, network, student_config, extra=extra)
 
     def checkpoint(final: bool, metrics: dict) -> None:
