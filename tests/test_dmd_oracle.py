@@ -23,6 +23,7 @@ from raydistill.methods.kd import KnowledgeDistillation, distance, make_distance
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
 from raydistill.models.checkpoint import as_denoiser
 from raydistill.pretrain.teacher import ema_update
+from raydistill.schedules import ema_decay
 
 SCHEDULE = CosineSchedule()
 MSE = make_distance("mse", "", torch.device("cpu"))
@@ -101,7 +102,7 @@ def fit(method, pairs: dict | None, lrs: dict[str, float], betas: tuple[float, f
                 opts[phase.module].zero_grad()
                 loss.backward()
                 opts[phase.module].step()
-        ema_update(average, modules["generator"], ema)
+        ema_update(average, modules["generator"], ema_decay(ema, step))
     modules["generator"].load_state_dict(average.state_dict())
 
 

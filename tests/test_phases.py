@@ -12,7 +12,7 @@ from torch import nn
 from raydistill.config import ModuleOptim, TrainJob, load
 from raydistill.methods.base import DATA, Method, Phase
 from raydistill.models import build_network
-from raydistill.pretrain.teacher import lr_factor
+from raydistill.schedules import lr_factor
 from raydistill.train.build import prepare
 from raydistill.train.driver import setup_worker
 from raydistill.train.loop import GradientScope, WorkerContext, run_worker

@@ -426,6 +426,35 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     assert differs, "the saved student should be the EMA, not the raw weights"
 
 
+def test_the_saved_student_leaves_its_starting_weights(single_process_group):
+    """The EMA starts at the weights the student starts from (a teacher's, in most methods) and is
+    warmed up (decay min(0.999, (1 + k) / (10 + k)) at update k), so after 40 steps the saved
+    student is within a quarter of the raw weights' distance travelled from there. A fixed 0.999
+    would leave 0.999^40 = 96% of the start in it (Salimans & Ho distil without an EMA)."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=40", "optim.ema_decay=0.999",
+                                    "checkpoint_every=40"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    start = {name: value.clone() for name, value in setup.method.student.state_dict().items()}
+    saved = {}
+
+    def report(metrics, directory):
+        if directory:
+            saved.update(load_file(os.path.join(directory, "student", "model.safetensors")))
+
+    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
+               plan.student_config, setup.teacher)
+    raw = setup.method.student.module.state_dict()
+
+    def distance(a, b):
+        return math.sqrt(sum(float((a[name].float() - b[name].float()).square().sum())
+                             for name in raw))
+
+    travelled = distance(raw, start)
+    assert travelled > 0.1
+    assert distance(saved, raw) <= 0.25 * travelled
+
+
 @pytest.mark.parametrize("overrides, per_sample", [
     (["optim.steps=6"], [2] * 6),                  # one CFG call, both branches: 2 per sample
     (["method=progressive", "halving.start_steps=4", "halving.end_steps=1",

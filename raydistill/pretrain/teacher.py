@@ -35,6 +35,7 @@ from raydistill.models.checkpoint import Checkpoint, planned_checkpoint, save_ch
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.unet import UNet
 from raydistill.sampling import grid_png, sample_classes
+from raydistill.schedules import ema_decay, lr_factor
 
 
 @dataclass
@@ -77,14 +78,6 @@ def planned_teacher(job: TeacherJob) -> Checkpoint:
     the checks of the jobs that read it see before it exists."""
     return planned_checkpoint(trained_model(job, load_images(job.data)),
                               {"trained_on": job.data.source}, "planned:teacher")
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -137,7 +130,7 @@ def train_teacher(job: TeacherJob, out: str, *, progress: bool = True) -> Teache
         if job.optim.grad_clip:
             nn.utils.clip_grad_norm_(net.parameters(), job.optim.grad_clip)
         optim.step()
-        ema_update(ema, net, min(job.optim.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, net, ema_decay(job.optim.ema_decay, step))
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == job.optim.steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config import OptimConfig, TrainJob
-from raydistill.pretrain.teacher import lr_factor
+from raydistill.schedules import ema_decay, lr_factor
 
 
 def deepspeed_config(job: TrainJob, world_size: int,
@@ -234,9 +234,11 @@ class StudentEMA:
                        [fragment for fragment, _ in fragments.values()])
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Update number `step` since the average was reset, warmed up (see ema_decay): the
+        student starts as its teacher, and the average must not stay there."""
         if self._pairs[0]:              # a ZeRO rank may hold no part of any parameter
-            torch._foreach_lerp_(*self._pairs, 1.0 - self.decay)
+            torch._foreach_lerp_(*self._pairs, 1.0 - ema_decay(self.decay, step))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The module's state dict, fp32 on the CPU, with the averages in place of its parameters.

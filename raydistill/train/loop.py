@@ -228,8 +228,8 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
                     skip_streak = 0
         progress.step += 1
         window_steps += 1
-        if ema is not None:
-            ema.update()
+        if ema is not None:             # its updates count from the start of the round
+            ema.update(progress.step - 1 - (ends[progress.round - 1] if progress.round else 0))
         if not memory:          # optimizers allocate their state at the first update
             memory = {f"bytes/{name}": state_bytes(engine) for name, engine in engines.items()}
             memory.update({f"bytes/{name}": tensor_bytes(module)
