@@ -18,13 +18,13 @@ from diffusers_models import (
 )
 
 from raydistill.cli import main
-from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef
+from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef, TrainJob, load
 from raydistill.diffusion import sample
 from raydistill.models import load_checkpoint, save_checkpoint
 from raydistill.models.checkpoint import build_network, load_teacher
 from raydistill.models.diffusers_unet import guidance_embedding
 from raydistill.models.export import export_diffusers
-from raydistill.train.build import build_student
+from raydistill.train.build import build_student, student_record
 
 TOLERANCE = 1e-4
 
@@ -49,6 +49,14 @@ def student_of(teacher_dir, tmp_path, extra, *, w_embedding, null_embedding=""):
     return load_checkpoint(str(tmp_path / "student"))
 
 
+def record_of(teacher_dir, method, *overrides, w=None):
+    """What the checkpoint of a student of `method` records, as the training loop writes it."""
+    guidance = [f"guidance.w_min={w}", f"guidance.w_max={w}"] if w is not None else []
+    job = load(TrainJob, None, [f"teacher.diffusers.path={teacher_dir}", f"method={method}",
+                                *guidance, *overrides])
+    return student_record(job, load_teacher(job.teacher), -1)
+
+
 def exported(out):
     unet_class = json.load(open(out / "unet" / "config.json"))["_class_name"]
     unet = getattr(diffusers, unet_class).from_pretrained(str(out / "unet"),
@@ -60,8 +68,8 @@ def test_guided_unet2d_student_exports_with_w_folded_in(tmp_path):
     """A w-conditioned UNet2DModel student exported at w = 2: diffusers' 4-step DDIM on the
     exported model (no guidance input, no CFG) equals raydistill's 4 steps at w = 2."""
     teacher_dir = write_model(tmp_path / "teacher", tiny_unet(), scheduler("v_prediction"))
-    student = student_of(teacher_dir, tmp_path, {"method": "guided", "w_min": 0.0, "w_max": 4.0},
-                         w_embedding=True)
+    student = student_of(teacher_dir, tmp_path,
+                         record_of(teacher_dir, "guided", "guidance.w_max=4.0"), w_embedding=True)
     assert main(["export", "--checkpoint", str(tmp_path / "student"), "--format", "diffusers",
                  "--out", str(tmp_path / "out"), "--w", "2"]) == 0
     record = json.load(open(tmp_path / "out" / "raydistill.json"))
@@ -85,7 +93,9 @@ def test_text_student_keeps_its_guidance_input(tmp_path):
     fed timestep_cond = guidance_embedding(w) equals raydistill's sampling at that w."""
     write_null_embedding(str(tmp_path / "null.npy"))
     teacher_dir = write_model(tmp_path / "teacher", tiny_unet(text=True), scheduler("epsilon"))
-    student = student_of(teacher_dir, tmp_path, {"method": "guided", "w_min": 0.0, "w_max": 4.0},
+    null = f"teacher.diffusers.null_embedding={tmp_path / 'null.npy'}"
+    student = student_of(teacher_dir, tmp_path,
+                         record_of(teacher_dir, "guided", "guidance.w_max=4.0", null),
                          w_embedding=True, null_embedding=str(tmp_path / "null.npy"))
     export_diffusers(student, str(tmp_path / "out"))
     unet, sched = exported(tmp_path / "out")
@@ -103,10 +113,10 @@ def test_text_student_keeps_its_guidance_input(tmp_path):
 
 
 def test_one_step_generator_exports_as_one_ddim_step(tmp_path):
-    """A one-step generator (guidance built in): diffusers' 1-step DDIM from t = 1 is its x_hat."""
+    """A one-step generator (guidance built in), recorded as training records it: diffusers'
+    1-step DDIM from t = 1 is its x_hat."""
     teacher_dir = write_model(tmp_path / "teacher", tiny_unet(), scheduler("v_prediction"))
-    student = student_of(teacher_dir, tmp_path, {"method": "dmd", "w_min": 1.0, "w_max": 1.0,
-                                                 "steps": 1, "sampler": "renoise"},
+    student = student_of(teacher_dir, tmp_path, record_of(teacher_dir, "dmd", w=1.0),
                          w_embedding=False)
     assert export_diffusers(student, str(tmp_path / "out"))["steps"] == 1
     unet, sched = exported(tmp_path / "out")
@@ -119,17 +129,22 @@ def test_one_step_generator_exports_as_one_ddim_step(tmp_path):
 
 def test_unexportable_students_are_refused(tmp_path):
     teacher_dir = write_model(tmp_path / "teacher", tiny_unet(), scheduler("v_prediction"))
-    guided = student_of(teacher_dir, tmp_path, {"method": "guided", "w_min": 0.0, "w_max": 4.0},
-                        w_embedding=True)
+    guided = student_of(teacher_dir, tmp_path,
+                        record_of(teacher_dir, "guided", "guidance.w_max=4.0"), w_embedding=True)
     with pytest.raises(ConfigError, match="--w: is required"):
         export_diffusers(guided, str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="outside the guidance range"):
         export_diffusers(guided, str(tmp_path / "out"), w=9.0)
-    stochastic = student_of(teacher_dir, tmp_path, {"method": "progressive", "w_min": 1.0,
-                                                    "w_max": 1.0, "steps": 2, "stochastic": True},
-                            w_embedding=False)
+    stochastic = student_of(teacher_dir, tmp_path, record_of(
+        teacher_dir, "progressive", "halving.start_steps=4", "halving.end_steps=2",
+        "halving.stochastic=true", w=1.0), w_embedding=False)
     with pytest.raises(ConfigError, match="stochastic sampler with 2 steps"):
         export_diffusers(stochastic, str(tmp_path / "out"))
+    multistep = student_of(teacher_dir, tmp_path, record_of(
+        teacher_dir, "dmd", "dmd.regression_weight=0", "dmd.generator_steps=2", w=1.0),
+        w_embedding=False)
+    with pytest.raises(ConfigError, match="the 2-step re-noising sampler of a multi-step"):
+        export_diffusers(multistep, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     from raydistill.config import ModelConfig, UNetConfig
 

@@ -144,6 +144,14 @@ class DistilledSampler:
     renoise: bool = False
 
     @property
+    def ddim_equivalent(self) -> bool:
+        """Whether `steps` DDIM steps on the uniform grid are this sampler: for a progressive
+        student, and for a one-step generator (its x_hat at t = 1 is one DDIM step to t = 0, where
+        alpha = 1); not for Meng et al.'s stochastic sampler or a multi-step generator's
+        re-noising one."""
+        return not self.stochastic or (self.renoise and self.steps == 1)
+
+    @property
     def solver(self) -> str:
         """Its name in an evaluation's rows: ddim, stochastic or renoise."""
         return "renoise" if self.renoise else "stochastic" if self.stochastic else "ddim"

@@ -53,8 +53,7 @@ def _check(checkpoint: Checkpoint, w: float | None) -> None:
         raise ConfigError("--checkpoint", f"is a {config.kind} model; only students of diffusers "
                                           "teachers export to diffusers")
     distilled = checkpoint.distilled_sampler
-    if distilled is not None and (distilled.stochastic or (distilled.renoise and
-                                                            distilled.steps > 1)):
+    if distilled is not None and not distilled.ddim_equivalent:
         raise ConfigError("--checkpoint", f"is distilled for {distilled}, which diffusers' DDIM "
                                           "does not reproduce")
     folds = config.w_conditioned and config.diffusers.model_class == "UNet2DModel"
