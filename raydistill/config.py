@@ -532,6 +532,9 @@ class DMDConfig:
     fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
     gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
     gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
+    #: the fake score's denoising loss: `output`, unit weight on the network's own output (DMD2),
+    #: or an x-space weighting as loss_weighting's (refused where it spreads over 1e4 across t)
+    fake_weighting: Literal["output", "snr", "truncated_snr", "snr_plus_one", "constant"] = "output"
     generator_steps: int = 1         # > 1: a multi-step generator trained by backward simulation
     exit_step: str = "last"          # its trained output: the chain's last step, or "uniform"
 
@@ -599,6 +602,7 @@ class TrainJob:
     #: from the TorchScript module at `lpips` (raydistill.methods.kd; never downloaded)
     distance: Literal["mse", "pseudo_huber", "lpips"] = "mse"
     lpips: str = ""                  # a local TorchScript LPIPS file, for distance: lpips
+    #: guided and progressive students' x-space loss weighting (dmd's fake score: dmd.fake_weighting)
     loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
     optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
     workers: TrainWorkers = field(default_factory=TrainWorkers)
@@ -620,6 +624,11 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
+        if self.method in ("kd", "dmd"):
+            require(self.loss_weighting == "truncated_snr", "loss_weighting",
+                    f"does not apply to method {self.method}: dmd's fake score is weighted by "
+                    "dmd.fake_weighting (default output, unit weight on its own output as in "
+                    "DMD2; for a v-prediction fake score that is what snr_plus_one was)")
         if self.distance == "lpips":
             require(bool(self.lpips), "lpips", "is required with distance: lpips (a TorchScript "
                                                "LPIPS file on local disk; none is downloaded)")

@@ -41,3 +41,37 @@ def test_a_restored_dmd_run_continues_exactly(single_process_group, tmp_path):
     fake, again = fake_score(run.checkpoints[8]), fake_score(run.resumed)
     assert again.keys() == fake.keys() and any(name.startswith("head.") for name in fake)
     assert all(torch.equal(again[name], value) for name, value in fake.items())
+
+
+def test_an_eps_fake_score_learns_with_unit_weight_on_its_own_output(tmp_path):
+    """DMD2 trains the fake score with the plain squared error of its own output. For an eps
+    teacher's fake score (Stable Diffusion's schedule here) an x-space weighting is not that: SNR
+    + 1 is 1 + 1/SNR on eps (214 at t = 1), truncated SNR max(1, 1/SNR). The default
+    dmd.fake_weighting, output, gives weight 1 in eps."""
+    from diffusers_models import scheduler, tiny_unet, write_model
+
+    from raydistill.diffusion.parameterization import eps_from_x
+    from raydistill.train.build import build_method
+
+    teacher = write_model(str(tmp_path / "teacher"), tiny_unet(), scheduler("epsilon"))
+    job = load(TrainJob, None, [f"teacher.diffusers.path={teacher}", "method=dmd",
+                                "guidance.w_min=1.0", "guidance.w_max=1.0",
+                                "dmd.regression_weight=0", "data.source=digits"])
+    plan = prepare(job)
+    assert plan.student_config.prediction == "eps"
+    cpu = torch.device("cpu")
+    method = build_method(job, plan.teacher, plan.student_config, cpu)
+    method.micro_batch = 16
+    method.seed(0, cpu)
+    loss = method.fake_score_loss({})["loss"]
+    method.seed(0, cpu)                                 # the same draws, by hand
+    with torch.no_grad():
+        x, cond = method.generate()
+        t = method.times(len(x))
+        z_t = method.noised(x, t)
+        alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in method.schedule.alpha_sigma(t))
+        eps = eps_from_x(z=z_t, x=x, alpha=alpha, sigma=sigma)
+        expected = (method.fake_score(z_t, t, cond) - eps).pow(2).mean()
+    assert float(method.schedule.logsnr(t).min()) < -1     # draws where the weightings differ
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+

@@ -4,10 +4,12 @@ import torch
 from raydistill.diffusion import (
     PREDICTIONS,
     CosineSchedule,
+    DiscreteSchedule,
     broadcast_like,
     eps_from_v,
     eps_from_x,
     loss_weight,
+    output_weight,
     prediction_from_x,
     prediction_target,
     v_from_eps,
@@ -90,3 +92,22 @@ def test_weighted_x_loss_is_the_native_loss(state):
     v_err = (v_from_x(x=x_hat, **kw) - (alpha * eps - sigma * x)).pow(2).flatten(1).sum(1)
     torch.testing.assert_close(loss_weight("snr", logsnr) * x_err, eps_err)
     torch.testing.assert_close(loss_weight("snr_plus_one", logsnr) * x_err, v_err)
+
+
+def test_output_weights_are_the_x_space_weights_on_the_networks_own_output():
+    """An x-space weighting is weight(lambda) J^2 on the network's own output: SNR on an eps
+    network and SNR + 1 on a v network are its plain loss (weight 1, what `output` gives any
+    network); SNR + 1 on an eps network is 1 + 1/SNR, 214 at t = 1 of Stable Diffusion's schedule
+    (DMD2 trains its fake score with weight 1)."""
+    schedule = DiscreteSchedule.scaled_linear()
+    t = torch.tensor([0.02, 0.5, 1.0], dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(t)
+    kw = {"logsnr": schedule.logsnr(t), "alpha": alpha, "sigma": sigma}
+    ones = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(output_weight("snr", "eps", **kw), ones)
+    torch.testing.assert_close(output_weight("snr_plus_one", "v", **kw), ones)
+    for prediction in PREDICTIONS:
+        torch.testing.assert_close(output_weight("output", prediction, **kw), ones)
+    eps = output_weight("snr_plus_one", "eps", **kw)
+    torch.testing.assert_close(eps, 1 + 1 / kw["logsnr"].exp())
+    assert 213 < float(eps[-1]) < 215

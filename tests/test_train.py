@@ -327,6 +327,11 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
     (ANALYTIC_DMD, ["student.mlp.w_embedding=true"],
      "student: a generator takes no w input"),
     (ANALYTIC_DMD, ["method=kd"], "optim.modules.fake_score: is not a module of method kd"),
+    (ANALYTIC_DMD, ["dmd.fake_weighting=snr"],
+     "dmd.fake_weighting: snr weights a v-prediction network's loss on its own output from "),
+    (ANALYTIC_DMD, ["loss_weighting=snr_plus_one"],
+     "loss_weighting: does not apply to method dmd: dmd's fake score is weighted by "
+     "dmd.fake_weighting"),
     (ANALYTIC_DMD, ["optim.modules={fake_score: {warmup_steps: 24}}"],
      "optim.modules.fake_score.warmup_steps: is 24, not below the 24 updates of fake_score in "
      "optim.steps = 12 steps (2 a step)"),

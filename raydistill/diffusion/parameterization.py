@@ -4,7 +4,8 @@
 
 and the x-space loss weightings of Salimans & Ho (2022, Sec. 4): with lambda the log-SNR,
 ||x_hat - x||^2 weighted by SNR = exp(lambda) is the epsilon loss, by SNR + 1 the v loss, and by
-max(SNR, 1) their "truncated SNR" weighting.
+max(SNR, 1) their "truncated SNR" weighting; `output` is the plain squared error of a network's
+own output, whatever it predicts (DMD2's fake-score loss).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ Prediction = Literal["eps", "x", "v"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x", "v")
 Weighting = Literal["snr", "truncated_snr", "snr_plus_one", "constant"]
 WEIGHTINGS: tuple[str, ...] = ("snr", "truncated_snr", "snr_plus_one", "constant")
+OUTPUT = "output"                    # unit weight on the network's own output (output_weight)
 
 
 def x_from_eps(*, z: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -111,6 +113,16 @@ def loss_weight(weighting: Weighting, logsnr: Tensor) -> Tensor:
     if weighting == "constant":
         return torch.ones_like(snr)
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+
+
+def output_weight(weighting: str, prediction: Prediction, *, logsnr: Tensor, alpha: Tensor,
+                  sigma: Tensor) -> Tensor:
+    """Per-sample weight [B] of the squared error of a network's own output, ||out - target||^2:
+    an x-space weighting times the squared Jacobian (the same loss as in x, without the
+    cancellation in x_hat - x at high SNR; see x_jacobian), or 1 for `output`."""
+    if weighting == OUTPUT:
+        return torch.ones_like(logsnr)
+    return loss_weight(weighting, logsnr) * x_jacobian(prediction, alpha=alpha, sigma=sigma) ** 2
 
 
 def broadcast_like(values: Tensor, like: Tensor) -> Tensor:

@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from raydistill.config import ConfigError, ModelConfig, TrainJob
 from raydistill.diffusion.parameterization import (
     broadcast_like,
-    loss_weight,
+    output_weight,
     prediction_from_x,
-    x_jacobian,
 )
 from raydistill.diffusion.schedule import Schedule
 from raydistill.models.denoiser import EvaluationCounter
@@ -194,6 +193,32 @@ def require_distillable(config: ModelConfig, key: str = "student.prediction") ->
                                f"{EPS_LOGSNR_FLOOR:.1f} (Salimans & Ho, Sec. 4); use v or x")
 
 
+#: The widest spread (largest over smallest) of a loss's weight on a network's own output over
+#: t in (0, 1] that a method accepts: the square of the sigma / alpha bound behind
+#: EPS_LOGSNR_FLOOR. Past it the loss all but ignores some noise levels, or is dominated by them.
+OUTPUT_WEIGHT_SPREAD = 1e4
+
+
+def require_balanced_weighting(weighting: str, config: ModelConfig, key: str) -> None:
+    """Refuse a loss weighting whose weight on `config`'s own output spreads more than
+    OUTPUT_WEIGHT_SPREAD over t: e.g. snr_plus_one on an eps network is 1 + 1/SNR, 214 at t = 1 of
+    Stable Diffusion's schedule but 4e8 on a cosine one."""
+    from raydistill.models.denoiser import make_schedule
+
+    schedule = make_schedule(config.schedule)
+    t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)[1:]
+    alpha, sigma = schedule.alpha_sigma(t)
+    weight = output_weight(weighting, config.prediction, logsnr=schedule.logsnr(t), alpha=alpha,
+                           sigma=sigma)
+    low, high = float(weight.min()), float(weight.max())
+    if not (low > 0 and high / low <= OUTPUT_WEIGHT_SPREAD):
+        raise ConfigError(key, f"{weighting} weights a {config.prediction}-prediction network's "
+                               f"loss on its own output from {low:.3g} to {high:.3g} over t on its "
+                               f"{config.schedule.kind} schedule (a spread above "
+                               f"{OUTPUT_WEIGHT_SPREAD:g}); use output (unit weight on its own "
+                               "output, as DMD2 trains its fake score)")
+
+
 def regression_loss(
     net: nn.Module, config: ModelConfig, schedule: Schedule, weighting: str,
     z_t: Tensor, t: Tensor, cond: dict[str, Tensor], x_target: Tensor,
@@ -208,12 +233,14 @@ def output_loss(
     out: Tensor, config: ModelConfig, schedule: Schedule, weighting: str, z_t: Tensor, t: Tensor,
     x_target: Tensor,
 ) -> Tensor:
-    """`regression_loss` of a network output `out` = net(z_t, t, cond) already computed."""
-    alpha, sigma = (broadcast_like(v, z_t) for v in schedule.alpha_sigma(t))
+    """`regression_loss` of a network output `out` = net(z_t, t, cond) already computed
+    (`weighting` may also be `output`, unit weight on the network's own output)."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha, sigma = broadcast_like(alpha_t, z_t), broadcast_like(sigma_t, z_t)
     out = out.to(z_t.dtype)
     target = prediction_from_x(config.prediction, z=z_t, x=x_target, alpha=alpha, sigma=sigma)
-    weight = loss_weight(weighting, schedule.logsnr(t)) * x_jacobian(
-        config.prediction, alpha=alpha, sigma=sigma).flatten() ** 2
+    weight = output_weight(weighting, config.prediction, logsnr=schedule.logsnr(t),
+                           alpha=alpha_t, sigma=sigma_t)
     return weight * (out - target).pow(2).flatten(1).mean(1)
 
 

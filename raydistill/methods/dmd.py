@@ -9,7 +9,8 @@ online to denoise G's samples (s_fake likewise). One training step:
 
   fake_score phase, dmd.fake_updates times (DMD2's two time-scale rule: 5):
     x = sg(G(z, c)),  t ~ U(0, 1],  z_t = alpha_t x + sigma_t eps
-    L_fake = weight(lambda_t) ||x_hat_fake(z_t, t, c) - x||^2                (denoising loss)
+    L_fake = ||out_fake(z_t, t, c) - target(x)||^2  in the fake score's own parameterization
+             (dmd.fake_weighting: unit weight, as DMD2; or an x-space weight(lambda_t) J^2)
              + gan_head_weight [softplus(D(z_t)) + softplus(-D(z'_t))]       (DMD2; x' real data)
   generator phase:
     x = G(z, c),  t ~ U[t_min, t_max],  z_t = alpha_t sg(x) + sigma_t eps
@@ -53,7 +54,15 @@ from raydistill.diffusion.guidance import Cond, Denoiser
 from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
-from raydistill.methods.base import DATA, PAIRS, Method, MethodSpec, Phase, output_loss
+from raydistill.methods.base import (
+    DATA,
+    PAIRS,
+    Method,
+    MethodSpec,
+    Phase,
+    output_loss,
+    require_balanced_weighting,
+)
 from raydistill.methods.kd import (
     Distance,
     check_generator_job,
@@ -263,9 +272,11 @@ def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
         raise ConfigError("pairs", "is given but dmd.regression_weight is 0: nothing would read "
                                    "it")
     fake = _fake_config(teacher, student)
+    require_balanced_weighting(dmd.fake_weighting, fake, "dmd.fake_weighting")
     if dmd.gan_weight > 0 and fake.kind not in FEATURE_LAYERS:
-        raise ConfigError("dmd.gan_weight", f"the GAN head reads features of a unet or mlp fake "
-                                            f"score, not of a {fake.kind}")
+        raise ConfigError("dmd.gan_weight", f"the GAN head reads features of a "
+                                            f"{', '.join(FEATURE_LAYERS)} fake score, not of a "
+                                            f"{fake.kind}")
 
 
 def _fake_config(teacher: Checkpoint, student: ModelConfig) -> ModelConfig:
@@ -293,7 +304,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         generator_config=student_config, fake_config=fake_config,
         schedule=teacher.denoiser.schedule, dmd=job.dmd, w=job.guidance.w_min,
         conditions=teacher.conditions, shape=teacher.data_shape,
-        weighting=job.loss_weighting, steps=job.optim.steps,
+        weighting=job.dmd.fake_weighting, steps=job.optim.steps,
         distance=make_distance(job.distance, job.lpips, device) if job.pairs else None)
 
 

@@ -26,9 +26,8 @@ from raydistill.devices import resolve_device
 from raydistill.diffusion.guidance import CFG, NULL_CLASS
 from raydistill.diffusion.parameterization import (
     broadcast_like,
-    loss_weight,
+    output_weight,
     prediction_target,
-    x_jacobian,
 )
 from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.models.checkpoint import Checkpoint, planned_checkpoint, save_checkpoint
@@ -51,12 +50,13 @@ def diffusion_loss(
     x: Tensor, c: Tensor, t: Tensor, eps: Tensor,
 ) -> Tensor:
     """Mean weighted denoising loss of `net` on given (x, c, t, eps)."""
-    alpha, sigma = (broadcast_like(v, x) for v in schedule.alpha_sigma(t))
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha, sigma = broadcast_like(alpha_t, x), broadcast_like(sigma_t, x)
     z_t = alpha * x + sigma * eps
     out = net(z_t, t, {"c": c})
     target = prediction_target(prediction, x=x, eps=eps, alpha=alpha, sigma=sigma)
-    weight = loss_weight(weighting, schedule.logsnr(t)) * x_jacobian(
-        prediction, alpha=alpha, sigma=sigma).flatten() ** 2
+    weight = output_weight(weighting, prediction, logsnr=schedule.logsnr(t), alpha=alpha_t,
+                           sigma=sigma_t)
     return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
 
 
