@@ -4,12 +4,13 @@ test_dmd_oracle.py."""
 
 import os
 
+import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from resume_harness import run_and_resume
+from resume_harness import run_and_resume, train_in_process
 from safetensors.torch import load_file
 
-from raydistill.config import TrainJob, load
+from raydistill.config import ConfigError, TrainJob, load
 from raydistill.train.build import prepare
 from raydistill.train.driver import setup_worker
 
@@ -75,3 +76,36 @@ def test_an_eps_fake_score_learns_with_unit_weight_on_its_own_output(tmp_path):
     assert float(method.schedule.logsnr(t).min()) < -1     # draws where the weightings differ
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
+
+def test_dmd_distils_a_w_conditioned_teacher(single_process_group, tmp_path):
+    """Meng et al.'s stage-1 student as DMD's teacher (one evaluation per real score instead of
+    CFG's two): the generator and the fake score are copies of it that keep its w input, fed the
+    job's one w; the generator is then sampled at that w only."""
+    from raydistill.config import MLPConfig, ModelConfig
+    from raydistill.models import build_network, load_checkpoint, save_checkpoint
+
+    config = ModelConfig(kind="mlp", prediction="v", mlp=MLPConfig(
+        dim=2, width=64, depth=2, num_classes=3, w_embedding=True))
+    teacher = str(tmp_path / "teacher")
+    torch.manual_seed(0)
+    save_checkpoint(teacher, build_network(config), config,
+                    extra={"method": "guided", "w_min": 0.0, "w_max": 4.0})
+    job = load(TrainJob, ANALYTIC_DMD, ["teacher.analytic=null", f"teacher.checkpoint={teacher}",
+                                        "student=null", "workers.num=1", "guidance.w_min=2.0",
+                                        "guidance.w_max=2.0", "optim.steps=4",
+                                        "checkpoint_every=4"])
+    plan = prepare(job)
+    assert plan.student_config.w_conditioned
+    saved = {}
+    train_in_process(job, plan, lambda metrics, directory: saved.update(
+        student=load_checkpoint(os.path.join(directory, "student"))) if directory else None)
+    student = saved["student"]
+    assert student.extra["w_min"] == student.extra["w_max"] == 2.0
+    z, c = torch.randn(5, 2), torch.arange(5) % 3
+    with torch.no_grad():
+        x = student.w_denoiser(z, torch.ones(5), {"c": c, "w": torch.full((5,), 2.0)})
+        other = student.w_denoiser(z, torch.ones(5), {"c": c, "w": torch.zeros(5)})
+    assert torch.isfinite(x).all() and not torch.allclose(x, other)   # it reads its w
+    student.check_guidance(2.0, 2.0, "w")
+    with pytest.raises(ConfigError, match="outside the guidance range"):
+        student.check_guidance(1.0, 1.0, "w")

@@ -3,9 +3,10 @@
 
 Notation: the generator G(z, c) = x_hat_G(z, t = 1, c) (raydistill.methods.kd.one_step),
 initialised from the teacher; z ~ N(0, I), c uniform over the classes; x_hat_real the frozen
-teacher under classifier-free guidance at the job's fixed w (real score s_real = (alpha_t
-x_hat_real - z_t) / sigma_t^2); x_hat_fake the fake score, a copy of the teacher's network trained
-online to denoise G's samples (s_fake likewise). One training step:
+teacher under classifier-free guidance at the job's fixed w, or a w-conditioned teacher (Meng et
+al.'s stage 1) fed that w (real score s_real = (alpha_t x_hat_real - z_t) / sigma_t^2); x_hat_fake
+the fake score, a copy of the teacher's network trained online to denoise G's samples (s_fake
+likewise). Copies of a w-conditioned teacher keep its w input, fed the same w. One training step:
 
   fake_score phase, dmd.fake_updates times (DMD2's two time-scale rule: 5):
     x = sg(G(z, c)),  t ~ U(0, 1],  z_t = alpha_t x + sigma_t eps
@@ -164,12 +165,18 @@ class DistributionMatching(Method):
 
     # ------------------------------------------------------------------------ draws
 
+    def condition(self, c: Tensor) -> Cond:
+        """The condition of classes c at the job's one w: the real score's guidance strength,
+        and the input of networks that take w (a w-conditioned teacher's copies: the generator
+        and the fake score)."""
+        return self.conditions.cond(c, torch.full(c.shape, self.w, device=c.device))
+
     def draw(self) -> tuple[Tensor, Cond]:
         """A micro-batch of generator inputs: noise z and the condition of a uniform c, from the
         method's generator."""
         g, n = self.rng, self.micro_batch
         c = torch.randint(0, self.conditions.num_classes, (n,), generator=g, device=g.device)
-        return torch.randn((n, *self.shape), generator=g, device=g.device), self.conditions.cond(c)
+        return torch.randn((n, *self.shape), generator=g, device=g.device), self.condition(c)
 
     def noised(self, x: Tensor, t: Tensor) -> Tensor:
         """z_t = alpha_t x + sigma_t eps."""
@@ -226,7 +233,7 @@ class DistributionMatching(Method):
             real = batch[DATA]
             t_real = self.times(len(real["x"]))
             _, real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
-                                             self.conditions.cond(real["c"]), classify=True)
+                                             self.condition(real["c"]), classify=True)
             head = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             loss = loss + self.dmd.gan_head_weight * head
             values["loss_head"] = head.detach()
@@ -237,8 +244,7 @@ class DistributionMatching(Method):
         t = self.times(len(x), self.dmd.t_min, self.dmd.t_max)
         with torch.no_grad():
             z_t = self.noised(x.detach(), t)
-            w = torch.full((len(x),), self.w, device=x.device, dtype=x.dtype)
-            x_real = self.teacher(z_t, t, {**cond, "w": w}).to(x.dtype)
+            x_real = self.teacher(z_t, t, cond).to(x.dtype)
             x_fake = denoise(self.fake_score, self.schedule, self.fake_config.prediction, z_t, t,
                              cond)
             grad = dm_gradient(x=x.detach(), x_real=x_real, x_fake=x_fake)

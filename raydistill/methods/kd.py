@@ -97,10 +97,9 @@ def make_distance(kind: str, lpips: str, device: torch.device) -> Distance:
 
 def pair_regression(generator: nn.Module, config: ModelConfig, schedule: Schedule,
                     pairs: dict[str, Tensor], d: Distance) -> Tensor:
-    """E d(G(noise, c), image) over a batch of ODE pairs (a generator takes no w: its guidance
-    strength is built in)."""
-    cond = {key: value for key, value in batch_cond(pairs).items() if key != "w"}
-    x = one_step(generator, config, schedule, pairs["noise"], cond)
+    """E d(G(noise, c), image) over a batch of ODE pairs, made at the job's one w (a generator of
+    a w-conditioned teacher takes it as its input; any other has it built in)."""
+    x = one_step(generator, config, schedule, pairs["noise"], batch_cond(pairs))
     return d(x, pairs["image"]).mean()
 
 
@@ -139,8 +138,8 @@ def generator_meta(method: str, w: float, steps: int) -> dict:
 
 
 def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in;
-    an LPIPS distance loads, for images."""
+    """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in
+    (a w-conditioned teacher's generator is fed that w); an LPIPS distance loads, for images."""
     check_continuous_teacher(teacher, "teacher.checkpoint")
     if job.distance == "lpips":
         if len(teacher.data_shape) != 3:
@@ -150,9 +149,10 @@ def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig
             raise ConfigError("distance", "lpips compares images; a latent teacher's samples are "
                                           "latents (use pseudo_huber or mse)")
         load_lpips(job.lpips)
-    if student.w_conditioned:
-        raise ConfigError("student", "a generator takes no w input (its guidance "
-                                     "strength is built in)")
+    if student.w_conditioned and not teacher.config.w_conditioned:
+        raise ConfigError("student", "a generator takes no w input (its guidance strength is "
+                                     "built in); only a w-conditioned teacher's generator keeps "
+                                     "its w input, fed the job's one w")
     if job.guidance.w_min != job.guidance.w_max:
         raise ConfigError("guidance", "a generator distils one guidance strength: set "
                                       "w_min = w_max")
