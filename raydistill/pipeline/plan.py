@@ -103,7 +103,7 @@ class Planner:
         teacher = self.stage_model(stage.teacher)
         pairs = self.pair_sets[stage.reads_pairs] if stage.reads_pairs else None
         try:
-            plan = check_job(job, teacher, pairs)
+            plan = check_job(job, teacher, (lambda: pairs) if pairs else None)
         except ConfigError as err:
             raise err.under(self.pipeline.students_key(stage, "train")) from None
         record = student_record(job, teacher, -1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,14 +113,15 @@ def read_pair_set(path: str) -> PairSet:
 def prepare(job: TrainJob) -> Plan:
     """Every check that needs the teacher, the data or the pair set, done on the driver."""
     teacher = load_teacher(job.teacher)
-    reads_pairs = bool(job.pairs) and PAIRS in method_spec(job.method).streams(job)
-    return check_job(job, teacher, read_pair_set(job.pairs) if reads_pairs else None)
+    return check_job(job, teacher, (lambda: read_pair_set(job.pairs)) if job.pairs else None)
 
 
-def check_job(job: TrainJob, teacher: Checkpoint, pairs: PairSet | None) -> Plan:
+def check_job(job: TrainJob, teacher: Checkpoint,
+              pairs: Callable[[], PairSet] | None) -> Plan:
     """Every check of `job` against its teacher and the pair set it reads, whether they exist or
-    are what earlier stages will make (raydistill.pipeline.plan); `pairs` None: it reads none, or
-    they cannot be there yet (their teacher is not trained)."""
+    are what earlier stages will make (raydistill.pipeline.plan). `pairs` reads that pair set
+    when its turn comes, after the job's own checks; None: it reads none, or none can be there
+    yet (their teacher is not trained)."""
     spec = method_spec(job.method)
     check_warmup(job)
     config = student_config(job, teacher)
@@ -142,8 +144,9 @@ def check_job(job: TrainJob, teacher: Checkpoint, pairs: PairSet | None) -> Plan
     plan = Plan(teacher, config)
     streams = spec.streams(job)
     if PAIRS in streams and pairs is not None:
-        _check_pairs(job, teacher, pairs)
-        plan.pairs_rows = pairs.rows
+        pair_set = pairs()
+        _check_pairs(job, teacher, pair_set)
+        plan.pairs_rows = pair_set.rows
     if DATA not in streams:
         return plan
     if job.data.source == "mixture":
