@@ -532,6 +532,7 @@ class DMDConfig:
     fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
     gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
     gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
+    gan_head: Literal["mlp", "conv"] = "mlp"   # raydistill.methods.dmd.gan_head (conv: DMD2's)
     #: the fake score's denoising loss: `output`, unit weight on the network's own output (DMD2),
     #: or an x-space weighting as loss_weighting's (refused where it spreads over 1e4 across t)
     fake_weighting: Literal["output", "snr", "truncated_snr", "snr_plus_one", "constant"] = "output"

@@ -2,6 +2,7 @@
 streams), and a killed worker costs nothing; the method math on the analytic mixture is in
 test_dmd_oracle.py."""
 
+import math
 import os
 
 import pytest
@@ -109,3 +110,54 @@ def test_dmd_distils_a_w_conditioned_teacher(single_process_group, tmp_path):
     student.check_guidance(2.0, 2.0, "w")
     with pytest.raises(ConfigError, match="outside the guidance range"):
         student.check_guidance(1.0, 1.0, "w")
+
+
+def test_dmd2s_conv_head_reads_the_bottleneck_map_not_its_mean():
+    """dmd.gan_head: conv is DMD2's head: strided 4x4 convolutions with GroupNorm halve the UNet's
+    bottleneck map (8x8 for the digits UNet) to 4x4, a 4x4 convolution leaves 1x1, a 1x1
+    convolution gives the logit; it sees where features are, which the mlp head, on their mean over
+    space, cannot."""
+    from torch import nn
+
+    from raydistill.config import ModelConfig, UNetConfig
+    from raydistill.methods.dmd import feature_map_size, gan_head
+
+    config = ModelConfig(unet=UNetConfig(resolution=16, base_channels=32, channel_mult=[1, 2]))
+    assert feature_map_size(config) == (8, 8)
+    conv = gan_head("conv", config)
+    kinds = [type(layer) for layer in conv]
+    assert kinds == [nn.Conv2d, nn.GroupNorm, nn.SiLU] * 2 + [nn.Conv2d, nn.Flatten]
+    assert [layer.stride for layer in conv if isinstance(layer, nn.Conv2d)] == [(2, 2), (1, 1),
+                                                                              (1, 1)]
+    features = torch.randn(3, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    moved = features.flip(-1)                       # the same features, elsewhere
+    mlp = gan_head("mlp", config)
+    with torch.no_grad():
+        assert conv(features).shape == (3,)
+        torch.testing.assert_close(mlp(features.flatten(2).mean(2)),
+                                   mlp(moved.flatten(2).mean(2)))
+        assert not torch.allclose(conv(features), conv(moved))
+
+
+def test_dmd2_trains_with_the_conv_head_on_a_unet(single_process_group, tmp_path):
+    """DMD2 steps with the conv head on the smoke teacher's UNet: the head's loss is logged and
+    finite. (Its real images are read by Ray tasks: Ray starts for the test and stops after.)"""
+    import ray
+
+    from raydistill.config import TeacherJob
+    from raydistill.pretrain.teacher import train_teacher
+
+    train_teacher(load(TeacherJob, f"{ROOT}/configs/smoke/teacher.yaml", ["optim.steps=2"]),
+                  str(tmp_path / "teacher"), progress=False)
+    job = load(TrainJob, f"{ROOT}/configs/smoke/dmd2.yaml", [
+        f"teacher.checkpoint={tmp_path / 'teacher'}", "teacher.build=", "workers.num=1",
+        "dmd.gan_head=conv", "optim.steps=2", "checkpoint_every=2", "log_every=1",
+        "optim.warmup_steps=0", "optim.modules.fake_score.warmup_steps=0"])
+    logged = []
+    try:
+        train_in_process(job, prepare(job), lambda metrics, directory: None,
+                         logged=logged.append)
+    finally:
+        ray.shutdown()
+    assert [row["step"] for row in logged] == [1, 2]
+    assert all(math.isfinite(row["fake_score/loss_head"]) for row in logged)

@@ -175,7 +175,7 @@ def test_dmd_matches_the_mixture_and_beats_kd_on_the_same_pairs(oracle, teacher_
     fit(kd, ode_pairs, {"generator": 2e-4}, (0.9, 0.999), ema=EMA)
 
     generator = copy.deepcopy(teacher_network)
-    fake = FakeScore(copy.deepcopy(teacher_network), CONFIG, head=False)
+    fake = FakeScore(copy.deepcopy(teacher_network), CONFIG, head=None)
     dmd = DistributionMatching(
         teacher=CFG(exact), generator=generator, fake_score=fake, generator_config=CONFIG,
         fake_config=CONFIG, schedule=SCHEDULE, dmd=DMDConfig(regression_weight=0.25,
@@ -207,7 +207,7 @@ def test_a_four_step_generator_trained_by_backward_simulation(oracle, teacher_ne
         generator = copy.deepcopy(teacher_network)
         method = DistributionMatching(
             teacher=CFG(exact), generator=generator,
-            fake_score=FakeScore(copy.deepcopy(teacher_network), CONFIG, head=False),
+            fake_score=FakeScore(copy.deepcopy(teacher_network), CONFIG, head=None),
             generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,
             dmd=DMDConfig(regression_weight=0.0, fake_updates=5, generator_steps=4,
                           exit_step=exit_step),
@@ -231,7 +231,7 @@ def test_the_fake_score_learns_the_generators_distribution(oracle, teacher_netwo
     falls as it learns their distribution (it starts as the teacher's network, a denoiser of the
     data)."""
     _, exact = oracle
-    fake = FakeScore(copy.deepcopy(teacher_network), CONFIG, head=False)
+    fake = FakeScore(copy.deepcopy(teacher_network), CONFIG, head=None)
     dmd = DistributionMatching(
         teacher=CFG(exact), generator=copy.deepcopy(teacher_network).requires_grad_(False),
         fake_score=fake, generator_config=CONFIG, fake_config=CONFIG, schedule=SCHEDULE,

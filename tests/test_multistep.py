@@ -80,7 +80,7 @@ def generator_method(exit_step: str) -> DistributionMatching:
     mixture = GaussianMixture.random(num_classes=2, components_per_class=2, dim=4, seed=0)
     method = DistributionMatching(
         teacher=AnalyticTeacher(mixture, SCHEDULE), generator=generator,
-        fake_score=FakeScore(build_network(config), config, head=False), generator_config=config,
+        fake_score=FakeScore(build_network(config), config, head=None), generator_config=config,
         fake_config=config, schedule=SCHEDULE,
         dmd=DMDConfig(regression_weight=0.0, generator_steps=3, exit_step=exit_step), w=0.0,
         conditions=Conditions(2), shape=(4,), weighting="snr_plus_one", distance=None, steps=1)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ from raydistill.methods.kd import (
     one_step,
     pair_regression,
 )
-from raydistill.models.checkpoint import Checkpoint
+from raydistill.models.checkpoint import Checkpoint, model_data_shape
 from raydistill.models.denoiser import denoise
 from raydistill.seeds import MODULES_STREAM, derive_seed
 
@@ -91,6 +92,35 @@ def feature_width(config: ModelConfig) -> int:
     return config.mlp.width
 
 
+def feature_map_size(config: ModelConfig) -> tuple[int, int]:
+    """(height, width) of a UNet's bottleneck map: the samples' halved at each level but the
+    last."""
+    levels = len(config.unet.channel_mult if config.kind == "unet"
+                 else config.diffusers.unet["block_out_channels"]) - 1
+    _, height, width = model_data_shape(config)
+    return height >> levels, width >> levels
+
+
+def gan_head(kind: str, config: ModelConfig) -> nn.Module:
+    """The GAN's classifier head on the fake score's features, to one logit per sample:
+    mlp    two linear layers on the features (pooled over space: a UNet's bottleneck map);
+    conv   DMD2's (Yin et al. 2024, their SD heads): 4x4 convolutions of stride 2 with GroupNorm
+           and SiLU that halve the bottleneck map down to 4x4 or less, one convolution over what
+           is left, then a 1x1 convolution to the logit."""
+    width = feature_width(config)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1),
+                             nn.Flatten(0))
+    groups, (height, breadth), layers = math.gcd(32, width), feature_map_size(config), []
+    while height > 4 and breadth > 4 and height % 2 == 0 and breadth % 2 == 0:
+        layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GroupNorm(groups, width),
+                   nn.SiLU()]
+        height, breadth = height // 2, breadth // 2
+    return nn.Sequential(*layers, nn.Conv2d(width, width, (height, breadth)),
+                         nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1),
+                         nn.Flatten(0))
+
+
 def dm_gradient(*, x: Tensor, x_real: Tensor, x_fake: Tensor) -> Tensor:
     """The normalised distribution-matching gradient (x_fake - x_real) / mean|x - x_real|, the
     mean per sample (DMD Eq. 8); non-finite entries (a zero normaliser) become 0."""
@@ -99,17 +129,18 @@ def dm_gradient(*, x: Tensor, x_real: Tensor, x_fake: Tensor) -> Tensor:
 
 
 class FakeScore(nn.Module):
-    """The fake score's network and, for the GAN, a classifier head D on its features:
-    `forward(z_t, t, cond)` is the network's output, `forward(..., classify=True)` that output and
-    the logit D(z_t) (real vs generated) from the same forward pass."""
+    """The fake score's network and, for the GAN, a classifier head D on its features (`head`:
+    mlp or conv, see gan_head; None: no GAN): `forward(z_t, t, cond)` is the network's output,
+    `forward(..., classify=True)` that output and the logit D(z_t) (real vs generated) from the
+    same forward pass."""
 
-    def __init__(self, net: nn.Module, config: ModelConfig, head: bool):
+    def __init__(self, net: nn.Module, config: ModelConfig, head: str | None):
         super().__init__()
         self.net, self.head, self._features, self._tap = net, None, None, None
         self._layer = FEATURE_LAYERS[config.kind] if head else None
+        self._pool = head == "mlp"
         if head:
-            width = feature_width(config)
-            self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+            self.head = gan_head(head, config)
 
     def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._features = output
@@ -125,9 +156,9 @@ class FakeScore(nn.Module):
         if not classify:
             return out
         features, self._features = self._features, None
-        if features.dim() > 2:                          # [B, C, H, W]: pooled over space
+        if self._pool and features.dim() > 2:           # [B, C, H, W]: pooled over space
             features = features.flatten(2).mean(2)
-        return out, self.head(features).squeeze(1).float()
+        return out, self.head(features).float()
 
 
 class DistributionMatching(Method):
@@ -283,6 +314,9 @@ def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
         raise ConfigError("dmd.gan_weight", f"the GAN head reads features of a "
                                             f"{', '.join(FEATURE_LAYERS)} fake score, not of a "
                                             f"{fake.kind}")
+    if dmd.gan_weight > 0 and dmd.gan_head == "conv" and fake.kind == "mlp":
+        raise ConfigError("dmd.gan_head", "conv reads a UNet's bottleneck map; an mlp fake score "
+                                          "has feature vectors (use mlp)")
 
 
 def _fake_config(teacher: Checkpoint, student: ModelConfig) -> ModelConfig:
@@ -304,7 +338,8 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     device = next(student.parameters()).device
     with torch.random.fork_rng(devices=[]):      # the head: the same on every rank and attempt
         torch.manual_seed(derive_seed(job.seed, MODULES_STREAM))
-        fake_score = FakeScore(net, fake_config, head=job.dmd.gan_weight > 0).to(device)
+        fake_score = FakeScore(net, fake_config,
+                               head=job.dmd.gan_head if job.dmd.gan_weight > 0 else None).to(device)
     return DistributionMatching(
         teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
         generator_config=student_config, fake_config=fake_config,
