@@ -44,7 +44,7 @@ SMOKE_UNET = UNetConfig(base_channels=16, channel_mult=[1, 2], attention_resolut
 
 def dmd_job(teacher: str, **changes) -> TrainJob:
     job = {"method": "dmd", "teacher": {"checkpoint": teacher},
-           "guidance": {"w_min": 1.0, "w_max": 1.0}, "loss_weighting": "snr_plus_one",
+           "guidance": {"w_min": 1.0, "w_max": 1.0},
            "dmd": {"regression_weight": 0.0, "fake_updates": 1},
            "optim": {"steps": 60, "batch_size": BATCH, "lr": 1e-5, "betas": [0.0, 0.999],
                      "warmup_steps": 0, "ema_decay": 0.0},

@@ -161,3 +161,26 @@ def test_dmd2_trains_with_the_conv_head_on_a_unet(single_process_group, tmp_path
         ray.shutdown()
     assert [row["step"] for row in logged] == [1, 2]
     assert all(math.isfinite(row["fake_score/loss_head"]) for row in logged)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_under_bf16_the_dm_gradient_evaluates_the_fake_score_in_fp32(single_process_group, stage):
+    """The fake score trains in bf16, but the DM gradient's x_hat_fake (a difference of two
+    predictions that training drives toward each other) is computed in fp32 from its weights, as
+    DMD2 computes it; its training forward passes stay bf16."""
+    job = load(TrainJob, ANALYTIC_DMD, ["workers.num=1", "optim.steps=2", "checkpoint_every=2",
+                                        "optim.warmup_steps=0", "deepspeed.precision=bf16",
+                                        f"deepspeed.zero_stage={stage}"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    seen = []
+    setup.method.fake_score.register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_grad_enabled(), out.dtype)))
+    from raydistill.train.loop import WorkerContext, run_worker
+
+    run_worker(job, setup.method, setup.streams,
+               WorkerContext(0, 1, setup.device, lambda metrics, directory: None),
+               plan.student_config, setup.teacher)
+    # per step: fake_updates (2) training passes with gradients, then one DM evaluation without
+    assert seen == [(True, torch.bfloat16)] * 2 + [(False, torch.float32)] + \
+        [(True, torch.bfloat16)] * 2 + [(False, torch.float32)]

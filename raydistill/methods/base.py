@@ -74,6 +74,16 @@ class Method(ABC):
     #: samples per micro-batch on this rank (the loop sets it): what a phase that reads no data
     #: draws
     micro_batch: int = 0
+    #: trainable modules the method evaluates in full precision somewhere even when they train in
+    #: bf16 (DMD2's fake score in the DM gradient); the loop puts an fp32 evaluation of each in
+    #: `precise` (see `precisely`)
+    precise_modules: tuple[str, ...] = ()
+    precise: dict[str, Callable[..., Tensor]] | None = None
+
+    def precisely(self, name: str) -> Callable[..., Tensor]:
+        """Trainable module `name` evaluated in fp32: the loop's evaluation of its bf16 weights
+        at full precision, or the module itself where it trains in fp32."""
+        return (self.precise or {}).get(name) or getattr(self, name)
 
     def count_evaluations(self, teacher: nn.Module, name: str = "teacher") -> None:
         """Count every sample a frozen teacher (its Denoiser or network module) evaluates, and

@@ -13,7 +13,7 @@ likewise). Copies of a w-conditioned teacher keep its w input, fed the same w. O
     L_fake = ||out_fake(z_t, t, c) - target(x)||^2  in the fake score's own parameterization
              (dmd.fake_weighting: unit weight, as DMD2; or an x-space weight(lambda_t) J^2)
              + gan_head_weight [softplus(D(z_t)) + softplus(-D(z'_t))]       (DMD2; x' real data)
-  generator phase:
+  generator phase (x_hat_fake evaluated in fp32 when the fake score trains in bf16, as in DMD2):
     x = G(z, c),  t ~ U[t_min, t_max],  z_t = alpha_t sg(x) + sigma_t eps
     grad = (x_hat_fake(z_t) - x_hat_real(z_t)) / mean|x - x_hat_real(z_t)|  (per sample, no grad)
     L_G = 0.5 ||x - sg(x - grad)||^2       (its gradient in x is grad / dim: the DM gradient)
@@ -163,6 +163,7 @@ class FakeScore(nn.Module):
 
 class DistributionMatching(Method):
     student_module = "generator"
+    precise_modules = ("fake_score",)         # the DM gradient's x_hat_fake, as DMD2 computes it
 
     def __init__(self, *, teacher: Denoiser, generator: nn.Module, fake_score: FakeScore,
                  generator_config: ModelConfig, fake_config: ModelConfig, schedule: Schedule,
@@ -276,8 +277,8 @@ class DistributionMatching(Method):
         with torch.no_grad():
             z_t = self.noised(x.detach(), t)
             x_real = self.teacher(z_t, t, cond).to(x.dtype)
-            x_fake = denoise(self.fake_score, self.schedule, self.fake_config.prediction, z_t, t,
-                             cond)
+            x_fake = denoise(self.precisely("fake_score"), self.schedule,
+                             self.fake_config.prediction, z_t, t, cond)
             grad = dm_gradient(x=x.detach(), x_real=x_real, x_fake=x_fake)
         matching = 0.5 * F.mse_loss(x, x.detach() - grad)
         loss, values = matching, {"loss_dm": matching.detach()}

@@ -9,7 +9,9 @@ student's EMA of those master copies (`loop.py` saves and loads each engine's ch
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,6 +84,20 @@ def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_siz
         engine.enable_backward_allreduce = False
     _link_unfused_masters(engine.optimizer)
     return engine
+
+
+def evaluated_in_fp32(module: nn.Module) -> Callable[..., Tensor]:
+    """`module` as a function computed in fp32: its floating weights and buffers upcast (fresh
+    copies at each call, as every update changes them) and handed to torch.func.functional_call,
+    so a bf16 module's arithmetic runs in fp32 while the module keeps its own tensors. The weights
+    are the bf16 ones the module trains with (ZeRO 0-2 hold them whole on every rank)."""
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        tensors = {name: value.float() if value.is_floating_point() else value
+                   for name, value in itertools.chain(module.named_parameters(),
+                                                      module.named_buffers())}
+        return torch.func.functional_call(module, tensors, args, kwargs)
+
+    return call
 
 
 class FiniteAdamW(torch.optim.AdamW):

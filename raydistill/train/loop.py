@@ -46,6 +46,7 @@ case. `max_nan_steps` skipped updates in a row stop the run with an error naming
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -68,6 +69,7 @@ from raydistill.train.build import student_record
 from raydistill.train.engine import (
     StudentEMA,
     build_engine,
+    evaluated_in_fp32,
     full_state_dict,
     load_full_weights,
     state_bytes,
@@ -132,6 +134,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
                                   rounds[0].steps * updates[name], on_cuda)
                for name, m in modules.items()}
     method.use_modules(engines)
+    method.precise = precise_evaluations(method, engines, job, ctx.rank)
     scope = GradientScope(method, engines)
     student = engines[method.student_module].module
     ema = StudentEMA(student, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
@@ -272,6 +275,22 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     shutil.rmtree(workdir, ignore_errors=True)
     if events is not None:
         events.close()
+
+
+def precise_evaluations(method: Method, engines: dict, job: TrainJob,
+                        rank: int) -> dict[str, Callable]:
+    """fp32 evaluations of the modules the method evaluates in full precision, where they train in
+    bf16. ZeRO-3 partitions a module's weights, so there it is evaluated as it trains (bf16), and
+    rank 0 says so once."""
+    if job.deepspeed.precision != "bf16" or not method.precise_modules:
+        return {}
+    if job.deepspeed.zero_stage == 3:
+        if rank == 0:
+            logging.getLogger("raydistill.train").warning(
+                "%s: evaluated in bf16 where %s evaluates it in fp32 (ZeRO-3 partitions its "
+                "weights)", ", ".join(method.precise_modules), job.method)
+        return {}
+    return {name: evaluated_in_fp32(engines[name].module) for name in method.precise_modules}
 
 
 def updates_per_step(phases: list[Phase], modules: dict[str, nn.Module],
