@@ -22,9 +22,32 @@ def test_variance_preserving_and_monotone(name):
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_t_from_logsnr_inverts_logsnr(name):
+    """Exactly on a continuous schedule; a discrete schedule's t stands for a native timestep
+    (snap), whose log-SNR maps back to that timestep's t."""
     schedule = SCHEDULES[name]
     t = torch.rand(500, dtype=torch.float64)
-    torch.testing.assert_close(schedule.t_from_logsnr(schedule.logsnr(t)), t, rtol=0, atol=1e-9)
+    torch.testing.assert_close(schedule.t_from_logsnr(schedule.logsnr(t)), schedule.snap(t),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_a_discrete_schedule_is_its_native_timesteps(kind):
+    """Every t > 0 has the noise level of the native timestep the network is fed, round(N t) - 1:
+    t below 1/N is timestep 0 (not a level between it and the clean image that the network, fed
+    timestep 0, would not see), and 3 uniform steps of 1000 are diffusers' trailing 999, 666 and
+    332 (not 665.67 and 332.33)."""
+    schedule = SCHEDULES[kind]
+    tiny = torch.tensor([1e-4, 4e-4, 1e-3], dtype=torch.float64)
+    torch.testing.assert_close(schedule.timestep(tiny), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(schedule.logsnr(tiny), schedule.logsnr_table[:1].expand(3))
+    grid = torch.tensor([1.0, 2 / 3, 1 / 3], dtype=torch.float64)
+    torch.testing.assert_close(schedule.timestep(grid),
+                               torch.tensor([999.0, 666.0, 332.0], dtype=torch.float64))
+    torch.testing.assert_close(schedule.logsnr(grid), schedule.logsnr_table[[999, 666, 332]])
+    t = torch.rand(1000, dtype=torch.float64)
+    n = schedule.timestep(t)
+    assert bool((n == n.round()).all()) and n.min() >= 0
+    torch.testing.assert_close(schedule.logsnr(t), schedule.logsnr_table[n.long()])
 
 
 def test_cosine_clipping_endpoints():

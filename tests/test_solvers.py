@@ -118,3 +118,16 @@ def test_discrete_schedules_end_on_the_clean_image(kind, sampler, spacing):
     miss = (x[:, None] - mixture.means[None]).norm(dim=2).amin(1)
     print(f"{kind} {sampler} {spacing}: median distance to the nearest point {miss.median():.2e}")
     assert torch.isfinite(x).all() and miss.median() < 1e-3
+
+
+def test_a_grid_finer_than_a_discrete_schedules_timesteps_is_refused():
+    """Log-SNR-uniform steps crowd the low-noise end, where Stable Diffusion's timesteps 0 and 1
+    are 0.7 apart in log-SNR: 64 such steps would put two on one timestep, and are refused rather
+    than taken as a zero-length step (uniform t grids land on distinct timesteps up to N steps)."""
+    schedule = DiscreteSchedule.scaled_linear()
+    assert len(time_grid(16, schedule, spacing="uniform_logsnr")) == 17
+    with pytest.raises(ValueError, match="64 steps spaced uniform_logsnr put two steps on one"):
+        time_grid(64, schedule, spacing="uniform_logsnr")
+    grid = time_grid(1000, schedule)
+    torch.testing.assert_close(schedule.timestep(grid[:-1]),
+                               torch.arange(999, -1, -1, dtype=torch.float64))

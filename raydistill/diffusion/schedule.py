@@ -34,6 +34,11 @@ class Schedule(ABC):
         logsnr = self.logsnr(t)
         return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
+    def snap(self, t: Tensor) -> Tensor:
+        """The time whose noise level t stands for: t itself on a continuous schedule, a native
+        timestep's on a discrete one (DiscreteSchedule)."""
+        return t
+
     def alpha(self, t: Tensor) -> Tensor:
         return self.alpha_sigma(t)[0]
 
@@ -69,16 +74,17 @@ class CosineSchedule(Schedule):
 
 
 class DiscreteSchedule(Schedule):
-    """The N-step DDPM schedule of a discrete teacher, made continuous on diffusers' grid.
+    """The N-step DDPM schedule of a discrete teacher, on its own timesteps.
 
-    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous t
-    maps to the fractional index n = N t - 1 (t = (n + 1) / N), the convention of diffusers'
+    Native timestep n in {0, ..., N-1} has alpha_bar_n = prod_{i<=n} (1 - beta_i). Time t stands
+    for the native timestep n(t) = round(N t) - 1 (t = (n + 1) / N), the convention of diffusers'
     "trailing" timestep spacing: t = 1 is the last timestep N - 1 (alpha_1 small but not zero),
     and `steps` uniform steps in t land on the native timesteps diffusers' DDIM visits with
-    `steps` inference steps when steps divides N (999, 749, 499, 249 for 4 of 1000). t = 0 is
-    n = -1, the clean image: alpha = 1, sigma = 0, lambda = +inf, as diffusers' DDIM ends with
-    `set_alpha_to_one`, so every sampler ends on x_hat. Between native timesteps lambda is
-    linear in n; below the first one (0 < t < 1 / N) sigma^2 falls linearly to zero.
+    `steps` inference steps (999, 749, 499, 249 for 4 of 1000; 999, 666, 332 for 3, rounded as
+    diffusers rounds). Every t > 0 is a native timestep's noise level, at least timestep 0's: the
+    network is evaluated only at the timesteps it was trained on, at exactly the noise level it
+    sees, as DMD2 draws integer timesteps. t = 0 is n = -1, the clean image: alpha = 1, sigma = 0,
+    lambda = +inf, as diffusers' DDIM ends with `set_alpha_to_one`, so every sampler ends on x_hat.
     """
 
     def __init__(self, betas: Tensor):
@@ -112,21 +118,24 @@ class DiscreteSchedule(Schedule):
         return cls((1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999))
 
     def timestep(self, t: Tensor) -> Tensor:
-        """Fractional native timestep n(t) = N t - 1, for adapters that feed the teacher (-1 at
-        t = 0, the clean image, where no network is evaluated)."""
-        return t * self.num_timesteps - 1
+        """The native timestep n(t) = round(N t) - 1 in {0, ..., N - 1} for t > 0, -1 at t = 0
+        (the clean image, where no network is evaluated); what adapters feed the teacher."""
+        n = (torch.round(t * self.num_timesteps) - 1).clamp(0, self.num_timesteps - 1)
+        return torch.where(t > 0, n, -torch.ones_like(n))
+
+    def snap(self, t: Tensor) -> Tensor:
+        return (self.timestep(t) + 1) / self.num_timesteps
 
     def logsnr(self, t: Tensor) -> Tensor:
         table = self.logsnr_table.to(device=t.device)
-        n = self.timestep(t.to(torch.float64)).clamp(-1, self.num_timesteps - 1)
-        lo = n.floor().long().clamp(0, self.num_timesteps - 2)
-        frac = n - lo
-        between = table[lo] * (1 - frac) + table[lo + 1] * frac
-        sigma2 = (n + 1) * self._sigma2_first
-        below = torch.log1p(-sigma2) - torch.log(sigma2)         # +inf at n = -1
-        return torch.where(n >= 0, between, below).to(t.dtype)
+        n = self.timestep(t.to(torch.float64)).long()
+        inf = torch.full_like(table[:1], torch.inf)
+        return torch.where(n >= 0, table[n.clamp(min=0)], inf).to(t.dtype)
 
     def t_from_logsnr(self, logsnr: Tensor) -> Tensor:
+        """t for lambda between the native timesteps' (n interpolated in the table; below
+        timestep 0's, sigma^2 falling linearly to 0 at t = 0): `logsnr` maps it to a neighbouring
+        timestep's level, and a timestep's own lambda back to it exactly."""
         # lambda is strictly decreasing in n: search the negated (increasing) table.
         table = (-self.logsnr_table).to(device=logsnr.device)
         x = (-logsnr.to(torch.float64)).clamp(max=table[-1])

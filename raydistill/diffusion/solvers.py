@@ -36,9 +36,18 @@ def time_grid(
     t_start: float = 1.0,
     t_end: float = 0.0,
 ) -> Tensor:
-    """steps + 1 decreasing times from t_start to t_end, uniform in t or in log-SNR."""
+    """steps + 1 decreasing times from t_start to t_end, uniform in t or in log-SNR, each at the
+    noise level the schedule gives it (a discrete schedule's timesteps: see Schedule.snap)."""
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    grid = schedule.snap(_grid(steps, schedule, spacing, t_start, t_end))
+    if not bool((grid.diff() < 0).all()):
+        raise ValueError(f"{steps} steps spaced {spacing} put two steps on one of the schedule's "
+                         "timesteps; use fewer steps")
+    return grid
+
+
+def _grid(steps: int, schedule: Schedule, spacing: str, t_start: float, t_end: float) -> Tensor:
     if spacing == "uniform_t":
         return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
     if spacing == "uniform_logsnr":
