@@ -609,6 +609,9 @@ class TrainJob:
     workers: TrainWorkers = field(default_factory=TrainWorkers)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint_every: int = 100      # optimizer steps between checkpoints
+    #: stop at this optimizer step (0: at the end) with a checkpoint and the student of that
+    #: step; `--resume` with a later one (or 0) continues the same run
+    until: int = 0
     max_failures: int = 2            # worker failures survived by resuming from a checkpoint
     max_nan_steps: int = 10          # updates skipped in a row (non-finite loss or gradients) to stop at
     log_every: int = 10
@@ -617,6 +620,7 @@ class TrainJob:
     def validate(self) -> None:
         for key in ("checkpoint_every", "log_every", "max_nan_steps"):
             require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.until >= 0, "until", "must be non-negative (0: train to the end)")
         require(self.max_failures >= 0, "max_failures", "must be non-negative")
         if self.deepspeed.zero_stage == 3:
             require(self.optim.ema_decay == 0.0, "optim.ema_decay",

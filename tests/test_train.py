@@ -502,6 +502,38 @@ def test_a_restored_run_continues_exactly(single_process_group, tmp_path, stage,
         train_in_process(job, plan, lambda m, d: None, run.checkpoints[4])
 
 
+def test_a_run_stopped_at_until_exports_its_student_and_continues_exactly(single_process_group,
+                                                                       tmp_path):
+    """`until: 3` stops an 8-step run after step 3 with a checkpoint holding the student of that
+    step (what a tuning trial scores at each rung); resumed from it with `until: 0`, the run logs
+    the same losses at steps 4-8 and ends with the same student as a run that never stopped (the
+    learning-rate schedule spans all 8 steps either way)."""
+    job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=8", "optim.ema_decay=0.9",
+                                    "checkpoint_every=8", "log_every=1"])
+    plan = prepare(job)
+    whole, stopped, continued = {}, {}, {}
+    ends = {}
+
+    def keep(name):
+        def report(metrics, directory):
+            ends[name] = str(tmp_path / name)
+            shutil.copytree(directory, ends[name], dirs_exist_ok=True)
+        return report
+
+    train_in_process(job, plan, keep("whole"), logged=lambda m: whole.update({m["step"]: m["loss"]}))
+    train_in_process(dataclasses.replace(job, until=3), plan, keep("stopped"),
+                     logged=lambda m: stopped.update({m["step"]: m["loss"]}))
+    assert sorted(stopped) == [1, 2, 3] and all(stopped[s] == whole[s] for s in stopped)
+    student = json.load(open(os.path.join(ends["stopped"], "student", "config.json")))
+    assert student["extra"]["train_steps"] == 3
+    train_in_process(job, plan, keep("continued"), ends["stopped"],
+                     logged=lambda m: continued.update({m["step"]: m["loss"]}))
+    assert continued == {step: whole[step] for step in range(4, 9)}
+    final = load_file(os.path.join(ends["whole"], "student", "model.safetensors"))
+    again = load_file(os.path.join(ends["continued"], "student", "model.safetensors"))
+    assert all(torch.equal(again[name], value) for name, value in final.items())
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_path, stage):
     """Saved students come from the fp32 master weights; so does their EMA (decay 1e-6 here, so it

@@ -11,7 +11,8 @@ The output directory:
     DIR/logs/               each worker's engine log (Ray, Ray Train, Ray Data, DeepSpeed INFO
                             lines and Python warnings; the terminal shows WARNING and worse)
 
-DIR/student appears only when the run has finished; until then the directory holds no student.
+DIR/student appears only when the run has finished (or stopped at `until`, with the student of
+that step); until then the directory holds no student.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ RUN_NAME, JOB_FILE, LOGS = "train", "train.yaml", "logs"
 #: run idle for 5.6 s after its last step; 1.2 s at 0.5 s); a value the user exported wins
 CONTROLLER_POLL_S = "0.5"
 # What a resumed run may change: logging, checkpoint cadence, retries and per-worker CPU use.
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps",
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "max_failures", "max_nan_steps", "until",
                      "workers.cpus", "workers.threads"}
 
 

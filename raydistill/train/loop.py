@@ -21,7 +21,8 @@ A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ran
                           once), bytes/<name> (rank 0's weights and optimizer state per module,
                           and each frozen network), ...
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
-    student/              the consolidated final student (last checkpoint only)
+    student/              the consolidated student (the run's last checkpoint only: at the end,
+                          or at `until`)
 
 A restored run continues exactly where the checkpoint was taken: the engines' states, the EMA,
 each rank's data positions, and the method's draws (seeded per step from (seed, rank, step)).
@@ -126,6 +127,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     rounds = method.rounds()
     ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
     total, on_cuda = ends[-1], ctx.device.type == "cuda"
+    stop = min(job.until, total) if job.until else total      # this run's last step
     modules, phases = method.modules(), method.phases()
     updates = updates_per_step(phases, modules, streams)
     method.micro_batch = job.optim.batch_size // (ctx.world_size * job.deepspeed.grad_accum)
@@ -181,8 +183,8 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
                     save_student(os.path.join(directory, "student"),
                                  weights[method.student_module], progress.round)
                     if method.keep_round_students:
-                        shutil.copytree(os.path.join(directory, "student"),
-                                        os.path.join(directory, "rounds", rounds[-1].name))
+                        shutil.copytree(os.path.join(directory, "student"), os.path.join(
+                            directory, "rounds", rounds[progress.round].name))
             ctx.report(metrics, directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -193,7 +195,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     student_phase = next(p.name for p in phases if p.module == method.student_module)
     skip_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
     first_step, memory = progress.step, {}
-    while progress.step < total:
+    while progress.step < stop:
         index = next(i for i, end in enumerate(ends) if progress.step < end)
         if index != progress.round:
             round_weights = final_weights()
@@ -237,8 +239,8 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
             memory = {f"bytes/{name}": state_bytes(engine) for name, engine in engines.items()}
             memory.update({f"bytes/{name}": tensor_bytes(module)
                            for name, module in method.frozen_modules().items()})
-        is_log = progress.step % job.log_every == 0 or progress.step == total
-        is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == total
+        is_log = progress.step % job.log_every == 0 or progress.step == stop
+        is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == stop
         if not (is_log or is_checkpoint):
             continue
         now = time.time()
@@ -268,9 +270,9 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
             if events is not None:
                 events.write(metrics, progress.step)
         if ctx.rank == 0 and ctx.logged is not None:
-            ctx.logged({**metrics, "total": total, "start": first_step})
+            ctx.logged({**metrics, "total": stop, "start": first_step})
         if is_checkpoint:
-            checkpoint(progress.step == total, metrics)
+            checkpoint(progress.step == stop, metrics)
     method.use_modules(engines)
     shutil.rmtree(workdir, ignore_errors=True)
     if events is not None:
