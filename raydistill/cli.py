@@ -22,6 +22,7 @@ from raydistill.config import (
     SamplerConfig,
     TeacherJob,
     TrainJob,
+    TuneJob,
     from_dict,
     load,
     read_config,
@@ -38,6 +39,7 @@ PLANNED = {
     "train": "distill a student with Ray Train + DeepSpeed ZeRO",
     "eval": "score the teacher, plain solvers and students: FID / KID, or exact distances",
     "run": "the whole pipeline: teacher -> classifier -> students -> eval -> report",
+    "tune": "search a training job's keys with Ray Tune's ASHA, each trial scored by FID",
     "verify": "recompute shard checksums and counts against the manifest",
     "submit": "run pairs, train or run on a Ray cluster as a Ray job; a job's status, logs, stop",
 }
@@ -133,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads, its key settings and whether the run would reuse it; nothing "
                         "runs and nothing is written")
     p.set_defaults(handler=cmd_run)
+    p = verbs.add_parser("tune", help=PLANNED["tune"])
+    _config_args(p, "search directory: trials/, results.md, results.json, best.yaml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped search in --out (finished trials are kept)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(handler=cmd_tune)
     p = verbs.add_parser("export", help="a student of a diffusers teacher as a diffusers UNet "
                                         "directory and DDIMScheduler config")
     p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
@@ -392,6 +400,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run: {len(outcomes)} stages done ({len(ran)} ran, {len(outcomes) - len(ran)} reused); "
           f"{os.path.join(pipeline.out, 'report.md')}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raydistill.pipeline.tune import BEST, RESULTS, tune
+    from raydistill.train.driver import TrainingFailed
+
+    job = load(TuneJob, args.config, args.overrides)
+    try:
+        results = tune(job, args.out, resume=args.resume, address=args.address, quiet=args.quiet)
+    except TrainingFailed as err:
+        print(f"raydistill tune: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    stopped = sum(t["stopped_early"] for t in results["trials"])
+    failed = sum(t["error"] is not None for t in results["trials"])
+    best = f"best {results['best']}: {os.path.join(args.out, BEST)}" if results["best"] \
+        else "no trial reached the last rung"
+    print(f"tune: {len(results['trials'])} trials ({stopped} stopped early, {failed} failed); "
+          f"{best}; {os.path.join(args.out, RESULTS)}.md")
+    return EXIT_FAILED if results["best"] is None else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

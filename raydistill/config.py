@@ -698,6 +698,9 @@ class EvalJob:
     features: FeaturesConfig | None = None                         # required for image teachers
     kid_subset_size: int = 1000
     reference_cache: str = ""        # default: DIR/reference next to the sample sets
+    #: score the students alone: no teacher or baseline rows, so no FID to the teacher's samples
+    #: (a tuning trial's score)
+    students_only: bool = False
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self) -> None:
@@ -716,6 +719,8 @@ class EvalJob:
         if self.teacher.analytic is None:
             require(self.features is not None, "features",
                     "is required for an image teacher (kind classifier or inception, and path)")
+        require(not self.students_only or bool(self.students), "students_only",
+                "needs students to score")
 
 
 @dataclass
@@ -800,6 +805,55 @@ class PipelineJob:
         """Whether the evaluation's features are the pipeline's own classifier (the default)
         rather than the given `eval.features` (e.g. Inception weights for a latent text model)."""
         return "features" not in self.eval
+
+
+#: the search domains of `raydistill tune`'s space, by name: what each takes
+DOMAINS = {"loguniform": "[low, high], low > 0", "uniform": "[low, high]",
+           "choice": "a list of values", "grid": "a list of values, each tried"}
+
+
+@dataclass
+class TuneJob:
+    """`raydistill tune`: ASHA (Ray Tune) over a training job's keys; each trial is a Ray Train run
+    of the job with its sampled values, scored at `rungs` points of its steps by the same FID as
+    the evaluation (raydistill.pipeline.tune)."""
+
+    #: the training job: a train config, or a pipeline stage's DIR/<stage>/train.yaml
+    train: str = ""
+    overrides: list[str] = field(default_factory=list)   # key=value on the job before any trial
+    #: dotted train key -> {domain: values}, a domain of DOMAINS, e.g. optim.lr: {loguniform:
+    #: [1.0e-5, 1.0e-3]}
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trials: int = 8                  # samples of the space (a grid counts once per sample)
+    rungs: int = 3                   # FID evaluations per trial, at equal shares of its steps
+    reduction_factor: int = 2        # ASHA: the best 1/reduction_factor at a rung go on
+    concurrent: int = 1              # trials at once (each needs its Ray Train workers)
+    #: EvalJob keys for each score (features and data are required for an image teacher; w
+    #: defaults to the job's one w when it distils one); teacher and students come from the trial
+    eval: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0                    # the searcher's draws
+
+    def validate(self) -> None:
+        require_file(self.train, "train")
+        require(bool(self.space), "space", "is required: the train keys to search and their "
+                                           f"domains ({', '.join(DOMAINS)})")
+        for key, domain in self.space.items():
+            require(isinstance(domain, dict) and len(domain) == 1 and next(iter(domain)) in DOMAINS,
+                    f"space.{key}", f"must be one domain of {sorted(DOMAINS)}, got {domain!r}")
+            (kind, values), = domain.items()
+            if kind in ("loguniform", "uniform"):
+                require(isinstance(values, list) and len(values) == 2
+                        and all(isinstance(v, (int, float)) for v in values)
+                        and values[0] < values[1] and (kind == "uniform" or values[0] > 0),
+                        f"space.{key}.{kind}", f"must be {DOMAINS[kind]}, got {values!r}")
+            else:
+                require(isinstance(values, list) and len(values) >= 1, f"space.{key}.{kind}",
+                        f"must be {DOMAINS[kind]}, got {values!r}")
+        for key in ("trials", "rungs", "concurrent"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.reduction_factor >= 2, "reduction_factor", "must be at least 2")
+        for key in ("teacher", "students", "students_only"):
+            require(key not in self.eval, f"eval.{key}", "is set by each trial")
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ from raydistill.config import (
     TeacherJob,
     TeacherRef,
     TrainJob,
+    TuneJob,
     from_dict,
     load,
     read_config,
@@ -35,6 +36,7 @@ from raydistill.dryrun import dry_run_job
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.pairs.pool import check_pairs_job, planned_pair_set
 from raydistill.pipeline.run import Pipeline
+from raydistill.pipeline.tune import base_job
 from raydistill.pretrain.teacher import planned_teacher
 from raydistill.train.build import check_job, check_warmup, prepare
 
@@ -73,6 +75,9 @@ KINDS = {
     "smoke/teacher_npz.yaml": "teacher",
     "tests/analytic_dmd.yaml": "train",
     "tests/analytic_guided.yaml": "train",
+    "tune/dmd.yaml": "tune",
+    "tune/dmd2.yaml": "tune",
+    "tune/kd.yaml": "tune",
 }
 #: the pairs config whose output a train config reads (the README's order of commands)
 PAIRS_FROM = {"digits/dmd.yaml": "digits/pairs_ode.yaml", "digits/kd.yaml": "digits/pairs_ode.yaml",
@@ -164,6 +169,14 @@ def test_a_teacher_job_checks_out(name, tmp_path):
 def test_a_classifier_job_checks_out(name, tmp_path):
     job = load(ClassifierJob, os.path.join(CONFIGS, name), given_data(name, tmp_path))
     assert len(load_images(job.data).train) > 0
+
+
+@pytest.mark.parametrize("name", of_kind("tune"))
+def test_a_tune_job_checks_out(name):
+    """Its train job checks out (as a train config above) and takes every value of its space."""
+    job = load(TuneJob, os.path.join(CONFIGS, name))
+    assert KINDS[os.path.relpath(job.train, CONFIGS)] == "train"
+    base_job(job)
 
 
 @pytest.mark.parametrize("name", of_kind("sd15"))

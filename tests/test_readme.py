@@ -17,6 +17,7 @@ from raydistill.config import (
     PipelineJob,
     TeacherJob,
     TrainJob,
+    TuneJob,
     load,
     read_config,
 )
@@ -24,7 +25,7 @@ from raydistill.dryrun import dry_run_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {"teacher": TeacherJob, "classifier": ClassifierJob, "pairs": PairsJob, "train": TrainJob,
-        "run": PipelineJob}
+        "run": PipelineJob, "tune": TuneJob}
 
 
 def readme_commands() -> list[str]:

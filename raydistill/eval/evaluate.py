@@ -59,9 +59,10 @@ class Row:
 def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teacher) -> list[Row]:
     """The rows of the evaluation; `load` gives a student's checkpoint (what it records decides
     how it is sampled)."""
-    rows = [Row("teacher", job.teacher, "ddim", job.teacher_steps)]
+    rows = [] if job.students_only else [Row("teacher", job.teacher, "ddim", job.teacher_steps)]
     rows += [Row(solver, job.teacher, solver, steps)
-             for solver in job.baseline_solvers for steps in job.baseline_steps]
+             for solver in job.baseline_solvers for steps in job.baseline_steps
+             if not job.students_only]
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
         model = load(ref)
@@ -155,12 +156,13 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
             scores = exact_distances(images, labels, teacher.network, seed=job.seed)
         else:
             mine = features(images)
-            if teacher_features is None:          # the first row is the teacher's
+            if teacher_features is None and not job.students_only:   # the first row: the teacher
                 teacher_features = mine
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*will save all extracted features")
                 scores = fid_kid(real, mine, kid_subset_size=job.kid_subset_size, seed=job.seed)
-                scores["fid_to_teacher"] = fid(teacher_features, mine)
+                if teacher_features is not None:
+                    scores["fid_to_teacher"] = fid(teacher_features, mine)
         model = teacher if row.model == job.teacher else load_teacher(row.model)
         result = {"name": row.name, "solver": row.solver, "steps": row.steps,
                   "nfe": network_evaluations(model, row.solver, row.steps),
@@ -183,7 +185,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
 def format_row(result: dict) -> str:
     if "fid" in result:
         score = f"FID {result['fid']:8.3f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}"
-        if result["name"] != "teacher":
+        if result["name"] != "teacher" and "fid_to_teacher" in result:
             score += f"  FID to teacher {result['fid_to_teacher']:.3f}"
     else:
         score = f"Frechet {result['frechet']:.4f}  sliced W2 {result['sliced_w2']:.4f}"

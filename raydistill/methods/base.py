@@ -162,6 +162,8 @@ class MethodSpec:
     build: Callable[[TrainJob, Checkpoint, ModelConfig, nn.Module], Method]
     #: the PairsJob keys a pair set for this job needs besides mode, teacher, data and guidance
     pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
+    #: the optimizer steps of the whole run (all rounds)
+    total_steps: Callable[[TrainJob], int] = lambda job: job.optim.steps
     #: its section of TrainJob (e.g. halving), if it has one
     section: str = ""
     #: its trainable modules' names (what `optim.modules` may name)

@@ -230,6 +230,7 @@ SPEC = MethodSpec(
     round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
     student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build,
     section="halving",
+    total_steps=lambda job: job.halving.steps_per_round * len(round_steps(job.halving)),
     record=lambda job, index: {"method": "progressive", "steps": round_steps(job.halving)[index],
                                "stochastic": job.halving.stochastic,
                                "w_min": job.guidance.w_min, "w_max": job.guidance.w_max},

@@ -1,0 +1,99 @@
+"""`raydistill tune` on local Ray: ASHA over a tiny space of the analytic guided job (two learning
+rates), each trial trained in two legs and scored after each by the evaluation (exact Frechet
+distance on the analytic teacher); the poor trial is stopped at its first rung, the results and
+the best job are written, and a search interrupted between trials continues with --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydistill.cli import main
+from raydistill.config import TrainJob, from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANALYTIC = os.path.join(ROOT, "configs", "tests", "analytic_guided.yaml")
+
+
+def tune_config(path, **changes) -> str:
+    config = {"train": ANALYTIC,
+              "overrides": ["workers.num=1", "optim.steps=40", "checkpoint_every=40",
+                            "log_every=10"],
+              "space": {"optim.lr": {"grid": [1.0e-2, 1.0e-8]}}, "trials": 1, "rungs": 2,
+              "eval": {"num_samples": 250, "samples_per_shard": 250, "teacher_steps": 8},
+              **changes}
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+@pytest.fixture
+def ray_off():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_asha_stops_the_poor_trial_and_the_best_job_is_written(tmp_path, capsys, ray_off):
+    out = tmp_path / "search"
+    assert main(["tune", "--config", tune_config(tmp_path / "tune.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.load(open(out / "results.json"))
+    trials = {t["values"]["optim.lr"]: t for t in results["trials"]}
+    good, poor = trials[1e-2], trials[1e-8]
+    assert [s["step"] for s in good["scores"]] == [20, 40] and not good["stopped_early"]
+    assert [s["step"] for s in poor["scores"]] == [20] and poor["stopped_early"]
+    assert poor["scores"][0]["score"] > good["scores"][0]["score"]
+    assert results["best"] == good["trial"]
+    assert f"tune: {poor['trial']} stopped by ASHA after rung 1" in printed
+    assert "2 trials (1 stopped early, 0 failed)" in printed
+    table = open(out / "results.md").read()
+    assert "| stopped early |" in table and "| best |" in table
+    best = from_dict(TrainJob, yaml.safe_load(open(out / "best.yaml")))
+    assert best.optim.lr == 1e-2 and best.until == 0 and best.optim.steps == 40
+    for step in (20, 40):         # each rung's score is an eval of the student of that step
+        report = json.load(open(out / "trials" / good["trial"] / f"eval-{step}" / "eval.json"))
+        assert report["rows"][0]["frechet"] == pytest.approx(good["scores"][step // 20 - 1]["score"])
+
+
+def test_a_bad_space_is_one_line_and_nothing_runs(tmp_path, capsys):
+    config = tune_config(tmp_path / "tune.yaml", space={"optim.lrr": {"choice": [1.0]}})
+    assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raydistill tune: error: space.optim.lrr: 1.0: optim.lrr: unknown key")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "search").exists()
+    config = tune_config(tmp_path / "tune.yaml", space={"optim.lr": {"loguniform": [0, 1]}})
+    assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
+    assert "space.optim.lr.loguniform: must be [low, high], low > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow          # two processes that start Ray (2-3 min); make test-all runs it
+def test_an_interrupted_search_continues_with_resume(tmp_path):
+    """Interrupted (SIGINT) once its first trial has finished, the search continues with --resume:
+    the finished trial keeps its scores and is not trained again, the other one runs."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    config, out = tune_config(tmp_path / "tune.yaml"), tmp_path / "search"
+    command = [sys.executable, "-m", "raydistill.cli", "tune", "--config", config, "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env)
+    finished = None
+    for line in first.stdout:
+        if line.startswith("tune:") and line.rstrip().endswith(" finished"):
+            finished = line.split()[1]
+            first.send_signal(signal.SIGINT)
+            break
+    first.communicate(timeout=300)
+    assert finished is not None
+    trained = os.path.getmtime(out / "trials" / finished / "eval-40" / "eval.json")
+    second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    results = json.load(open(out / "results.json"))
+    assert len(results["trials"]) == 2 and results["best"] == finished
+    assert all(t["scores"] for t in results["trials"])
+    assert os.path.getmtime(out / "trials" / finished / "eval-40" / "eval.json") == trained
