@@ -216,8 +216,8 @@ def test_a_pipeline_stages_pairs_are_derived_from_its_train_keys(tmp_path):
 
 def test_every_shipped_config_loads(monkeypatch):
     """Each YAML under configs/ is a valid job for its verb (by its name: pairs*, teacher*,
-    classifier*, pipeline*, and training jobs otherwise)."""
-    from raydistill.config import ClassifierJob, PairsJob, PipelineJob, TeacherJob
+    classifier*, pipeline*, the searches under configs/tune/, and training jobs otherwise)."""
+    from raydistill.config import ClassifierJob, PairsJob, PipelineJob, TeacherJob, TuneJob
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.chdir(root)
@@ -229,7 +229,8 @@ def test_every_shipped_config_loads(monkeypatch):
     assert "configs/smoke/dmd.yaml" in paths and "configs/digits/dmd2.yaml" in paths
     for path in paths:
         name = os.path.basename(path)
-        cls = next((c for prefix, c in verbs.items() if name.startswith(prefix)), TrainJob)
+        cls = TuneJob if path.startswith("configs/tune/") else next(
+            (c for prefix, c in verbs.items() if name.startswith(prefix)), TrainJob)
         if "npz" in name or "folder" in name or "webdataset" in name:
             continue                # they name the user's data, which the tests do not have
         load(cls, path)
