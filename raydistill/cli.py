@@ -395,7 +395,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:                         # the report states what finished, and only that
         if os.path.isdir(pipeline.out):
             write_report(pipeline.out, pipeline.stages,
-                         {o.name: o.ran for o in pipeline.outcomes})
+                         {o.name: o.ran for o in pipeline.outcomes}, job.goals)
     ran = [o.name for o in outcomes if o.ran]
     print(f"run: {len(outcomes)} stages done ({len(ran)} ran, {len(outcomes) - len(ran)} reused); "
           f"{os.path.join(pipeline.out, 'report.md')}")

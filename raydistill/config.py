@@ -691,6 +691,10 @@ class EvalJob:
         default_factory=lambda: ["ddim", "dpmpp_2m"])
     students: list[EvalStudent] = field(default_factory=list)
     w: float = 1.0
+    #: further guidance strengths at which the teacher, plain DDIM at `sweep_steps` and every
+    #: w-conditioned student distilled for them are scored too (does a guided student follow w?)
+    w_sweep: list[float] = field(default_factory=list)
+    sweep_steps: int = 16
     num_samples: int = 2000
     samples_per_shard: int = 250
     seed: int = 0
@@ -705,6 +709,9 @@ class EvalJob:
 
     def validate(self) -> None:
         require(self.teacher_steps >= 1, "teacher_steps", "must be at least 1")
+        require(self.sweep_steps >= 1, "sweep_steps", "must be at least 1")
+        require(self.w not in self.w_sweep and len(set(self.w_sweep)) == len(self.w_sweep),
+                "w_sweep", f"must not repeat w = {self.w:g} or any of its values")
         require(all(n >= 1 for n in self.baseline_steps), "baseline_steps",
                 "must all be at least 1")
         require(self.num_samples >= 2, "num_samples", "must be at least 2")
@@ -721,6 +728,29 @@ class EvalJob:
                     "is required for an image teacher (kind classifier or inception, and path)")
         require(not self.students_only or bool(self.students), "students_only",
                 "needs students to score")
+
+
+@dataclass
+class Goal:
+    """A quality goal the report states as met or not (raydistill.pipeline.report) for the
+    evaluation's rows named `row` ("*": every student's), at `steps` steps (0: each of the row's)
+    and at the evaluation's w, or at each w of its sweep (`sweep: true`)."""
+
+    row: str = ""
+    steps: int = 0
+    sweep: bool = False
+    fid_vs_teacher: float = 0.0      # FID at most this multiple of the teacher's (at the same w)
+    beats_ddim: bool = False         # FID below plain DDIM's with the fewest NFE at or above its
+    #: FID to the teacher's samples below plain DDIM's at this many steps (at the same w)
+    closer_than_ddim: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.row), "row", "is required (a row's name, or * for every student's)")
+        require(self.steps >= 0 and self.closer_than_ddim >= 0 and self.fid_vs_teacher >= 0,
+                "steps", "steps, closer_than_ddim and fid_vs_teacher must be non-negative")
+        require(bool(self.fid_vs_teacher or self.beats_ddim or self.closer_than_ddim),
+                "fid_vs_teacher", "sets no goal (give fid_vs_teacher, beats_ddim or "
+                                  "closer_than_ddim)")
 
 
 @dataclass
@@ -777,6 +807,7 @@ class PipelineJob:
     #: EvalJob keys; teacher, students and data come from the run, and features from the
     #: pipeline's classifier unless given here
     eval: dict[str, Any] = field(default_factory=dict)
+    goals: list[Goal] = field(default_factory=list)   # what the report states as met or not
 
     def validate(self) -> None:
         seen, names = {"teacher"}, {"teacher", "classifier", "eval"}
@@ -797,6 +828,10 @@ class PipelineJob:
             seen.add(stage.name)
         for key in ("teacher", "students", "data"):
             require(key not in self.eval, f"eval.{key}", "is set by the pipeline")
+        rows = {"teacher", "ddim", "dpmpp_2m", "heun", "*", *(s.name for s in self.students)}
+        for i, goal in enumerate(self.goals):
+            require(goal.row in rows, f"goals[{i}].row", f"{goal.row!r} is not a row of the "
+                                                           f"evaluation ({sorted(rows)})")
         if "features" in self.eval:                 # instead of the classifier stage's
             from_dict(FeaturesConfig, self.eval["features"], "eval.features")
 

@@ -135,3 +135,44 @@ def test_eval_scores_image_samplers_with_cached_reference_features(local_ray, cl
     assert 0 < rows["dpmpp_2m", 1]["fid_to_teacher"] and 0 < rows["ddim", 1]["fid_to_teacher"]
     cached = os.listdir(out / "eval" / "reference")
     assert len(cached) == 1 and cached[0].endswith(".pt")
+
+
+def test_the_guidance_sweep_scores_the_teacher_ddim_and_w_students_at_each_w(local_ray, tmp_path):
+    """w_sweep: at each further w, the teacher, plain DDIM at sweep_steps and every w-conditioned
+    student distilled for that w get a row (their own sample sets, drawn at that w); a student
+    outside its range and one with w built in get none."""
+    from raydistill.config import MLPConfig, ModelConfig
+    from raydistill.models import build_network, save_checkpoint
+
+    config = ModelConfig(kind="mlp", prediction="v", mlp=MLPConfig(
+        dim=4, width=32, depth=2, num_classes=3, w_embedding=True))
+    guided = build_network(config)
+    with torch.no_grad():                        # its w input starts at zero: let w matter
+        for name, p in guided.named_parameters():
+            if name.startswith(guided.W_INPUTS):
+                p.normal_(std=0.5)
+    save_checkpoint(str(tmp_path / "guided"), guided, config,
+                    extra={"method": "guided", "w_min": 0.0, "w_max": 2.0})
+    fixed = ModelConfig(kind="mlp", prediction="v", mlp=MLPConfig(dim=4, width=32, depth=2,
+                                                                  num_classes=3))
+    save_checkpoint(str(tmp_path / "kd"), build_network(fixed), fixed,
+                    extra={"method": "kd", "steps": 1, "stochastic": True, "sampler": "renoise",
+                           "w_min": 1.0, "w_max": 1.0})
+    job = tmp_path / "eval.yaml"
+    job.write_text(
+        "teacher: {analytic: {num_classes: 3, components_per_class: 2, dim: 4, seed: 1}}\n"
+        "teacher_steps: 8\nbaseline_steps: [1]\nbaseline_solvers: [ddim]\nw: 1\n"
+        "w_sweep: [0, 3]\nsweep_steps: 4\nnum_samples: 200\nsamples_per_shard: 200\n"
+        f"students: [{{name: guided, checkpoint: {tmp_path / 'guided'}, steps: [8]}},\n"
+        f"           {{name: kd, checkpoint: {tmp_path / 'kd'}}}]\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--config", str(job), "--out", str(out), "--quiet"]) == 0
+    rows = json.load(open(out / "eval.json"))["rows"]
+    assert [(r["name"], r["steps"], r["w"], r.get("sweep", False)) for r in rows] == [
+        ("teacher", 8, 1.0, False), ("ddim", 1, 1.0, False), ("guided", 8, 1.0, False),
+        ("kd", 1, 1.0, False), ("teacher", 8, 0.0, True), ("ddim", 4, 0.0, True),
+        ("guided", 8, 0.0, True), ("teacher", 8, 3.0, True), ("ddim", 4, 3.0, True)]
+    assert len({r["sample_set"] for r in rows}) == len(rows)
+    pairs = json.load(open(out / "samples" / "guided-ddim-8-w0" / "pairs.json"))
+    assert pairs["identity"]["guidance"] == {"w_min": 0.0, "w_max": 0.0}
+    assert rows[6]["frechet"] != rows[2]["frechet"]

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from raydistill.config import EvalJob, GuidanceRange, PairsJob, SolverConfig, TeacherRef
+from raydistill.config import (
+    ConfigError,
+    EvalJob,
+    GuidanceRange,
+    PairsJob,
+    SolverConfig,
+    TeacherRef,
+)
 from raydistill.data import load_images
 from raydistill.diffusion.guidance import CFG
 from raydistill.diffusion.solvers import sample
@@ -49,28 +56,49 @@ class Row:
     model: TeacherRef
     solver: str                      # ddim | heun | dpmpp_2m | stochastic | renoise
     steps: int
+    w: float
+    sweep: bool = False              # a row of the guidance sweep (EvalJob.w_sweep)
 
     @property
     def key(self) -> str:
         """The row's sample-set directory name."""
-        return f"{self.name}-{self.solver}-{self.steps}"
+        return f"{self.name}-{self.solver}-{self.steps}" + (f"-w{self.w:g}" if self.sweep else "")
 
 
 def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teacher) -> list[Row]:
     """The rows of the evaluation; `load` gives a student's checkpoint (what it records decides
-    how it is sampled)."""
-    rows = [] if job.students_only else [Row("teacher", job.teacher, "ddim", job.teacher_steps)]
-    rows += [Row(solver, job.teacher, solver, steps)
+    how it is sampled). The guidance sweep's rows follow, w by w: the teacher, plain DDIM at
+    `sweep_steps` and each w-conditioned student distilled for that w."""
+    w = job.w
+    rows = [] if job.students_only else [Row("teacher", job.teacher, "ddim", job.teacher_steps, w)]
+    rows += [Row(solver, job.teacher, solver, steps, w)
              for solver in job.baseline_solvers for steps in job.baseline_steps
              if not job.students_only]
+    sweeping = []
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
         model = load(ref)
         distilled = model.distilled_sampler
         solver = distilled.solver if distilled else "ddim"
         steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
-        rows += [Row(student.name, ref, solver, n) for n in steps]
+        rows += [Row(student.name, ref, solver, n, w) for n in steps]
+        if model.config.w_conditioned:
+            sweeping.append((student.name, ref, model, solver, steps))
+    for w in [] if job.students_only else job.w_sweep:
+        rows += [Row("teacher", job.teacher, "ddim", job.teacher_steps, w, True),
+                 Row("ddim", job.teacher, "ddim", job.sweep_steps, w, True)]
+        for name, ref, model, solver, steps in sweeping:
+            if _distilled_for(model, w):
+                rows += [Row(name, ref, solver, n, w, True) for n in steps]
     return rows
+
+
+def _distilled_for(model: Checkpoint, w: float) -> bool:
+    try:
+        model.check_guidance(w, w, "w")
+    except ConfigError:
+        return False
+    return True
 
 
 def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
@@ -97,7 +125,7 @@ def sample_job(job: EvalJob, row: Row) -> PairsJob:
     solver = "ddim" if row.solver in STOCHASTIC else row.solver
     return PairsJob(mode="ode", teacher=row.model, stochastic=row.solver in STOCHASTIC,
                     solver=SolverConfig(steps=row.steps, solver=solver),
-                    guidance=GuidanceRange(w_min=job.w, w_max=job.w),
+                    guidance=GuidanceRange(w_min=row.w, w_max=row.w),
                     num_shards=job.num_samples // job.samples_per_shard,
                     samples_per_shard=job.samples_per_shard, batch_size=job.samples_per_shard,
                     seed=job.seed, workers=job.workers)
@@ -142,7 +170,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
     features = None if analytic else load_features(job.features)
     real = None if analytic else reference_features(
         job, features, job.reference_cache or os.path.join(out, "reference"))
-    results, teacher_features = [], None
+    results, teacher_features = [], {}          # the teacher's sample features at each w
     for row in rows:
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
@@ -156,15 +184,16 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
             scores = exact_distances(images, labels, teacher.network, seed=job.seed)
         else:
             mine = features(images)
-            if teacher_features is None and not job.students_only:   # the first row: the teacher
-                teacher_features = mine
+            if row.name == "teacher":                 # each w's first row
+                teacher_features[row.w] = mine
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*will save all extracted features")
                 scores = fid_kid(real, mine, kid_subset_size=job.kid_subset_size, seed=job.seed)
-                if teacher_features is not None:
-                    scores["fid_to_teacher"] = fid(teacher_features, mine)
+                if row.w in teacher_features:
+                    scores["fid_to_teacher"] = fid(teacher_features[row.w], mine)
         model = teacher if row.model == job.teacher else load_teacher(row.model)
-        result = {"name": row.name, "solver": row.solver, "steps": row.steps,
+        result = {"name": row.name, "solver": row.solver, "steps": row.steps, "w": row.w,
+                  **({"sweep": True} if row.sweep else {}),
                   "nfe": network_evaluations(model, row.solver, row.steps),
                   "samples": len(labels), "fingerprint": model.fingerprint, **scores,
                   "sample_set": row.key, "grid": grid, "seconds": time.perf_counter() - start}
@@ -189,5 +218,6 @@ def format_row(result: dict) -> str:
             score += f"  FID to teacher {result['fid_to_teacher']:.3f}"
     else:
         score = f"Frechet {result['frechet']:.4f}  sliced W2 {result['sliced_w2']:.4f}"
-    return (f"{result['name']:>12} {result['solver']:>10} {result['steps']:>4} steps "
+    at = f" w={result['w']:g}" if result.get("sweep") else ""
+    return (f"{result['name']:>12} {result['solver']:>10} {result['steps']:>4} steps{at} "
             f"{result['nfe']:>4} NFE  {score}")

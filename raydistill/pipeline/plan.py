@@ -130,12 +130,13 @@ class Planner:
                 check_pairs_job(sample_job(job, row), self.model(row.model))
             except ConfigError as err:
                 raise ConfigError("eval", f"row {row.key}: {err}") from None
-        teacher_rows = sum(row.model == job.teacher for row in rows)
+        baselines = sum(row.model == job.teacher and not row.sweep for row in rows) - 1
         features = f"{job.features.kind} features" if job.features is not None else \
             "exact distances"
-        return f"the teacher, {teacher_rows - 1} baselines and the students of " \
-               f"{len(job.students)} stages: {job.num_samples} samples a row at w = {job.w:g}, " \
-               f"{features}"
+        sweep = f"; a guidance sweep at w = {', '.join(f'{w:g}' for w in job.w_sweep)}" \
+            if job.w_sweep else ""
+        return f"the teacher, {baselines} baselines and the students of {len(job.students)} " \
+               f"stages: {job.num_samples} samples a row at w = {job.w:g}, {features}{sweep}"
 
 
 def _ref_key(ref: TeacherRef) -> str:
