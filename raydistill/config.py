@@ -34,6 +34,10 @@ class ConfigError(ValueError):
     def under(self, prefix: str) -> ConfigError:
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
 
+    def __reduce__(self):
+        """Copied and pickled with its key and message (Ray copies a worker's exceptions)."""
+        return ConfigError, (self.key, self.message)
+
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0

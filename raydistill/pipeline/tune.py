@@ -135,9 +135,9 @@ def base_job(job: TuneJob) -> TrainJob:
     return base
 
 
-def check(job: TuneJob, base: TrainJob) -> None:
+def check(job: TuneJob, base: TrainJob) -> EvalJob:
     """The base job against its teacher and data, and the scoring of its students, checked
-    before any trial starts."""
+    before any trial starts; returns the scoring (its paths absolute)."""
     plan = prepare(base)
     student = os.path.join(tempfile.gettempdir(), "raydistill-tune-check", "student")
     with planned_outputs([student]):
@@ -145,6 +145,7 @@ def check(job: TuneJob, base: TrainJob) -> None:
     planned = planned_checkpoint(plan.student_config, student_record(base, plan.teacher, -1),
                                  "planned:trial")
     plan_rows(scoring, load=lambda ref: planned)
+    return scoring
 
 
 def tune(job: TuneJob, out: str, *, resume: bool = False, address: str | None = None,
@@ -159,7 +160,9 @@ def tune(job: TuneJob, out: str, *, resume: bool = False, address: str | None = 
                                "choose a new --out")
     base = base_job(job)
     ensure_teacher(base, progress=not quiet)
-    check(job, base)
+    scoring = check(job, base)
+    # the trials run in other working directories: the eval's paths as checked (absolute)
+    job = dataclasses.replace(job, eval={key: to_dict(scoring)[key] for key in job.eval})
     workers = base.workers
     init_ray(address, num_cpus=max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 2),
              dashboard=True)
