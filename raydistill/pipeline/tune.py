@@ -161,8 +161,9 @@ def tune(job: TuneJob, out: str, *, resume: bool = False, address: str | None = 
     base = base_job(job)
     ensure_teacher(base, progress=not quiet)
     scoring = check(job, base)
-    # the trials run in other working directories: the eval's paths as checked (absolute)
-    job = dataclasses.replace(job, eval={key: to_dict(scoring)[key] for key in job.eval})
+    # the trials run in other working directories: the paths as checked here, absolute
+    job = dataclasses.replace(job, train=os.path.abspath(job.train),
+                              eval={key: to_dict(scoring)[key] for key in job.eval})
     workers = base.workers
     init_ray(address, num_cpus=max(os.cpu_count() or 1, int(workers.num * workers.cpus) + 2),
              dashboard=True)
