@@ -1,7 +1,8 @@
-"""`raydistill tune` on local Ray: ASHA over a tiny space of the analytic guided job (two learning
-rates), each trial trained in two legs and scored after each by the evaluation (exact Frechet
-distance on the analytic teacher); the poor trial is stopped at its first rung, the results and
-the best job are written, and a search interrupted between trials continues with --resume."""
+"""`raydistill tune` on local Ray: ASHA over a tiny space of a KD job on the analytic teacher's
+ODE pairs (two learning rates), each trial trained in two legs (its pairs read by Ray tasks from
+inside the Tune trial) and scored after each by the evaluation (exact Frechet distance on the
+analytic teacher); the poor trial is stopped at its first rung, the results and the best job are
+written, and a search interrupted between trials continues with --resume."""
 
 import json
 import os
@@ -16,13 +17,35 @@ from raydistill.cli import main
 from raydistill.config import TrainJob, from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANALYTIC = os.path.join(ROOT, "configs", "tests", "analytic_guided.yaml")
+TEACHER = {"analytic": {"num_classes": 4, "components_per_class": 2, "dim": 16,
+                        "shape": [1, 4, 4], "seed": 0}}
 
 
-def tune_config(path, **changes) -> str:
-    config = {"train": ANALYTIC,
-              "overrides": ["workers.num=1", "optim.steps=40", "checkpoint_every=40",
-                            "log_every=10"],
+@pytest.fixture(scope="module")
+def kd_job(tmp_path_factory):
+    """KD of the analytic teacher (configs/smoke/pairs.yaml's) on 4 shards of its ODE pairs."""
+    root = tmp_path_factory.mktemp("kd")
+    assert main(["pairs", "--config", os.path.join(ROOT, "configs", "smoke", "pairs.yaml"),
+                 "--out", str(root / "pairs"), "--quiet", "guidance.w_min=1.0",
+                 "guidance.w_max=1.0", "solver.steps=8"]) == 0
+    import ray
+
+    ray.shutdown()
+    job = {"method": "kd", "teacher": TEACHER, "pairs": str(root / "pairs"),
+           "student": {"kind": "mlp", "prediction": "v",
+                       "mlp": {"dim": 16, "shape": [1, 4, 4], "width": 64, "depth": 2,
+                               "num_classes": 4}},
+           "guidance": {"w_min": 1.0, "w_max": 1.0},
+           "optim": {"steps": 40, "batch_size": 64, "lr": 1.0e-3, "warmup_steps": 2,
+                     "ema_decay": 0.0},
+           "workers": {"num": 1}, "checkpoint_every": 40, "log_every": 10}
+    with open(root / "kd.yaml", "w") as f:
+        yaml.safe_dump(job, f)
+    return str(root / "kd.yaml")
+
+
+def tune_config(path, train, **changes) -> str:
+    config = {"train": train,
               "space": {"optim.lr": {"grid": [1.0e-2, 1.0e-8]}}, "trials": 1, "rungs": 2,
               "eval": {"num_samples": 250, "samples_per_shard": 250, "teacher_steps": 8},
               **changes}
@@ -39,9 +62,10 @@ def ray_off():
     ray.shutdown()
 
 
-def test_asha_stops_the_poor_trial_and_the_best_job_is_written(tmp_path, capsys, ray_off):
+def test_asha_stops_the_poor_trial_and_the_best_job_is_written(kd_job, tmp_path, capsys, ray_off):
     out = tmp_path / "search"
-    assert main(["tune", "--config", tune_config(tmp_path / "tune.yaml"), "--out", str(out)]) == 0
+    assert main(["tune", "--config", tune_config(tmp_path / "tune.yaml", kd_job),
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     results = json.load(open(out / "results.json"))
     trials = {t["values"]["optim.lr"]: t for t in results["trials"]}
@@ -56,28 +80,30 @@ def test_asha_stops_the_poor_trial_and_the_best_job_is_written(tmp_path, capsys,
     assert "| stopped early |" in table and "| best |" in table
     best = from_dict(TrainJob, yaml.safe_load(open(out / "best.yaml")))
     assert best.optim.lr == 1e-2 and best.until == 0 and best.optim.steps == 40
+    assert best.method == "kd" and best.pairs == kd_job.replace("kd.yaml", "pairs")
     for step in (20, 40):         # each rung's score is an eval of the student of that step
         report = json.load(open(out / "trials" / good["trial"] / f"eval-{step}" / "eval.json"))
         assert report["rows"][0]["frechet"] == pytest.approx(good["scores"][step // 20 - 1]["score"])
 
 
-def test_a_bad_space_is_one_line_and_nothing_runs(tmp_path, capsys):
-    config = tune_config(tmp_path / "tune.yaml", space={"optim.lrr": {"choice": [1.0]}})
+def test_a_bad_space_is_one_line_and_nothing_runs(kd_job, tmp_path, capsys):
+    config = tune_config(tmp_path / "tune.yaml", kd_job, space={"optim.lrr": {"choice": [1.0]}})
     assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raydistill tune: error: space.optim.lrr: 1.0: optim.lrr: unknown key")
     assert len(err.splitlines()) == 1 and not (tmp_path / "search").exists()
-    config = tune_config(tmp_path / "tune.yaml", space={"optim.lr": {"loguniform": [0, 1]}})
+    config = tune_config(tmp_path / "tune.yaml", kd_job,
+                         space={"optim.lr": {"loguniform": [0, 1]}})
     assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
     assert "space.optim.lr.loguniform: must be [low, high], low > 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow          # two processes that start Ray (2-3 min); make test-all runs it
-def test_an_interrupted_search_continues_with_resume(tmp_path):
+def test_an_interrupted_search_continues_with_resume(kd_job, tmp_path):
     """Interrupted (SIGINT) once its first trial has finished, the search continues with --resume:
     the finished trial keeps its scores and is not trained again, the other one runs."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    config, out = tune_config(tmp_path / "tune.yaml"), tmp_path / "search"
+    config, out = tune_config(tmp_path / "tune.yaml", kd_job), tmp_path / "search"
     command = [sys.executable, "-m", "raydistill.cli", "tune", "--config", config, "--out", str(out)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env=env)

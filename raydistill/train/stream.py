@@ -165,8 +165,13 @@ class Reads:
     def __init__(self, source: Source, columns: list[str], units: Iterator[tuple[int, Unit]],
                  ahead: int):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._task = ray.remote(num_cpus=1)(read_block)
+        # On a CPU of the cluster's, never in the placement group of the worker that asks: a
+        # worker's bundle holds the worker, and one that captures its children (a Ray Train run
+        # inside a Ray Tune trial) would leave the reads nowhere to run.
+        self._task = ray.remote(num_cpus=1)(read_block).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
         self._source, self._columns = ray.put(source), columns
         self._units, self._ahead, self._flight = units, ahead, deque()
 
