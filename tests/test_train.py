@@ -431,6 +431,19 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     assert differs, "the saved student should be the EMA, not the raw weights"
 
 
+def saved_student(job: TrainJob, plan, setup) -> dict:
+    """Train a worker set up in-process to the end; the weights of the student it saves."""
+    saved = {}
+
+    def report(metrics, directory):
+        if directory:
+            saved.update(load_file(os.path.join(directory, "student", "model.safetensors")))
+
+    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
+               plan.student_config, setup.teacher)
+    return saved
+
+
 def test_the_saved_student_leaves_its_starting_weights(single_process_group):
     """The EMA starts at the weights the student starts from (a teacher's, in most methods) and is
     warmed up (decay min(0.999, (1 + k) / (10 + k)) at update k), so after 40 steps the saved
@@ -441,14 +454,7 @@ def test_the_saved_student_leaves_its_starting_weights(single_process_group):
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
     start = {name: value.clone() for name, value in setup.method.student.state_dict().items()}
-    saved = {}
-
-    def report(metrics, directory):
-        if directory:
-            saved.update(load_file(os.path.join(directory, "student", "model.safetensors")))
-
-    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
-               plan.student_config, setup.teacher)
+    saved = saved_student(job, plan, setup)
     raw = setup.method.student.module.state_dict()
 
     def distance(a, b):
@@ -543,14 +549,7 @@ def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_pa
                                     "deepspeed.precision=bf16"])
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
-    final = {}
-
-    def report(metrics, directory):
-        if directory:
-            final.update(load_file(os.path.join(directory, "student", "model.safetensors")))
-
-    run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
-               plan.student_config, setup.teacher)
+    final = saved_student(job, plan, setup)
     rounding = 0.0
     for name, param in setup.method.student.module.named_parameters():
         master = fp32_master(param).detach().float().reshape(param.shape)
