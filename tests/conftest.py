@@ -1,4 +1,5 @@
 import os
+import re
 
 # Ray Data re-requests cluster resources for a running dataset at most every 10 s by default; tests
 # that add a node mid-run would otherwise need minute-long runs. Must be set before Ray Data loads.
@@ -70,3 +71,18 @@ def single_process_group(tmp_path, monkeypatch):
     import deepspeed.comm
 
     deepspeed.comm.destroy_process_group()      # also drops DeepSpeed's cached group references
+
+
+# A line a Ray worker or Ray's own processes logged, which the driver forwards to its stderr
+# whenever it arrives: "(pid=gcs_server) ...", "(RayTrainWorker pid=12) ...", maybe coloured.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((\S+ )?pid=")
+
+
+@pytest.fixture
+def cli_stderr(capsys):
+    """What a command printed to stderr, without the lines a Ray instance an earlier test started
+    forwards there at any moment: the command's own lines, stripped."""
+    def read() -> str:
+        lines = capsys.readouterr().err.strip().splitlines()
+        return "\n".join(line for line in lines if not _RAY_FORWARDED.match(line))
+    return read

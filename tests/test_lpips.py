@@ -89,7 +89,7 @@ def test_kd_descends_lpips_onto_its_pairs(lpips_file):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_lpips_is_only_read_from_a_usable_local_file(tmp_path, capsys, lpips_file):
+def test_lpips_is_only_read_from_a_usable_local_file(tmp_path, cli_stderr, lpips_file):
     """One line naming `lpips` (or `distance`) and exit 2, before any worker starts."""
     config = ModelConfig(unet=UNetConfig(base_channels=8, attention_resolutions=[]))
     teacher = str(tmp_path / "teacher")
@@ -106,11 +106,11 @@ def test_lpips_is_only_read_from_a_usable_local_file(tmp_path, capsys, lpips_fil
                                                   "module"),
             ([f"lpips={lpips_file}"], "lpips: is given but distance is mse")]:
         assert main([*base, *overrides]) == 2
-        err = capsys.readouterr().err.strip()
+        err = cli_stderr()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
     assert main(["train", "--config", f"{ROOT}/configs/tests/analytic_dmd.yaml", "--out",
                  str(tmp_path / "run"), "distance=lpips", f"lpips={lpips_file}",
                  "dmd.regression_weight=0.25", f"pairs={tmp_path}"]) == 2
     assert "distance: lpips compares images; the teacher's samples have shape [2]" in \
-        capsys.readouterr().err
+        cli_stderr()

@@ -147,13 +147,13 @@ def test_check_prints_the_plan_and_what_the_run_would_reuse(smoke_pipeline, caps
     ("eval.w=2", "stage eval [10/10]: eval: row kd-renoise-1: guidance: the model is a distilled "
                  "student with guidance w=1 built in"),
 ])
-def test_a_bad_stage_fails_before_the_first_stage_runs(tmp_path, capsys, override, message):
+def test_a_bad_stage_fails_before_the_first_stage_runs(tmp_path, cli_stderr, override, message):
     """A pipeline checks every stage's job, against what the earlier stages will write, before
     its first stage runs: an error in the last stages names the stage and the key, exits 2, and
     leaves nothing behind."""
     out = tmp_path / "run"
     assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", override]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert err.startswith(f"raydistill run: error: {message}") and len(err.splitlines()) == 1
     assert not out.exists()
 

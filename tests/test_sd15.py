@@ -103,17 +103,17 @@ def test_a_dry_run_shrinks_the_teachers_own_family_when_its_directory_is_here(tm
     assert teacher.autoencoder_path == "" and written["channels"] == 1
 
 
-def test_a_dry_run_needs_a_diffusers_teacher_and_a_new_out(tmp_path, capsys):
+def test_a_dry_run_needs_a_diffusers_teacher_and_a_new_out(tmp_path, cli_stderr):
     digits = os.path.join(ROOT, "configs", "digits", "dmd2.yaml")
     assert main(["train", "--config", digits, "--out", str(tmp_path / "a"), "--dry-run"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert err.endswith("teacher.diffusers: --dry-run swaps a diffusers teacher for a tiny one "
                         "of its family; this job has none") and len(err.splitlines()) == 1
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").touch()
     assert main(["train", "--config", CONFIGS["dmd"], "--out", str(tmp_path / "b"),
                  "--dry-run"]) == 2
-    assert "is not empty; a dry run needs a new --out" in capsys.readouterr().err
+    assert "is not empty; a dry run needs a new --out" in cli_stderr()
     with pytest.raises(Exception, match="^student: --dry-run builds its own tiny teacher"):
         dry_run_job({"teacher": {"diffusers": {"path": "/x"}}, "student": {"kind": "unet"}},
                     str(tmp_path / "c"))

@@ -337,10 +337,10 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
      "optim.steps = 12 steps (2 a step)"),
     (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
 ])
-def test_bad_train_config_is_one_line_before_workers_start(capsys, tmp_path, config, overrides,
+def test_bad_train_config_is_one_line_before_workers_start(cli_stderr, tmp_path, config, overrides,
                                                            message):
     assert main(["train", "--config", config, "--out", str(tmp_path / "run"), *overrides]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
 

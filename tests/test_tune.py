@@ -86,16 +86,16 @@ def test_asha_stops_the_poor_trial_and_the_best_job_is_written(kd_job, tmp_path,
         assert report["rows"][0]["frechet"] == pytest.approx(good["scores"][step // 20 - 1]["score"])
 
 
-def test_a_bad_space_is_one_line_and_nothing_runs(kd_job, tmp_path, capsys):
+def test_a_bad_space_is_one_line_and_nothing_runs(kd_job, tmp_path, cli_stderr):
     config = tune_config(tmp_path / "tune.yaml", kd_job, space={"optim.lrr": {"choice": [1.0]}})
     assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert err.startswith("raydistill tune: error: space.optim.lrr: 1.0: optim.lrr: unknown key")
     assert len(err.splitlines()) == 1 and not (tmp_path / "search").exists()
     config = tune_config(tmp_path / "tune.yaml", kd_job,
                          space={"optim.lr": {"loguniform": [0, 1]}})
     assert main(["tune", "--config", config, "--out", str(tmp_path / "search")]) == 2
-    assert "space.optim.lr.loguniform: must be [low, high], low > 0" in capsys.readouterr().err
+    assert "space.optim.lr.loguniform: must be [low, high], low > 0" in cli_stderr()
 
 
 @pytest.mark.slow          # two processes that start Ray (2-3 min); make test-all runs it
