@@ -604,7 +604,7 @@ class TrainJob:
     dmd: DMDConfig = field(default_factory=DMDConfig)
     #: kd's loss and dmd's regression loss on ODE pairs: mean squared error, the pseudo-Huber
     #: sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023), or LPIPS
-    #: from the TorchScript module at `lpips` (raydistill.methods.kd; never downloaded)
+    #: from the TorchScript module at `lpips` (raydistill.methods.generator; never downloaded)
     distance: Literal["mse", "pseudo_huber", "lpips"] = "mse"
     lpips: str = ""                  # a local TorchScript LPIPS file, for distance: lpips
     #: guided and progressive students' x-space loss weighting (dmd's fake score: dmd.fake_weighting)

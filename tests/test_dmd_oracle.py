@@ -19,7 +19,8 @@ from raydistill.diffusion import CFG, CosineSchedule, renoise_sample, renoise_st
 from raydistill.eval.distances import exact_distances
 from raydistill.methods.base import PAIRS, regression_loss
 from raydistill.methods.dmd import DistributionMatching, FakeScore, dm_gradient
-from raydistill.methods.kd import KnowledgeDistillation, distance, make_distance
+from raydistill.methods.generator import distance, make_distance
+from raydistill.methods.kd import KnowledgeDistillation
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
 from raydistill.models.checkpoint import as_denoiser
 from raydistill.pretrain.teacher import ema_update

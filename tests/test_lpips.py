@@ -12,7 +12,8 @@ from raydistill.cli import main
 from raydistill.config import ModelConfig, UNetConfig
 from raydistill.diffusion import CosineSchedule
 from raydistill.methods.base import PAIRS, Phase
-from raydistill.methods.kd import KnowledgeDistillation, lpips_distance, make_distance
+from raydistill.methods.generator import lpips_distance, make_distance
+from raydistill.methods.kd import KnowledgeDistillation
 from raydistill.models import build_network, save_checkpoint
 
 STEPS = 24

@@ -1,7 +1,7 @@
 """Distribution matching distillation: DMD (Yin et al., CVPR 2024, Alg. 1) and the DMD2 options
 (Yin et al., NeurIPS 2024: no regression loss, two time-scale updates, a GAN head).
 
-Notation: the generator G(z, c) = x_hat_G(z, t = 1, c) (raydistill.methods.kd.one_step),
+Notation: the generator G(z, c) = x_hat_G(z, t = 1, c) (raydistill.methods.generator.one_step),
 initialised from the teacher; z ~ N(0, I), c uniform over the classes; x_hat_real the frozen
 teacher under classifier-free guidance at the job's fixed w, or a w-conditioned teacher (Meng et
 al.'s stage 1) fed that w (real score s_real = (alpha_t x_hat_real - z_t) / sigma_t^2); x_hat_fake
@@ -65,7 +65,7 @@ from raydistill.methods.base import (
     output_loss,
     require_balanced_weighting,
 )
-from raydistill.methods.kd import (
+from raydistill.methods.generator import (
     Distance,
     check_generator_job,
     check_ode_pairs,
