@@ -645,6 +645,11 @@ class TrainJob:
         else:
             require(not self.lpips, "lpips", f"is given but distance is {self.distance}")
 
+    def micro_batch(self, world_size: int) -> int:
+        """Samples in each of a worker's deepspeed.grad_accum micro-batches of a step, when
+        `world_size` workers share optim.batch_size."""
+        return self.optim.batch_size // (world_size * self.deepspeed.grad_accum)
+
 
 @dataclass
 class FeaturesConfig:

@@ -311,7 +311,7 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
     torch.set_flush_denormal(True)
     teacher = load_teacher(job.teacher)
     method = build_method(job, teacher, student_config, device)
-    micro = job.optim.batch_size // (world * job.deepspeed.grad_accum)
+    micro = job.micro_batch(world)
     names = sorted({name for phase in method.phases() for name in phase.reads})
     if DATA in names and teacher.autoencoder is not None:   # encodes real images to latents
         teacher.autoencoder.to(device)

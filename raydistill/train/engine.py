@@ -26,7 +26,7 @@ def deepspeed_config(job: TrainJob, world_size: int,
     """The DeepSpeed config for an engine whose module trains with `optim` (default: the job's);
     `deepspeed.extra` is merged in last, key by key."""
     ds, optim = job.deepspeed, optim or job.optim
-    micro = job.optim.batch_size // (world_size * ds.grad_accum)
+    micro = job.micro_batch(world_size)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": ds.grad_accum,

@@ -130,7 +130,7 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     stop = min(job.until, total) if job.until else total      # this run's last step
     modules, phases = method.modules(), method.phases()
     updates = updates_per_step(phases, modules, streams)
-    method.micro_batch = job.optim.batch_size // (ctx.world_size * job.deepspeed.grad_accum)
+    method.micro_batch = job.micro_batch(ctx.world_size)
     round_weights: dict[str, dict[str, Tensor]] = {}      # set at each round boundary
     engines = {name: build_engine(m, job, job.optim.for_module(name), ctx.world_size,
                                   rounds[0].steps * updates[name], on_cuda)
