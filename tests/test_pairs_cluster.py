@@ -15,7 +15,7 @@ from raydistill.pairs.manifest import Manifest
 from raydistill.pairs.pool import generate_pairs
 from raydistill.storage import Location
 
-SHARDS = 24
+SHARDS = 48
 
 
 @pytest.fixture
