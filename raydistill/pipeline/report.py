@@ -17,11 +17,11 @@ import sys
 from typing import Any
 
 from raydistill.config import Goal
+from raydistill.diffusion.solvers import SOLVERS  # a baseline row is named by its solver
 from raydistill.events import DIRECTORY as EVENTS
 from raydistill.events import write_evaluation
 from raydistill.pipeline.lineage import read_record
 
-BASELINES = ("ddim", "dpmpp_2m", "heun")       # the rows of plain solvers on the teacher
 PLOT = "fid_vs_nfe.png"
 #: what the report takes from a stage's lineage record (raydistill.pipeline.run says which
 #: stages record which): wall time, the training loop's start-up and consolidation time outside
@@ -42,7 +42,7 @@ def goals(rows: list[dict], wanted: list[Goal]) -> list[dict]:
             ddim = sorted((r for r in at_w if r["name"] == "ddim"), key=lambda r: r["nfe"])
             for row in at_w:
                 named = row["name"] == goal.row or (goal.row == "*" and row["name"] not in
-                                                    ("teacher", *BASELINES))
+                                                    ("teacher", *SOLVERS))
                 if not named or (goal.steps and row["steps"] != goal.steps):
                     continue
                 where = {"row": row["name"], "steps": row["steps"], "w": row["w"]}
