@@ -3,7 +3,7 @@
 Everything DeepSpeed-specific but checkpoint files lives here: the generated config, the CPU
 start-up patch, the optimizer that skips non-finite gradients where DeepSpeed does not, reading
 and setting full weights (from ZeRO-3 partitions and the optimizers' fp32 master copies), and the
-student's EMA of those master copies (`loop.py` saves and loads each engine's checkpoint).
+student's EMA of those master copies (`checkpointer.py` saves and loads each engine's checkpoint).
 """
 
 from __future__ import annotations

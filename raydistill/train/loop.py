@@ -1,28 +1,9 @@
 """The loop each training worker runs. It knows engines, rounds, checkpoints and metrics, never the
 method's math: it asks the method for its modules, phases, rounds and `loss(batch, phase)`.
-
-A checkpoint directory (every `checkpoint_every` steps; Ray Train merges the ranks' files):
-
-    engines/<module>/     DeepSpeed checkpoint per engine (every rank writes its partition)
-    state.json            step, round, skipped micro-batches and updates, resumes, method
-    streams/rank-<r>.json rank r's data positions (epoch, rows consumed in it), by stream name
-    round_weights.safetensors   from the second round on, the weights it started from (progressive:
-                          the round's frozen teacher), so a resumed run rebuilds the same round
-    ema.safetensors       the student's EMA, when optim.ema_decay > 0
-    train_log.jsonl       one JSON line per logged step: step, round, loss (the mean finite loss
-                          of the window's micro-batches of the student's phase, all ranks) and,
-                          for a method with several phases or values, <phase>/<value> (e.g.
-                          generator/loss_dm, fake_score/loss), nan_skipped (micro-batches whose
-                          loss was not finite, so far), grad_skipped (updates skipped),
-                          samples/s, lr (the student's; <module>/lr for the others), data_wait
-                          (the fraction of the window rank 0 spent waiting for data: near 0
-                          unless input-bound), teacher_evaluations (samples the frozen teacher
-                          evaluated so far, all ranks; a resumed run counts the path it replays
-                          once), bytes/<name> (rank 0's weights and optimizer state per module,
-                          and each frozen network), ...
-    rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
-    student/              the consolidated student (the run's last checkpoint only: at the end,
-                          or at `until`)
+`Trainer` hands the work to its parts: the engines (raydistill.train.engine), a `RoundSchedule`,
+a `Checkpointer` (raydistill.train.checkpointer: what a checkpoint holds, save, restore, the
+student's export) and a `MetricsSink` (raydistill.train.metrics: the loss window, the run's log,
+TensorBoard, the progress bar); `Trainer.train_step` is one step of the algorithm.
 
 A restored run continues exactly where the checkpoint was taken: the engines' states, the EMA,
 each rank's data positions, and the method's draws (seeded per step from (seed, rank, step)).
@@ -46,42 +27,24 @@ case. `max_nan_steps` skipped updates in a row stop the run with an error naming
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-import math
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
 from raydistill.config import ModelConfig, TrainJob
-from raydistill.events import EventWriter
 from raydistill.methods import Method, Phase
-from raydistill.models.checkpoint import Checkpoint, build_network, save_checkpoint
+from raydistill.methods.base import Round
+from raydistill.models.checkpoint import Checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
-from raydistill.train.build import student_record
-from raydistill.train.engine import (
-    StudentEMA,
-    build_engine,
-    evaluated_in_fp32,
-    full_state_dict,
-    load_full_weights,
-    state_bytes,
-    tensor_bytes,
-)
+from raydistill.train.checkpointer import Checkpointer, Progress
+from raydistill.train.engine import StudentEMA, build_engine, evaluated_in_fp32, load_full_weights
 from raydistill.train.errors import FatalTrainingError
-from raydistill.train.stream import Position, Stream
-
-STATE, ROUND_WEIGHTS, EMA_FILE, LOG = "state.json", "round_weights.safetensors", "ema.safetensors", \
-    "train_log.jsonl"
-STREAMS = "streams"
+from raydistill.train.metrics import MetricsSink
+from raydistill.train.stream import Stream
 
 
 class NonFiniteLoss(FatalTrainingError):
@@ -109,14 +72,27 @@ class WorkerContext:
 
 
 @dataclass
-class Progress:
-    step: int = 0                    # optimizer steps done
-    round: int = 0
-    nan_skipped: int = 0             # micro-batches skipped for a non-finite loss
-    grad_skipped: int = 0            # updates skipped for non-finite gradients
-    resumes: int = 0                 # times the run restarted from a checkpoint
-    method: str = ""
-    teacher_evaluations: int = 0     # samples the frozen teacher evaluated, over all ranks
+class RoundSchedule:
+    """The method's rounds laid end to end in steps, and the step this run stops at (`until`,
+    or the end of the last round)."""
+
+    rounds: list[Round]
+    stop: int
+
+    @classmethod
+    def of(cls, method: Method, until: int | None) -> RoundSchedule:
+        rounds = method.rounds()
+        total = sum(r.steps for r in rounds)
+        return cls(rounds, min(until, total) if until else total)
+
+    def index_at(self, step: int) -> int:
+        """The round step `step` (counted from 0) belongs to."""
+        ends = itertools.accumulate(r.steps for r in self.rounds)
+        return next(i for i, end in enumerate(ends) if step < end)
+
+    def start(self, index: int) -> int:
+        """The first step of round `index`."""
+        return sum(r.steps for r in self.rounds[:index])
 
 
 def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: WorkerContext,
@@ -124,159 +100,134 @@ def run_worker(job: TrainJob, method: Method, streams: dict[str, Stream], ctx: W
     """Train `method` to the end of its rounds, reading `streams` by name, checkpointing and
     reporting through `ctx`. Each student saved records `teacher`'s fingerprint (and what it is
     sampled with: a text teacher's prompt table, a latent teacher's autoencoder)."""
-    rounds = method.rounds()
-    ends = [sum(r.steps for r in rounds[:i + 1]) for i in range(len(rounds))]
-    total, on_cuda = ends[-1], ctx.device.type == "cuda"
-    stop = min(job.until, total) if job.until else total      # this run's last step
-    modules, phases = method.modules(), method.phases()
-    updates = updates_per_step(phases, modules, streams)
-    method.micro_batch = job.micro_batch(ctx.world_size)
-    round_weights: dict[str, dict[str, Tensor]] = {}      # set at each round boundary
-    engines = {name: build_engine(m, job, job.optim.for_module(name), ctx.world_size,
-                                  rounds[0].steps * updates[name], on_cuda)
-               for name, m in modules.items()}
-    method.use_modules(engines)
-    method.precise = precise_evaluations(method, engines, job, ctx.rank)
-    scope = GradientScope(method, engines)
-    student = engines[method.student_module].module
-    ema = StudentEMA(student, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
-    progress = Progress(method=job.method)
-    workdir = tempfile.mkdtemp(prefix="raydistill-train-")
-    if ctx.restored:
-        progress, round_weights = _restore(ctx.restored, engines, ema, streams, ctx.rank, workdir)
-        progress.resumes += 1
-    method.start_round(progress.round, round_weights)
-    events = EventWriter(ctx.events, purge_step=progress.step if ctx.restored else None) \
-        if ctx.rank == 0 and ctx.events else None
+    Trainer(job, method, streams, ctx, student_config, teacher).run()
 
-    def final_weights() -> dict[str, dict[str, Tensor]]:
-        weights = {name: full_state_dict(e.module) for name, e in engines.items()}
-        if ema is not None:
-            weights[method.student_module] = ema.state_dict()
-        return weights
 
-    def save_student(directory: str, weights: dict[str, Tensor], index: int) -> None:
-        network = build_network(student_config)
-        network.load_state_dict(weights)
-        extra = {**student_record(job, teacher, index), "train_steps": progress.step}
-        save_checkpoint(directory, network, student_config, extra=extra)
+class Trainer:
+    """One worker's training run, built from its parts (see the module docstring)."""
 
-    def checkpoint(final: bool, metrics: dict) -> None:
-        directory = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+    def __init__(self, job: TrainJob, method: Method, streams: dict[str, Stream],
+                 ctx: WorkerContext, student_config: ModelConfig, teacher: Checkpoint):
+        self.job, self.method, self.streams, self.ctx = job, method, streams, ctx
+        self.schedule = RoundSchedule.of(method, job.until)
+        self.phases = method.phases()
+        updates = updates_per_step(self.phases, method.modules(), streams)
+        method.micro_batch = job.micro_batch(ctx.world_size)
+        first_round = self.schedule.rounds[0].steps
+        self.engines = {name: build_engine(module, job, job.optim.for_module(name),
+                                           ctx.world_size, first_round * updates[name],
+                                           ctx.device.type == "cuda")
+                        for name, module in method.modules().items()}
+        method.use_modules(self.engines)
+        method.precise = precise_evaluations(method, self.engines, job, ctx.rank)
+        self.scope = GradientScope(method, self.engines)
+        self.student = method.student_module
+        self.ema = StudentEMA(self.engines[self.student].module, job.optim.ema_decay) \
+            if job.optim.ema_decay > 0 else None
+        self.checkpointer = Checkpointer(
+            job=job, rank=ctx.rank, engines=self.engines, student=self.student, ema=self.ema,
+            streams=streams, student_config=student_config, teacher=teacher, report=ctx.report)
+        self.progress, self.round_weights = Progress(method=job.method), {}
+        if ctx.restored:
+            self.progress, self.round_weights = self.checkpointer.restore(ctx.restored)
+        method.start_round(self.progress.round, self.round_weights)
+        for stream in streams.values():
+            stream.on(ctx.device)
+        self.skip_streak = 0
+        self.sink = MetricsSink(job=job, method=method, engines=self.engines, rank=ctx.rank,
+                                device=ctx.device, log_path=self.checkpointer.log_path,
+                                first_step=self.progress.step, stop=self.schedule.stop,
+                                logged=ctx.logged, events=ctx.events, reached=ctx.reached,
+                                resumed=bool(ctx.restored))
+
+    def run(self) -> None:
+        job, progress, stop = self.job, self.progress, self.schedule.stop
         try:
-            for name, engine in engines.items():
-                engine.save_checkpoint(os.path.join(directory, "engines", name), tag="state")
-            weights = final_weights() if final else None
-            averages = ema.state_dict() if ema is not None else None
-            os.makedirs(os.path.join(directory, STREAMS))
-            with open(os.path.join(directory, STREAMS, f"rank-{ctx.rank}.json"), "w") as f:
-                json.dump({name: asdict(s.position) for name, s in streams.items()}, f)
-            if ctx.rank == 0:
-                with open(os.path.join(directory, STATE), "w") as f:
-                    json.dump(asdict(progress), f)
-                if round_weights:
-                    save_file(_flatten(round_weights), os.path.join(directory, ROUND_WEIGHTS))
-                if averages is not None:
-                    save_file(averages, os.path.join(directory, EMA_FILE))
-                shutil.copytree(workdir, directory, dirs_exist_ok=True)
-                if final:
-                    save_student(os.path.join(directory, "student"),
-                                 weights[method.student_module], progress.round)
-                    if method.keep_round_students:
-                        shutil.copytree(os.path.join(directory, "student"), os.path.join(
-                            directory, "rounds", rounds[progress.round].name))
-            ctx.report(metrics, directory)
+            while progress.step < stop:
+                self.enter_round(self.schedule.index_at(progress.step))
+                self.train_step()
+                self.sink.stepped()
+                is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == stop
+                if progress.step % job.log_every == 0 or progress.step == stop or is_checkpoint:
+                    metrics = self.sink.collect(progress, self.round_name)
+                    if is_checkpoint:
+                        self.checkpoint(metrics)
+            self.method.use_modules(self.engines)
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            self.checkpointer.close()
+            self.sink.close()
 
-    for stream in streams.values():
-        stream.on(ctx.device)
-    window = LossWindow(ctx.device)
-    student_phase = next(p.name for p in phases if p.module == method.student_module)
-    skip_streak, started, window_start, window_steps, waited = 0, time.time(), time.time(), 0, 0.0
-    first_step, memory = progress.step, {}
-    while progress.step < stop:
-        index = next(i for i, end in enumerate(ends) if progress.step < end)
-        if index != progress.round:
-            round_weights = final_weights()
-            if ctx.rank == 0 and method.keep_round_students:
-                save_student(os.path.join(workdir, "rounds", rounds[progress.round].name),
-                             round_weights[method.student_module], progress.round)
-            progress.round = index
-            method.start_round(index, round_weights)
-            if ema is not None:     # the new round starts from the weights its teacher holds
-                load_full_weights(engines[method.student_module].module,
-                                  round_weights[method.student_module])
-                ema.reset()
-        # The method's draws (t, noise, w) for this step: stream METHOD_STREAM of (seed, rank,
-        # step), so a restored run draws what the uninterrupted one would have.
-        method.seed(derive_seed(job.seed, ctx.rank, METHOD_STREAM, progress.step), ctx.device)
-        for phase in phases:
-            engine = engines[phase.module]
-            scope.enter(phase.module)
+    def train_step(self) -> None:
+        """One optimizer step: the method's phases in order, each `updates` updates of its
+        module, then the student's EMA. The method's draws (t, noise, w) come from stream
+        METHOD_STREAM of (seed, rank, step), so a restored run draws what the uninterrupted one
+        would have."""
+        progress = self.progress
+        self.method.seed(derive_seed(self.job.seed, self.ctx.rank, METHOD_STREAM, progress.step),
+                         self.ctx.device)
+        for phase in self.phases:
+            self.scope.enter(phase.module)
             for _ in range(phase.updates):
-                skipped = engine.skipped_steps
-                for _ in range(job.deepspeed.grad_accum):
-                    wait_start = time.perf_counter()
-                    batch = {name: next(streams[name]) for name in phase.reads}
-                    waited += time.perf_counter() - wait_start
-                    values = method.loss(batch, phase)
-                    engine.backward(values["loss"] * window.add(phase.name, values))
-                    engine.step()
-                # The one host sync of an update, DeepSpeed's or FiniteAdamW's overflow check,
-                # says whether it was skipped: on every rank alike, the gradients being
-                # all-reduced.
-                if engine.skipped_steps > skipped:
-                    progress.grad_skipped += 1
-                    skip_streak = _count_streak(skip_streak, job, progress.step)
-                else:
-                    skip_streak = 0
+                self.update(phase)
         progress.step += 1
-        window_steps += 1
-        if ema is not None:             # its updates count from the start of the round
-            ema.update(progress.step - 1 - (ends[progress.round - 1] if progress.round else 0))
-        if not memory:          # optimizers allocate their state at the first update
-            memory = {f"bytes/{name}": state_bytes(engine) for name, engine in engines.items()}
-            memory.update({f"bytes/{name}": tensor_bytes(module)
-                           for name, module in method.frozen_modules().items()})
-        is_log = progress.step % job.log_every == 0 or progress.step == stop
-        is_checkpoint = progress.step % job.checkpoint_every == 0 or progress.step == stop
-        if not (is_log or is_checkpoint):
-            continue
-        now = time.time()
-        rate = window_steps * job.optim.batch_size / max(now - window_start, 1e-9)
-        means, non_finite, (evaluations,) = window.read(method.take_teacher_evaluations())
-        progress.nan_skipped += non_finite
-        progress.teacher_evaluations += int(evaluations)
-        metrics = {"step": progress.step, "round": rounds[progress.round].name,
-                   "loss": means[f"{student_phase}/loss"],
-                   **(means if len(means) > 1 else {}),
-                   "samples_per_s": rate,
-                   "lr": engines[method.student_module].get_lr()[0],
-                   **{f"{name}/lr": engine.get_lr()[0] for name, engine in engines.items()
-                      if name != method.student_module},
-                   "data_wait": waited / max(now - window_start, 1e-9),
-                   "nan_skipped": progress.nan_skipped, "grad_skipped": progress.grad_skipped,
-                   "resumes": progress.resumes, "elapsed_s": now - started,
-                   "run_samples_per_s": (progress.step - first_step) * job.optim.batch_size
-                   / max(now - started, 1e-9),
-                   "teacher_evaluations": progress.teacher_evaluations, **memory,
-                   **{f"{name}_at": at for name, at in ctx.reached.items()},
-                   "loop_at": started, "logged_at": now}
-        window_start, window_steps, waited = now, 0, 0.0
-        if ctx.rank == 0:
-            with open(os.path.join(workdir, LOG), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if events is not None:
-                events.write(metrics, progress.step)
-        if ctx.rank == 0 and ctx.logged is not None:
-            ctx.logged({**metrics, "total": stop, "start": first_step})
-        if is_checkpoint:
-            checkpoint(progress.step == stop, metrics)
-    method.use_modules(engines)
-    shutil.rmtree(workdir, ignore_errors=True)
-    if events is not None:
-        events.close()
+        if self.ema is not None:             # its updates count from the start of the round
+            self.ema.update(progress.step - 1 - self.schedule.start(progress.round))
+
+    def update(self, phase: Phase) -> None:
+        """One optimizer update of the phase's module, over grad_accum micro-batches."""
+        engine = self.engines[phase.module]
+        skipped = engine.skipped_steps
+        for _ in range(self.job.deepspeed.grad_accum):
+            with self.sink.waiting():
+                batch = {name: next(self.streams[name]) for name in phase.reads}
+            values = self.method.loss(batch, phase)
+            engine.backward(values["loss"] * self.sink.window.add(phase.name, values))
+            engine.step()
+        # The one host sync of an update, DeepSpeed's or FiniteAdamW's overflow check, says
+        # whether it was skipped: on every rank alike, the gradients being all-reduced.
+        self.count_skipped(engine.skipped_steps > skipped)
+
+    def count_skipped(self, skipped: bool) -> None:
+        """Count a skipped update; `max_nan_steps` of them in a row stop the run."""
+        if not skipped:
+            self.skip_streak = 0
+            return
+        self.progress.grad_skipped += 1
+        self.skip_streak += 1
+        if self.skip_streak >= self.job.max_nan_steps:
+            raise NonFiniteLoss(
+                f"step {self.progress.step + 1}: {self.skip_streak} updates in a row were skipped "
+                f"for a non-finite loss or gradients (max_nan_steps={self.job.max_nan_steps}); "
+                "stopping before a broken checkpoint is written")
+
+    @property
+    def round_name(self) -> str:
+        return self.schedule.rounds[self.progress.round].name
+
+    def enter_round(self, index: int) -> None:
+        """Start round `index` if the run is not in it: the weights every module ended the last
+        round with start the next (progressive: its teacher), and the EMA restarts from them."""
+        progress = self.progress
+        if index == progress.round:
+            return
+        self.round_weights = self.checkpointer.weights()
+        student = self.round_weights[self.student]
+        if self.method.keep_round_students:
+            self.checkpointer.keep_round_student(self.round_name, student, progress.round,
+                                                 progress.step)
+        progress.round = index
+        self.method.start_round(index, self.round_weights)
+        if self.ema is not None:     # the new round starts from the weights its teacher holds
+            load_full_weights(self.engines[self.student].module, student)
+            self.ema.reset()
+
+    def checkpoint(self, metrics: dict) -> None:
+        """A checkpoint of this step; the run's last also holds the student (and, for a method
+        that keeps its rounds' students, that round's copy)."""
+        final = self.progress.step == self.schedule.stop
+        self.checkpointer.save(
+            self.progress, self.round_weights, metrics, final=final,
+            round_name=self.round_name if final and self.method.keep_round_students else None)
 
 
 def precise_evaluations(method: Method, engines: dict, job: TrainJob,
@@ -338,101 +289,3 @@ class GradientScope:
             for param in params:
                 param.requires_grad_(module == name)
         self.current = name
-
-
-class LossWindow:
-    """A logging window's loss values, per phase, summed on the device: no host round trip per
-    micro-batch, one all-reduce and one copy to the host per window (`read`). A phase's slot holds
-    its non-finite count, its finite count and the sum of each value it returns over its finite
-    micro-batches."""
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(0, dtype=torch.float64, device=device)
-        self.slots: dict[str, tuple[int, list[str]]] = {}      # phase -> (offset, value names)
-
-    def add(self, phase: str, values: dict[str, Tensor]) -> Tensor:
-        """Count a micro-batch's `values` (its "loss" and metrics); the factor to multiply the loss
-        by before backward: 1, or NaN when the loss is not finite, which makes every gradient NaN
-        so that the optimizer's overflow check skips the update on every rank (a finite loss's
-        gradients are unchanged: x * 1.0 == x)."""
-        if phase not in self.slots:
-            self.slots[phase] = (len(self.sums), list(values))
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(2 + len(values))])
-        offset, names = self.slots[phase]
-        loss = values["loss"].detach()
-        finite = torch.isfinite(loss)
-        row = torch.stack([(~finite).double(), finite.double(),
-                           *(torch.where(finite, values[name].detach(), 0.0).double()
-                             for name in names)])
-        self.sums[offset:offset + len(row)] += row
-        return torch.where(finite, 1.0, torch.nan).to(loss.dtype)
-
-    def read(self, *counts: float) -> tuple[dict[str, float], int, list[float]]:
-        """Each value's mean over the window's finite micro-batches of all ranks, by
-        "<phase>/<name>" (NaN if there was none), the number of non-finite losses, and `counts`
-        (this rank's) summed over ranks in the same all-reduce; starts a new window."""
-        sums = torch.cat([self.sums, torch.tensor(counts, dtype=torch.float64).to(self.sums)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        self.sums.zero_()
-        values, means, non_finite = sums.tolist(), {}, 0
-        for phase, (offset, names) in self.slots.items():
-            bad, good, *totals = values[offset:offset + 2 + len(names)]
-            non_finite += int(bad)
-            means.update({f"{phase}/{name}": total / good if good else math.nan
-                          for name, total in zip(names, totals)})
-        return means, non_finite, values[len(self.sums):]
-
-
-def _count_streak(streak: int, job: TrainJob, step: int) -> int:
-    """One more skipped update in a row; `max_nan_steps` of them stop the run."""
-    streak += 1
-    if streak >= job.max_nan_steps:
-        raise NonFiniteLoss(
-            f"step {step + 1}: {streak} updates in a row were skipped for a non-finite loss or "
-            f"gradients (max_nan_steps={job.max_nan_steps}); stopping before a broken checkpoint "
-            "is written")
-    return streak
-
-
-def _restore(directory: str, engines: dict, ema: StudentEMA | None, streams: dict[str, Stream],
-             rank: int, workdir: str) -> tuple[Progress, dict[str, dict[str, Tensor]]]:
-    with open(os.path.join(directory, STATE)) as f:
-        progress = Progress(**json.load(f))
-    for name, engine in engines.items():
-        saved = os.path.join(directory, "engines", name)
-        if not os.path.isdir(os.path.join(saved, "state")):
-            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint for module {name}")
-        engine.load_checkpoint(saved, tag="state")
-    if ema is not None:
-        ema.load(load_file(os.path.join(directory, EMA_FILE)))
-    position = os.path.join(directory, STREAMS, f"rank-{rank}.json")
-    if not os.path.isfile(position):
-        raise FileNotFoundError(f"{directory}: no data position for rank {rank}")
-    with open(position) as f:
-        positions = json.load(f)
-    for name, stream in streams.items():
-        if name not in positions:
-            raise FileNotFoundError(f"{directory}: no position of stream {name} for rank {rank}")
-        stream.restore(Position(**positions[name]))
-    for item in (LOG, "rounds"):
-        source = os.path.join(directory, item)
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(workdir, item))
-        elif os.path.isfile(source):
-            shutil.copy(source, workdir)
-    saved = os.path.join(directory, ROUND_WEIGHTS)
-    return progress, _unflatten(load_file(saved)) if os.path.isfile(saved) else {}
-
-
-def _flatten(weights: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-    return {f"{module}/{name}": value.contiguous() for module, state in weights.items()
-            for name, value in state.items()}
-
-
-def _unflatten(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    weights: dict[str, dict[str, Tensor]] = {}
-    for key, value in flat.items():
-        module, _, name = key.partition("/")
-        weights.setdefault(module, {})[name] = value
-    return weights
