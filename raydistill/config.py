@@ -633,11 +633,6 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
-        if self.method in ("kd", "dmd"):
-            require(self.loss_weighting == "truncated_snr", "loss_weighting",
-                    f"does not apply to method {self.method}: dmd's fake score is weighted by "
-                    "dmd.fake_weighting (default output, unit weight on its own output as in "
-                    "DMD2; for a v-prediction fake score that is what snr_plus_one was)")
         if self.distance == "lpips":
             require(bool(self.lpips), "lpips", "is required with distance: lpips (a TorchScript "
                                                "LPIPS file on local disk; none is downloaded)")

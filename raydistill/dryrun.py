@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from raydistill.config import ConfigError, TrainJob, from_dict
+from raydistill.methods.registry import METHODS
 
 #: Stable Diffusion 1.5's diffusers configs (runwayml/stable-diffusion-v1-5): what a dry run
 #: shrinks when the teacher's own directory is not on this machine.
@@ -184,7 +185,7 @@ def _write_teacher(directory: str, unet_config: dict, vae_config: dict | None,
 
 
 def _shrink_training(data: dict[str, Any]) -> None:
-    """One worker, one step per round, two samples per micro-batch, no warm-up."""
+    """One worker, one round of one step, two samples per micro-batch, no warm-up."""
     workers = data.setdefault("workers", {})
     gpus = 1.0 if workers.get("gpus", 0) and torch.cuda.is_available() else 0.0
     workers.update(num=1, gpus=gpus, cpus=1.0)
@@ -194,7 +195,7 @@ def _shrink_training(data: dict[str, Any]) -> None:
     for module in (optim.get("modules") or {}).values():
         if isinstance(module, dict) and "warmup_steps" in module:
             module["warmup_steps"] = 0
-    if data.get("method") == "progressive":
-        halving = data.setdefault("halving", {})
-        halving.update(start_steps=2, end_steps=1, steps_per_round=1)
+    spec = METHODS.get(data.get("method", TrainJob.method))
+    if spec is not None and spec.shortest:
+        data.setdefault(spec.section, {}).update(spec.shortest)
     data.update(checkpoint_every=1, log_every=1)

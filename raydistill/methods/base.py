@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,6 +173,9 @@ class MethodSpec:
     updates: Callable[[TrainJob], dict[str, int]] = lambda job: {}
     #: the data streams its phases read for this job (DATA, PAIRS): what the driver checks
     streams: Callable[[TrainJob], tuple[str, ...]] = lambda job: (PAIRS if job.pairs else DATA,)
+    #: settings of its section that make its shortest run, one round of one step (what
+    #: `raydistill train --dry-run` trains), beside optim.steps = 1
+    shortest: dict = field(default_factory=dict)
 
     def updates_per_step(self, job: TrainJob) -> dict[str, int]:
         """Each trainable module's optimizer updates per training step."""

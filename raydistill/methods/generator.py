@@ -112,6 +112,12 @@ def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig
     """A generator (kd, dmd) takes (z, c) and has its teacher's one guidance strength built in
     (a w-conditioned teacher's generator is fed that w); an LPIPS distance loads, for images."""
     check_continuous_teacher(teacher, "teacher.checkpoint")
+    if job.loss_weighting != TrainJob.loss_weighting:
+        raise ConfigError("loss_weighting", f"does not apply to method {job.method}: dmd's fake "
+                                            "score is weighted by dmd.fake_weighting (default "
+                                            "output, unit weight on its own output as in DMD2; "
+                                            "for a v-prediction fake score that is what "
+                                            "snr_plus_one was)")
     if job.distance == "lpips":
         if len(teacher.data_shape) != 3:
             raise ConfigError("distance", f"lpips compares images; the teacher's samples have "

@@ -229,7 +229,7 @@ SPEC = MethodSpec(
     name="progressive", pairs_mode="progressive",
     round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
     student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build,
-    section="halving",
+    section="halving", shortest={"start_steps": 2, "end_steps": 1, "steps_per_round": 1},
     total_steps=lambda job: job.halving.steps_per_round * len(round_steps(job.halving)),
     record=lambda job, index: {"method": "progressive", "steps": round_steps(job.halving)[index],
                                "stochastic": job.halving.stochastic,

@@ -276,9 +276,10 @@ class Checkpoint:
 
     @property
     def distilled_sampler(self) -> DistilledSampler | None:
-        """How a progressive student or a generator must be sampled; None for any other model,
-        which samples with any solver and step count."""
-        if self.extra.get("method") not in ("progressive", "kd", "dmd"):
+        """How a student distilled for one sampler (its record names the steps: a progressive
+        student, a generator) must be sampled; None for any other model, which samples with any
+        solver and step count."""
+        if "method" not in self.extra or "steps" not in self.extra:
             return None
         return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")),
                                 self.extra.get("sampler") == "renoise")

@@ -74,26 +74,26 @@ def _by_w(rows: list[dict], sweep: bool) -> list[list[dict]]:
     return [[r for r in rows if r.get("sweep") and r["w"] == w] for w in ws]
 
 
-def fidelity(rows: list[dict], methods: dict[str, str]) -> list[dict]:
-    """Beside the goals: each 4-step progressive student's FID to the teacher's samples against
-    plain DDIM's at 4 steps (not a goal of the issue; the context its goals need)."""
+def fidelity(rows: list[dict], students: set[str]) -> list[dict]:
+    """Beside the goals: each distilled student's FID to the teacher's samples at 4 steps against
+    plain DDIM's at 4 steps (not a goal of the issue; the context its goals need). `students`:
+    the rows of trained students, by stage name."""
     ddim4 = _ddim4(rows)
     if ddim4 is None:
         return []
     return [{"row": row["name"], "fid_to_teacher": row["fid_to_teacher"],
              "ddim4_fid_to_teacher": ddim4["fid_to_teacher"],
              "ratio": row["fid_to_teacher"] / ddim4["fid_to_teacher"]}
-            for row in _four_step_students(rows, methods, "fid_to_teacher")]
+            for row in _four_step_students(rows, students, "fid_to_teacher")]
 
 
 def _ddim4(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["name"] == "ddim" and r["steps"] == 4), None)
 
 
-def _four_step_students(rows: list[dict], methods: dict[str, str], score: str) -> list[dict]:
-    """The rows of progressive students at 4 steps that hold `score`."""
-    return [r for r in rows
-            if methods.get(r["name"]) == "progressive" and r["steps"] == 4 and score in r]
+def _four_step_students(rows: list[dict], students: set[str], score: str) -> list[dict]:
+    """The rows of students at 4 steps that hold `score`."""
+    return [r for r in rows if r["name"] in students and r["steps"] == 4 and score in r]
 
 
 def environment() -> dict[str, Any]:
@@ -117,7 +117,7 @@ def write_report(out: str, stages: list[str], ran: dict[str, bool],
     if "eval" in finished:
         with open(os.path.join(out, "eval", "eval.json")) as f:
             evaluation = json.load(f)
-    methods = {name: r.get("method") for name, r in finished.items()}
+    students = {name for name, r in finished.items() if r.get("method")}
     every = evaluation["rows"] if evaluation else []
     rows = [r for r in every if not r.get("sweep")]          # the evaluation's w
     metrics = {"stages": {name: {"finished": name in finished,
@@ -126,7 +126,7 @@ def write_report(out: str, stages: list[str], ran: dict[str, bool],
                                      if key in finished[name]} if name in finished else {})}
                           for name in stages},
                "eval": every, "goals": goals(every, list(wanted)) if rows else [],
-               "fidelity": fidelity(rows, methods) if rows else [],
+               "fidelity": fidelity(rows, students) if rows else [],
                "environment": environment()}
     if evaluation:
         metrics.update(w=evaluation["w"], samples=evaluation["num_samples"],
