@@ -1,7 +1,7 @@
 """The shard format: a WebDataset tar per shard, one sample per key, never pickle.
 
 Per sample `<key>` (`s<shard:06d>_<i:05d>`), members `<key>.<array>.npy` (float32, np.save without
-pickle) and `<key>.json` (scalars). Schemas per mode:
+pickle) and `<key>.json` (scalars). Schemas per mode (raydistill.pairs.modes):
 
 | mode          | arrays            | json fields            |
 | ------------- | ----------------- | ---------------------- |
@@ -33,12 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from raydistill.conditions import TEXT
+from raydistill.pairs.modes import MODES
 
+#: (arrays, json fields) per mode, from the mode table
 SCHEMAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "ode": (("noise", "image"), ("c", "w", "seed")),
-    "guided": (("z_t", "target"), ("c", "w", "t", "seed")),
-    "progressive": (("z_t", "target"), ("c", "w", "t", "N", "seed")),
-}
+    name: (mode.arrays, mode.fields) for name, mode in MODES.items()}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ sample in it, can be regenerated and checked independently of batching.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -14,13 +16,9 @@ from torch import Tensor
 from raydistill.conditions import TEXT
 from raydistill.config import ConfigError, PairsJob
 from raydistill.data import load_images
-from raydistill.diffusion.guidance import Cond
-from raydistill.diffusion.schedule import uniform_t
-from raydistill.diffusion.solvers import sample
-from raydistill.methods.guided import guided_target
-from raydistill.methods.progressive import halving_target
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.gmm import GaussianMixture
+from raydistill.pairs.modes import MODES, Teacher
 from raydistill.seeds import derive_seed
 
 
@@ -44,46 +42,34 @@ def real_data(job: PairsJob, teacher: Checkpoint) -> Tensor | GaussianMixture:
 
 
 class ShardMaker:
-    """Computes the columns of shard k for a PairsJob and a loaded teacher."""
+    """Computes the columns of shard k for a PairsJob and a loaded teacher (what each column is:
+    the job's mode, raydistill.pairs.modes)."""
 
     def __init__(self, job: PairsJob, teacher: Checkpoint, device: torch.device | str = "cpu"):
-        self.job, self.device = job, torch.device(device)
+        self.job, self.mode, self.device = job, MODES[job.mode], torch.device(device)
         teacher.network.to(self.device)
-        self.teacher = teacher.w_denoiser
-        self.teacher_is_stochastic = teacher.is_stochastic_student
-        self.stochastic_sample = teacher.stochastic_sampler
-        self.schedule = teacher.denoiser.schedule
+        self.teacher = Teacher(teacher.w_denoiser, teacher.denoiser.schedule,
+                               teacher.is_stochastic_student, teacher.stochastic_sampler)
         self.shape, self.conditions = teacher.data_shape, teacher.conditions
-        self.data = real_data(job, teacher) if job.mode != "ode" else None
+        self.data = real_data(job, teacher) if self.mode.from_data else None
         # real images become a latent teacher's latents (ODE pairs start from noise: no images)
         self.autoencoder = teacher.autoencoder if self.data is not None else None
         if self.autoencoder is not None:
             self.autoencoder.to(self.device)
 
     def inputs(self, shard: int) -> dict[str, Tensor]:
-        """The per-sample random inputs of shard k (CPU), each from its own seeded generator."""
+        """The per-sample random inputs of shard k (CPU), each from its own seeded generator
+        (an image: a latent teacher's is encoded per batch in `make`)."""
         job, rows = self.job, []
         base = shard_seed(job.seed, shard)
         for i in range(job.samples_per_shard):
             seed = derive_seed(base, i)
             g = torch.Generator().manual_seed(seed)
-            row = {"seed": torch.tensor(seed),
-                   "c": torch.randint(0, self.conditions.num_classes, (), generator=g),
-                   "w": job.guidance.w_min + (job.guidance.w_max - job.guidance.w_min)
-                   * torch.rand((), generator=g)}
-            if job.mode == "ode":
-                row["noise"] = torch.randn(self.shape, generator=g)
-                if job.stochastic:
-                    row["xi"] = torch.randn(job.solver.steps - 1, *self.shape, generator=g)
-            else:
-                row["x"] = self._draw_x(row["c"], g)      # an image (a latent teacher's: encoded
-                                                          # per batch in `make`)
-                row["eps"] = torch.randn(self.shape, generator=g)
-                if job.mode == "guided":
-                    row["t"] = uniform_t(1, generator=g)[0]
-                else:
-                    row["i"] = torch.randint(1, job.student_steps + 1, (), generator=g)
-            rows.append(row)
+            c = torch.randint(0, self.conditions.num_classes, (), generator=g)
+            w = job.guidance.w_min + (job.guidance.w_max - job.guidance.w_min) \
+                * torch.rand((), generator=g)
+            drawn = self.mode.draw(job, g, self.shape, functools.partial(self._draw_x, c, g))
+            rows.append({"seed": torch.tensor(seed), "c": c, "w": w, **drawn})
         return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
     def _draw_x(self, c: Tensor, g: torch.Generator) -> Tensor:
@@ -102,31 +88,10 @@ class ShardMaker:
             if "x" in batch and self.autoencoder is not None:
                 batch["x"] = self.autoencoder.encode(batch["x"])
             cond = self.conditions.cond(batch["c"], batch["w"])
-            for key, value in self._compute(batch, cond).items():
+            for key, value in self.mode.compute(self.job, self.teacher, batch, cond).items():
                 columns.setdefault(key, []).append(value.cpu())
             if TEXT in cond:
                 columns.setdefault(TEXT, []).append(cond[TEXT].cpu())
         out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
         out.update(c=inputs["c"].numpy(), w=inputs["w"].numpy(), seed=inputs["seed"].numpy())
         return out
-
-    def _compute(self, batch: dict[str, Tensor], cond: Cond) -> dict[str, Tensor]:
-        job = self.job
-        if job.mode == "ode" and job.stochastic:
-            image = self.stochastic_sample(self.teacher, batch["noise"], cond, self.schedule,
-                                           steps=job.solver.steps, xi=batch["xi"])
-            return {"noise": batch["noise"], "image": image}
-        if job.mode == "ode":
-            image = sample(self.teacher, batch["noise"], cond, self.schedule, steps=job.solver.steps,
-                           solver=job.solver.solver, spacing=job.solver.spacing)
-            return {"noise": batch["noise"], "image": image}
-        if job.mode == "guided":
-            t = batch["t"]
-            z_t, target = guided_target(self.teacher, x=batch["x"], eps=batch["eps"], t=t,
-                                        cond=cond, schedule=self.schedule)
-            return {"z_t": z_t, "target": target, "t": t}
-        z_t, t, target = halving_target(
-            self.teacher, x=batch["x"], eps=batch["eps"], i=batch["i"], cond=cond,
-            schedule=self.schedule, student_steps=job.student_steps, stochastic=job.stochastic,
-            teacher_is_stochastic=self.teacher_is_stochastic)
-        return {"z_t": z_t, "target": target, "t": t, "N": torch.full((len(t),), job.student_steps)}

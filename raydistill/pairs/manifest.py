@@ -31,6 +31,7 @@ from raydistill.config import (
     SolverConfig,
 )
 from raydistill.models.checkpoint import Checkpoint
+from raydistill.pairs.modes import MODES
 from raydistill.storage import Location
 
 MANIFEST, RUN = "manifest.parquet", "pairs.json"
@@ -78,14 +79,7 @@ def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
                 "teacher_steps": distilled.steps if distilled else None,
                 "samples_per_shard": job.samples_per_shard, "seed": job.seed,
                 "guidance": asdict(job.guidance)}
-    if job.mode == "ode":
-        identity["solver"] = asdict(job.solver)
-    else:
-        identity["data"] = asdict(job.data)
-    if job.mode == "progressive":
-        identity["student_steps"] = job.student_steps
-    if job.mode != "guided":
-        identity["stochastic"] = job.stochastic
+    identity.update(MODES[job.mode].identity(job))
     if teacher.text:
         table = teacher.conditions.prompts
         identity["prompts"] = {"sha256": table.digest(), "count": table.count}
@@ -97,8 +91,8 @@ def _migrate(run: dict) -> dict:
     identity = dict(run["identity"])
     if "format" not in run:
         identity.setdefault("teacher_steps", None)
-    if identity["mode"] != "guided":
-        identity.setdefault("stochastic", False)
+    for key, value in MODES[identity["mode"]].identity(PairsJob()).items():
+        identity.setdefault(key, value)       # a key the mode's identity gained since: default
     for key, section in SECTIONS.items():
         if key in identity:
             identity[key] = asdict(section(**identity[key]))      # flat; no validation on read

@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 from raydistill.config import PairsJob, from_dict
 from raydistill.logs import without_ray_data_bars
-from raydistill.methods.guided import check_continuous_teacher
-from raydistill.methods.progressive import check_halving_teacher
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.models.denoiser import EvaluationCounter
 from raydistill.pairs.format import Layout, encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, real_data, shard_seed
 from raydistill.pairs.manifest import COLUMNS, Manifest, PairSet, claim_location, run_identity
+from raydistill.pairs.modes import MODES
 from raydistill.storage import Location
 
 
@@ -45,43 +44,19 @@ def worker_device(job: PairsJob) -> torch.device:
     return torch.device("cpu")
 
 
-def teacher_work(job: PairsJob, teacher_is_stochastic: bool) -> tuple[str, int]:
-    """(solver, teacher steps) behind each target, for the manifest: for progressive targets, the
-    teacher's DDIM steps per 1/N of the student's time (a stochastic student's 2/N jumps take
-    twice as many)."""
-    if job.mode == "ode":
-        return "stochastic" if job.stochastic else job.solver.solver, job.solver.steps
-    if job.mode == "progressive":
-        return "ddim", 1 if teacher_is_stochastic else 2
-    return "x_hat", 1                           # one guided teacher prediction
-
-
 def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
     """A teacher that is a distilled student is sampled only as it was distilled: its w range,
-    its own sampler for ODE pairs (unless force_sampler), its time grid for progressive targets,
-    and no guided targets (they evaluate it at every t)."""
+    and what the job's mode asks of it (raydistill.pairs.modes)."""
     teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance",
                            force=job.force_sampler, force_key="force_sampler=true")
-    if job.mode == "ode":
-        solver = job.solver
-        teacher.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
-                              stochastic=job.stochastic, force=job.force_sampler,
-                              force_key="force_sampler=true",
-                              keys={"steps": "solver.steps", "solver": "solver.solver",
-                                    "spacing": "solver.spacing", "stochastic": "stochastic"})
-    elif job.mode == "guided":
-        check_continuous_teacher(teacher, "teacher.checkpoint")
-    else:
-        check_halving_teacher(teacher, teacher_steps=2 * job.student_steps,
-                              stochastic=job.stochastic, keys=("student_steps", "stochastic"),
-                              value=job.student_steps)
+    MODES[job.mode].check_teacher(job, teacher)
 
 
 def check_pairs_job(job: PairsJob, teacher: Checkpoint) -> None:
     """Every check of a pairs job against its teacher (one that exists, or one an earlier pipeline
     stage will make): how the teacher may be sampled, and the real data its targets start from."""
     check_teacher(job, teacher)
-    if job.mode != "ode":
+    if MODES[job.mode].from_data:
         real_data(job, teacher)
 
 
@@ -92,7 +67,7 @@ def planned_pair_set(job: PairsJob, teacher: Checkpoint) -> PairSet:
 
 
 def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count: int) -> dict:
-    solver, steps = teacher_work(job, teacher.is_stochastic_student)
+    solver, steps = MODES[job.mode].teacher_work(job, teacher.is_stochastic_student)
     return {
         "shard": shard_name(index), "index": index, "count": count, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "seed": shard_seed(job.seed, index),

@@ -82,6 +82,7 @@ class Planner:
         return f"{job.steps} steps, batch {job.batch_size}, width {job.width}"
 
     def pairs(self, stage: StudentStage) -> str:
+        from raydistill.pairs.modes import MODES
         from raydistill.pairs.pool import check_pairs_job, planned_pair_set
 
         job = self.pipeline.pairs_job(stage)
@@ -91,9 +92,7 @@ class Planner:
         except ConfigError as err:
             raise err.under(self.pipeline.students_key(stage, "pairs")) from None
         self.pair_sets[stage.pairs_stage] = planned_pair_set(job, teacher)
-        made = f"{job.solver.solver} {job.solver.steps} steps" if job.mode == "ode" else \
-            f"targets for {job.student_steps}-step students" if job.mode == "progressive" else \
-            "targets"
+        made = MODES[job.mode].describe(job)
         return f"{job.mode} pairs ({made}{', stochastic' if job.stochastic else ''}): " \
                f"{job.num_shards} shards x {job.samples_per_shard}, w in " \
                f"[{job.guidance.w_min:g}, {job.guidance.w_max:g}]"
