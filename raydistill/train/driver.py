@@ -196,9 +196,8 @@ def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
     for attempt in range(job.max_failures + 1):
         trainer = TorchTrainer(
             worker_main,
-            train_loop_config={"job": to_dict(job), "student": to_dict(student),
-                               "progress": channel, "logs": os.path.join(out, LOGS),
-                               "events": os.path.join(out, EVENTS)},
+            train_loop_config={"plan": WorkerPlan(job, student, os.path.join(out, LOGS),
+                                                  os.path.join(out, EVENTS), channel)},
             scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
                                          resources_per_worker={"CPU": workers.cpus,
                                                                **({"GPU": workers.gpus}
@@ -255,6 +254,17 @@ def _check_data_headroom(job: TrainJob) -> None:
                                           "the training data")
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every Ray Train worker is handed (train_loop_config["plan"])."""
+
+    job: TrainJob
+    student: ModelConfig
+    logs: str                         # where each rank writes its engine log
+    events: str                       # where rank 0 writes TensorBoard events
+    progress: Any = None              # the driver's progress channel (None: no bar)
+
+
 def worker_main(config: dict) -> None:
     """The Ray Train worker: build teacher, student and method, then run the loop."""
     entered = time.time()
@@ -262,16 +272,15 @@ def worker_main(config: dict) -> None:
 
     from raydistill.train.loop import WorkerContext, run_worker
 
-    job = from_dict(TrainJob, config["job"])
-    student_config = from_dict(ModelConfig, config["student"])
+    plan: WorkerPlan = config["plan"]
+    job, student_config, channel = plan.job, plan.student, plan.progress
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    channel = config["progress"]
 
     def report(metrics: dict, directory: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    with engine_logs_to(os.path.join(config["logs"], f"train-rank{rank}.log")):
+    with engine_logs_to(os.path.join(plan.logs, f"train-rank{rank}.log")):
         setup = setup_worker(job, student_config, rank, world)
         set_up = time.time()
         restored = ray.train.get_checkpoint()
@@ -280,7 +289,7 @@ def worker_main(config: dict) -> None:
             context = WorkerContext(rank, world, setup.device, report, directory,
                                     logged=show,
                                     reached={"entered": entered, "set_up": set_up},
-                                    events=config["events"])
+                                    events=plan.events)
             run_worker(job, setup.method, setup.streams, context, student_config,
                        setup.teacher)
 
