@@ -264,16 +264,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--out", f"must be a .png (grid) or .npz (arrays) file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
-    distilled = checkpoint.distilled_sampler
+    distilled = checkpoint.sampling.distilled_sampler
     if args.steps is None:
         sampler = dataclasses.replace(sampler, steps=distilled.steps if distilled else 64)
     if args.w is None:
-        sampler = dataclasses.replace(sampler, w=checkpoint.default_w)
+        sampler = dataclasses.replace(sampler, w=checkpoint.sampling.default_w)
     stochastic = (distilled is not None and distilled.stochastic) if args.stochastic is None \
         else args.stochastic
     force = {"force": args.force_sampler, "force_key": "--force-sampler"}
-    checkpoint.check_guidance(sampler.w, sampler.w, "--w", **force)
-    checkpoint.check_sampler(steps=sampler.steps, solver=sampler.solver, spacing=sampler.spacing,
+    checkpoint.sampling.check_guidance(sampler.w, sampler.w, "--w", **force)
+    checkpoint.sampling.check_sampler(steps=sampler.steps, solver=sampler.solver, spacing=sampler.spacing,
                              stochastic=stochastic, **force,
                              keys={"steps": "--steps", "solver": "--solver",
                                    "spacing": "--spacing",
@@ -300,7 +300,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                     shape=checkpoint.data_shape,
                                     conditions=conditions, sampler=sampler,
                                     seed=args.seed, device=device,
-                                    stochastic=checkpoint.stochastic_sampler if stochastic else None)
+                                    stochastic=checkpoint.sampling.stochastic_sampler if stochastic else None)
     images = checkpoint.images(images).clamp(-1, 1)       # a latent model's decoded
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)

@@ -30,7 +30,7 @@ def sample_classes(
     CPU: images as the model gives them (not clamped), or a latent model's latents.
 
     `w_denoiser` reads the guidance strength from cond["w"] (Checkpoint.w_denoiser). `stochastic`:
-    a sampler with re-noise draws (Checkpoint.stochastic_sampler: Meng et al.'s or a multi-step
+    a sampler with re-noise draws (Checkpoint.sampling.stochastic_sampler: Meng et al.'s or a multi-step
     generator's) instead of the ODE solver. The noise is drawn on the CPU from `seed`, so a grid is
     the same on every device.
     """

@@ -156,7 +156,7 @@ def test_students_of_a_diffusers_teacher_train_and_sample(teacher, pairs, tmp_pa
         assert student.extra["prompts"] == teacher.ref["prompts"]
         assert student.num_classes == CLASSES
     grid = str(tmp_path / "grid.npz")
-    steps = student.distilled_sampler.steps if student.distilled_sampler else 2
+    steps = student.sampling.distilled_sampler.steps if student.sampling.distilled_sampler else 2
     assert main(["sample", "--checkpoint", os.path.join(out, "student"), "--steps", str(steps),
                  "--out", grid]) == 0
     images, labels = np.load(grid)["arr_0"], np.load(grid)["arr_1"]

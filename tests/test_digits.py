@@ -115,7 +115,7 @@ def test_sample_verb_feeds_w_to_w_conditioned_students(tmp_path):
     # Distilled for w in [2, 4]: without --w it samples at w = 2 (1 clamped into its range).
     save_checkpoint(str(tmp_path / "narrow"), network, config,
                     extra={"method": "guided", "w_min": 2.0, "w_max": 4.0})
-    assert load_checkpoint(str(tmp_path / "narrow")).default_w == 2.0
+    assert load_checkpoint(str(tmp_path / "narrow")).sampling.default_w == 2.0
     assert main(["sample", "--checkpoint", str(tmp_path / "narrow"), "--steps", "2",
                  "--per-class", "1", "--out", str(tmp_path / "narrow.png")]) == 0
 
@@ -133,9 +133,9 @@ def test_sample_verb_uses_a_students_built_in_guidance(tmp_path, capsys):
                     extra={"method": "progressive", "steps": 2, "stochastic": False, "w_min": 1.5,
                            "w_max": 1.5})
     checkpoint = load_checkpoint(path)
-    assert checkpoint.built_in_w == 1.5 and not isinstance(checkpoint.w_denoiser, CFG)
+    assert checkpoint.sampling.built_in_w == 1.5 and not isinstance(checkpoint.w_denoiser, CFG)
     with pytest.raises(ConfigError, match="guidance w=1.5 built in"):
-        checkpoint.check_guidance(0.0, 3.0, "guidance")
+        checkpoint.sampling.check_guidance(0.0, 3.0, "guidance")
     out = str(tmp_path / "grid.png")
     assert main(["sample", "--checkpoint", path, "--per-class", "1", "--out", out]) == 0
     assert "2 ddim steps, w=1.5" in capsys.readouterr().out

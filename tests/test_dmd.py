@@ -107,9 +107,9 @@ def test_dmd_distils_a_w_conditioned_teacher(single_process_group, tmp_path):
         x = student.w_denoiser(z, torch.ones(5), {"c": c, "w": torch.full((5,), 2.0)})
         other = student.w_denoiser(z, torch.ones(5), {"c": c, "w": torch.zeros(5)})
     assert torch.isfinite(x).all() and not torch.allclose(x, other)   # it reads its w
-    student.check_guidance(2.0, 2.0, "w")
+    student.sampling.check_guidance(2.0, 2.0, "w")
     with pytest.raises(ConfigError, match="outside the guidance range"):
-        student.check_guidance(1.0, 1.0, "w")
+        student.sampling.check_guidance(1.0, 1.0, "w")
 
 
 def test_dmd2s_conv_head_reads_the_bottleneck_map_not_its_mean():

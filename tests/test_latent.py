@@ -167,7 +167,7 @@ def test_latent_students_record_the_autoencoder_and_sample_images(students, pipe
     assert student.autoencoder_path == os.path.join(pipeline, "vae")
     assert student.data_shape == (4, 8, 8) and student.image_shape == (1, 16, 16)
     grid = str(tmp_path / "grid.npz")
-    steps = student.distilled_sampler.steps if student.distilled_sampler else 2
+    steps = student.sampling.distilled_sampler.steps if student.sampling.distilled_sampler else 2
     assert main(["sample", "--checkpoint", os.path.join(students[method], "student"),
                  "--steps", str(steps), "--per-class", "1", "--out", grid]) == 0
     images = np.load(grid)["arr_0"]

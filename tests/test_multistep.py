@@ -127,9 +127,9 @@ def test_a_multistep_generator_is_sampled_paired_and_evaluated_with_its_chain(tm
             "w_max": 1.0}
     save_checkpoint(path, build_network(config), config, extra=meta)
     model = load_checkpoint(path)
-    distilled = model.distilled_sampler
-    assert (distilled.solver, distilled.steps, model.is_stochastic_student) == ("renoise", 2, False)
-    assert model.stochastic_sampler is renoise_sample
+    distilled = model.sampling.distilled_sampler
+    assert (distilled.solver, distilled.steps, model.sampling.is_stochastic_student) == ("renoise", 2, False)
+    assert model.sampling.stochastic_sampler is renoise_sample
     assert network_evaluations(model, "renoise", 2) == 2
 
     base = ["sample", "--checkpoint", path, "--per-class", "1", "--out", out]
@@ -181,5 +181,5 @@ def test_a_trained_multistep_generator_records_its_sampler(single_process_group,
 
     train_in_process(job, prepare(job), keep)
     model = load_checkpoint(os.path.join(out, "student"))
-    assert (str(model.distilled_sampler), model.built_in_w) == (
+    assert (str(model.sampling.distilled_sampler), model.sampling.built_in_w) == (
         "the 3-step re-noising sampler of a multi-step generator", 0.0)

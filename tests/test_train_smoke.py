@@ -54,10 +54,10 @@ def test_smoke_config_trains_a_student_that_samples(tmp_path_factory, method, st
         assert student.extra["steps"] == 2
         assert sorted(os.listdir(os.path.join(out, "rounds"))) == ["2-steps", "4-steps"]
     else:
-        assert student.extra["steps"] == 1 and student.built_in_w == 1.0
+        assert student.extra["steps"] == 1 and student.sampling.built_in_w == 1.0
         assert "fake_score " in console.err and "generator " in console.err    # each phase's loss
     grid = os.path.join(out, "grid.png")
-    sample_steps = student.distilled_sampler.steps if student.distilled_sampler else 2
+    sample_steps = student.sampling.distilled_sampler.steps if student.sampling.distilled_sampler else 2
     assert main(["sample", "--checkpoint", os.path.join(out, "student"), "--steps",
                  str(sample_steps), "--out", grid]) == 0
     assert os.path.getsize(grid) > 0

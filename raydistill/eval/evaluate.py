@@ -78,7 +78,7 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
         model = load(ref)
-        distilled = model.distilled_sampler
+        distilled = model.sampling.distilled_sampler
         solver = distilled.solver if distilled else "ddim"
         steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
         rows += [Row(student.name, ref, solver, n, w) for n in steps]
@@ -95,7 +95,7 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
 
 def _distilled_for(model: Checkpoint, w: float) -> bool:
     try:
-        model.check_guidance(w, w, "w")
+        model.sampling.check_guidance(w, w, "w")
     except ConfigError:
         return False
     return True
@@ -113,7 +113,7 @@ def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
     z = torch.zeros(1, *model.data_shape)
     schedule = model.denoiser.schedule
     if solver in STOCHASTIC:
-        model.stochastic_sampler(stub, z, {}, schedule, steps=steps,
+        model.sampling.stochastic_sampler(stub, z, {}, schedule, steps=steps,
                                  xi=torch.zeros(1, steps - 1, *model.data_shape))
     else:
         sample(stub, z, {}, schedule, steps=steps, solver=solver)

@@ -100,9 +100,9 @@ def _student(teacher: ModelConfig) -> ModelConfig:
 def check_continuous_teacher(teacher: Checkpoint, key: str) -> None:
     """Guided targets evaluate the teacher at any t in (0, 1]: a progressive student was distilled
     for its own time grid only."""
-    if teacher.distilled_sampler is not None:
+    if teacher.sampling.distilled_sampler is not None:
         raise ConfigError(key, f"is a {teacher.extra['method']} student distilled for "
-                               f"{teacher.distilled_sampler}; this method needs a teacher "
+                               f"{teacher.sampling.distilled_sampler}; this method needs a teacher "
                                "trained at every t")
 
 

@@ -179,7 +179,7 @@ def check_halving_teacher(teacher: Checkpoint, *, teacher_steps: int, stochastic
     halves (its targets are for students of half its steps), and stochastic rounds if it is a
     stochastic student: `halving_target` steps it as it was distilled. `keys` name the step count
     (whose value is `value`) and the stochastic switch in the caller's config."""
-    distilled = teacher.distilled_sampler
+    distilled = teacher.sampling.distilled_sampler
     if distilled is None:
         return
     if distilled.renoise:
@@ -222,7 +222,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
         conditions=teacher.conditions, weighting=job.loss_weighting,
-        teacher_is_stochastic=teacher.is_stochastic_student, reads=PAIRS if job.pairs else DATA)
+        teacher_is_stochastic=teacher.sampling.is_stochastic_student, reads=PAIRS if job.pairs else DATA)
 
 
 SPEC = MethodSpec(

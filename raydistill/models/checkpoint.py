@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +38,6 @@ from torch import nn
 from raydistill.conditions import Conditions, PromptTable
 from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
 from raydistill.diffusion.guidance import CFG, Denoiser
-from raydistill.diffusion.multistep import renoise_sample
-from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.models.autoencoder import Autoencoder, load_autoencoder
 from raydistill.models.autoencoder import image_shape as autoencoder_image_shape
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
@@ -48,6 +45,7 @@ from raydistill.models.diffusers_unet import DiffusersUNet, load_diffusers
 from raydistill.models.diffusers_unet import data_shape as diffusers_data_shape
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.mlp import MLP
+from raydistill.models.sampling import SamplingPolicy
 from raydistill.models.unet import UNet
 
 FORMAT = "raydistill-model/2"
@@ -132,40 +130,6 @@ def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class DistilledSampler:
-    """How a distilled student must be sampled: `steps` DDIM steps on the uniform t grid, Meng et
-    al.'s stochastic sampler with `steps` steps (a progressive student), or a generator's (kd,
-    dmd) re-noising sampler (`renoise`, raydistill.diffusion.multistep; one step: its x_hat at
-    t = 1). Generators written before the re-noising sampler recorded one DDIM step from t = 1."""
-
-    steps: int
-    stochastic: bool
-    renoise: bool = False
-
-    @property
-    def ddim_equivalent(self) -> bool:
-        """Whether `steps` DDIM steps on the uniform grid are this sampler: for a progressive
-        student, and for a one-step generator (its x_hat at t = 1 is one DDIM step to t = 0, where
-        alpha = 1); not for Meng et al.'s stochastic sampler or a multi-step generator's
-        re-noising one."""
-        return not self.stochastic or (self.renoise and self.steps == 1)
-
-    @property
-    def solver(self) -> str:
-        """Its name in an evaluation's rows: ddim, stochastic or renoise."""
-        return "renoise" if self.renoise else "stochastic" if self.stochastic else "ddim"
-
-    def __str__(self) -> str:
-        if self.renoise and self.steps == 1:
-            return "one step from t = 1 (a one-step generator)"
-        if self.renoise:
-            return f"the {self.steps}-step re-noising sampler of a multi-step generator"
-        if self.stochastic:
-            return f"Meng et al.'s stochastic sampler with {self.steps} steps"
-        return f"{self.steps} DDIM steps on the uniform t grid"
-
-
 @dataclass
 class Checkpoint:
     network: nn.Module
@@ -240,97 +204,21 @@ class Checkpoint:
         every evaluation)."""
         return as_denoiser(self.network, self.config)
 
-    @property
-    def built_in_w(self) -> float | None:
-        """The guidance strength a distilled student without a w input learned: its outputs are
-        already guided. None for a w-conditioned student or a model that was not distilled."""
-        if self.config.w_conditioned or "method" not in self.extra:
-            return None
-        return float(self.extra["w_min"])
-
-    @property
-    def default_w(self) -> float:
-        """The guidance strength to sample with when none is given: a student's built-in w, else
-        1 (clamped into the range a w-conditioned student was distilled for)."""
-        if self.built_in_w is not None:
-            return self.built_in_w
-        if self.config.w_conditioned and "method" in self.extra:
-            return min(max(1.0, float(self.extra["w_min"])), float(self.extra["w_max"]))
-        return 1.0
-
-    def check_guidance(self, w_min: float, w_max: float, key: str, *, force: bool = False,
-                       force_key: str = "") -> None:
-        """Refuse guidance strengths other than the one a student has built in, or (unless
-        `force`, the flag or config key `force_key`) outside the range a w-conditioned student was
-        distilled for."""
-        w = self.built_in_w
-        if w is not None and not w_min == w_max == w:
-            raise ConfigError(key, f"the model is a distilled student with guidance w={w:g} built "
-                                   f"in (no w input); it cannot give w in [{w_min:g}, {w_max:g}]")
-        if self.config.w_conditioned and "method" in self.extra and not force:
-            lo, hi = float(self.extra["w_min"]), float(self.extra["w_max"])
-            if w_min < lo or w_max > hi:
-                span = f"{w_min:g}" if w_min == w_max else f"[{w_min:g}, {w_max:g}]"
-                raise ConfigError(key, f"{span} is outside the guidance range [{lo:g}, {hi:g}] "
-                                       f"the student was distilled for{_forcing(force_key)}")
-
-    @property
-    def distilled_sampler(self) -> DistilledSampler | None:
-        """How a student distilled for one sampler (its record names the steps: a progressive
-        student, a generator) must be sampled; None for any other model, which samples with any
-        solver and step count."""
-        if "method" not in self.extra or "steps" not in self.extra:
-            return None
-        return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")),
-                                self.extra.get("sampler") == "renoise")
-
-    @property
-    def is_stochastic_student(self) -> bool:
-        """Whether the model is a progressive student distilled for Meng et al.'s stochastic
-        sampler (its 2/N jumps)."""
-        distilled = self.distilled_sampler
-        return distilled is not None and distilled.stochastic and not distilled.renoise
-
-    @property
-    def stochastic_sampler(self) -> Callable[..., torch.Tensor]:
-        """The sampler with re-noise draws xi this model is sampled with when asked for a
-        stochastic one: a multi-step generator's re-noising sampler, else Meng et al.'s (the two
-        take the same arguments)."""
-        distilled = self.distilled_sampler
-        return renoise_sample if distilled is not None and distilled.renoise else stochastic_sample
-
-    def check_sampler(self, *, steps: int, solver: str, spacing: str, stochastic: bool,
-                      keys: dict[str, str], force: bool = False, force_key: str = "") -> None:
-        """Refuse sampling a distilled student with settings it was not distilled for, unless
-        `force` (the flag or config key `force_key`): ConfigError naming the setting by `keys`
-        (steps, solver, spacing, stochastic -> its flag or config key)."""
-        distilled = self.distilled_sampler
-        if distilled is None or force:
-            return
-        problems = {"steps": f"is {steps}" if steps != distilled.steps else "",
-                    "stochastic": "" if stochastic == distilled.stochastic else
-                    "asks for the stochastic sampler" if stochastic else "asks for an ODE solver"}
-        if not stochastic:
-            problems["solver"] = f"is {solver}" if solver != "ddim" else ""
-            problems["spacing"] = f"is {spacing}" if spacing != "uniform_t" else ""
-        for name, problem in problems.items():
-            if problem:
-                raise ConfigError(keys[name], f"{problem}, but the model is a "
-                                              f"{self.extra['method']} student "
-                                              f"distilled for {distilled}{_forcing(force_key)}")
+    @functools.cached_property
+    def sampling(self) -> SamplingPolicy:
+        """How the model may be sampled: its built-in or distilled guidance range, the sampler a
+        distilled student was distilled for (raydistill.models.sampling)."""
+        return SamplingPolicy(self.config.w_conditioned, self.extra)
 
     @property
     def w_denoiser(self) -> Denoiser:
         """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, a
-        student with guidance built in is used as it is (see `check_guidance`), any other model
+        student with guidance built in is used as it is (see SamplingPolicy.check_guidance), any
+        other model
         gets classifier-free guidance (both branches in one batched call)."""
-        if self.config.w_conditioned or self.built_in_w is not None:
+        if self.config.w_conditioned or self.sampling.built_in_w is not None:
             return self.denoiser
         return CFG(self.denoiser)
-
-
-def _forcing(force_key: str) -> str:
-    return f" ({force_key} samples it anyway)" if force_key else ""
 
 
 def check_replaceable(directory: str) -> None:

@@ -52,7 +52,7 @@ def _check(checkpoint: Checkpoint, w: float | None) -> None:
     if config.kind != "diffusers":
         raise ConfigError("--checkpoint", f"is a {config.kind} model; only students of diffusers "
                                           "teachers export to diffusers")
-    distilled = checkpoint.distilled_sampler
+    distilled = checkpoint.sampling.distilled_sampler
     if distilled is not None and not distilled.ddim_equivalent:
         raise ConfigError("--checkpoint", f"is distilled for {distilled}, which diffusers' DDIM "
                                           "does not reproduce")
@@ -64,7 +64,7 @@ def _check(checkpoint: Checkpoint, w: float | None) -> None:
         raise ConfigError("--w", "applies only to a w-conditioned UNet2DModel student (others "
                                  "keep their guidance input or have w built in)")
     if folds:
-        checkpoint.check_guidance(w, w, "--w")
+        checkpoint.sampling.check_guidance(w, w, "--w")
 
 
 def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None) -> dict:
@@ -74,11 +74,11 @@ def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None
     check_replaceable(out)
     network, config = checkpoint.network, checkpoint.config
     unet = _folded(network, config, w) if w is not None else network.unet
-    distilled = checkpoint.distilled_sampler
+    distilled = checkpoint.sampling.distilled_sampler
     record = {"format": EXPORT_FORMAT, "fingerprint": checkpoint.fingerprint,
               "method": checkpoint.extra.get("method"),
               "steps": distilled.steps if distilled is not None else None,
-              "w_built_in": w if w is not None else checkpoint.built_in_w,
+              "w_built_in": w if w is not None else checkpoint.sampling.built_in_w,
               "guidance_input": "timestep_cond = guidance_embedding(w), w = guidance_scale - 1"
               if config.w_conditioned and w is None else None}
     parent = os.path.dirname(os.path.abspath(out))

@@ -49,7 +49,7 @@ class ShardMaker:
         self.job, self.mode, self.device = job, MODES[job.mode], torch.device(device)
         teacher.network.to(self.device)
         self.teacher = Teacher(teacher.w_denoiser, teacher.denoiser.schedule,
-                               teacher.is_stochastic_student, teacher.stochastic_sampler)
+                               teacher.sampling.is_stochastic_student, teacher.sampling.stochastic_sampler)
         self.shape, self.conditions = teacher.data_shape, teacher.conditions
         self.data = real_data(job, teacher) if self.mode.from_data else None
         # real images become a latent teacher's latents (ODE pairs start from noise: no images)

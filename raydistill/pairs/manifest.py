@@ -74,7 +74,7 @@ def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
     """What makes two runs' shards interchangeable: all of it must match to add to a location.
     `teacher_steps` follows from the teacher's fingerprint; it is recorded for the reader. A text
     model's pairs record its prompt table (what c indexes), and their samples carry its rows."""
-    distilled = teacher.distilled_sampler
+    distilled = teacher.sampling.distilled_sampler
     identity = {"mode": job.mode, "teacher_fingerprint": teacher.fingerprint,
                 "teacher_steps": distilled.steps if distilled else None,
                 "samples_per_shard": job.samples_per_shard, "seed": job.seed,

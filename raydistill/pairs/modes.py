@@ -86,7 +86,7 @@ class OdePairs(PairMode):
 
     def check_teacher(self, job: PairsJob, teacher: Checkpoint) -> None:
         solver = job.solver
-        teacher.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
+        teacher.sampling.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
                               stochastic=job.stochastic, force=job.force_sampler,
                               force_key="force_sampler=true",
                               keys={"steps": "solver.steps", "solver": "solver.solver",

@@ -47,7 +47,7 @@ def worker_device(job: PairsJob) -> torch.device:
 def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
     """A teacher that is a distilled student is sampled only as it was distilled: its w range,
     and what the job's mode asks of it (raydistill.pairs.modes)."""
-    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance",
+    teacher.sampling.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance",
                            force=job.force_sampler, force_key="force_sampler=true")
     MODES[job.mode].check_teacher(job, teacher)
 
@@ -67,7 +67,7 @@ def planned_pair_set(job: PairsJob, teacher: Checkpoint) -> PairSet:
 
 
 def shard_row(job: PairsJob, teacher: Checkpoint, index: int, data: bytes, count: int) -> dict:
-    solver, steps = MODES[job.mode].teacher_work(job, teacher.is_stochastic_student)
+    solver, steps = MODES[job.mode].teacher_work(job, teacher.sampling.is_stochastic_student)
     return {
         "shard": shard_name(index), "index": index, "count": count, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "seed": shard_seed(job.seed, index),

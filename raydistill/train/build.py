@@ -131,7 +131,7 @@ def check_job(job: TrainJob, teacher: Checkpoint,
                                      f"teacher {teacher.data_shape}")
     if starts_from_teacher(config, teacher):
         check_fits(build_network(config, meta=True), teacher)
-    teacher.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
+    teacher.sampling.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance")
     world = job.workers.num * job.deepspeed.grad_accum
     if job.optim.batch_size % world:
         raise ConfigError("optim.batch_size", f"{job.optim.batch_size} is not divisible by "
