@@ -264,20 +264,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--out", f"must be a .png (grid) or .npz (arrays) file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
-    distilled = checkpoint.sampling.distilled_sampler
+    policy = checkpoint.sampling
     if args.steps is None:
-        sampler = dataclasses.replace(sampler, steps=distilled.steps if distilled else 64)
+        sampler = dataclasses.replace(sampler, steps=policy.default_steps(64))
     if args.w is None:
-        sampler = dataclasses.replace(sampler, w=checkpoint.sampling.default_w)
-    stochastic = (distilled is not None and distilled.stochastic) if args.stochastic is None \
-        else args.stochastic
+        sampler = dataclasses.replace(sampler, w=policy.default_w)
+    stochastic = policy.default_stochastic if args.stochastic is None else args.stochastic
     force = {"force": args.force_sampler, "force_key": "--force-sampler"}
-    checkpoint.sampling.check_guidance(sampler.w, sampler.w, "--w", **force)
-    checkpoint.sampling.check_sampler(steps=sampler.steps, solver=sampler.solver, spacing=sampler.spacing,
-                             stochastic=stochastic, **force,
-                             keys={"steps": "--steps", "solver": "--solver",
-                                   "spacing": "--spacing",
-                                   "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
+    policy.check_guidance(sampler.w, sampler.w, "--w", **force)
+    policy.check_sampler(steps=sampler.steps, solver=sampler.solver, spacing=sampler.spacing,
+                         stochastic=stochastic, **force,
+                         keys={"steps": "--steps", "solver": "--solver", "spacing": "--spacing",
+                               "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
     checkpoint.network.to(device)
     if checkpoint.autoencoder is not None:
         checkpoint.autoencoder.to(device)
@@ -300,13 +298,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                     shape=checkpoint.data_shape,
                                     conditions=conditions, sampler=sampler,
                                     seed=args.seed, device=device,
-                                    stochastic=checkpoint.sampling.stochastic_sampler if stochastic else None)
+                                    stochastic=policy.stochastic_sampler if stochastic else None)
     images = checkpoint.images(images).clamp(-1, 1)       # a latent model's decoded
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:
         save_grid(images, conditions.num_classes, args.out)
-    how = (distilled.solver if distilled else "stochastic") if stochastic else sampler.solver
+    how = (policy.default_solver if policy.default_stochastic else "stochastic") if stochastic \
+        else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"
     if classifier is not None:

@@ -128,7 +128,8 @@ def test_a_multistep_generator_is_sampled_paired_and_evaluated_with_its_chain(tm
     save_checkpoint(path, build_network(config), config, extra=meta)
     model = load_checkpoint(path)
     distilled = model.sampling.distilled_sampler
-    assert (distilled.solver, distilled.steps, model.sampling.is_stochastic_student) == ("renoise", 2, False)
+    assert (distilled.solver, distilled.steps, model.sampling.is_stochastic_student) == (
+        "renoise", 2, False)
     assert model.sampling.stochastic_sampler is renoise_sample
     assert network_evaluations(model, "renoise", 2) == 2
 

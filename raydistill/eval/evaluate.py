@@ -78,9 +78,8 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
     for student in job.students:
         ref = TeacherRef(checkpoint=student.checkpoint)
         model = load(ref)
-        distilled = model.sampling.distilled_sampler
-        solver = distilled.solver if distilled else "ddim"
-        steps = student.steps or ([distilled.steps] if distilled else [job.teacher_steps])
+        solver = model.sampling.default_solver
+        steps = student.steps or [model.sampling.default_steps(job.teacher_steps)]
         rows += [Row(student.name, ref, solver, n, w) for n in steps]
         if model.config.w_conditioned:
             sweeping.append((student.name, ref, model, solver, steps))
@@ -114,7 +113,7 @@ def network_evaluations(model: Checkpoint, solver: str, steps: int) -> int:
     schedule = model.denoiser.schedule
     if solver in STOCHASTIC:
         model.sampling.stochastic_sampler(stub, z, {}, schedule, steps=steps,
-                                 xi=torch.zeros(1, steps - 1, *model.data_shape))
+                                          xi=torch.zeros(1, steps - 1, *model.data_shape))
     else:
         sample(stub, z, {}, schedule, steps=steps, solver=solver)
     return calls * (2 if isinstance(model.w_denoiser, CFG) else 1)

@@ -222,7 +222,8 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
         conditions=teacher.conditions, weighting=job.loss_weighting,
-        teacher_is_stochastic=teacher.sampling.is_stochastic_student, reads=PAIRS if job.pairs else DATA)
+        teacher_is_stochastic=teacher.sampling.is_stochastic_student,
+        reads=PAIRS if job.pairs else DATA)
 
 
 SPEC = MethodSpec(

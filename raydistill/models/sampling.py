@@ -102,6 +102,25 @@ class SamplingPolicy:
         return DistilledSampler(int(self.extra["steps"]), bool(self.extra.get("stochastic")),
                                 self.extra.get("sampler") == "renoise")
 
+    def default_steps(self, otherwise: int) -> int:
+        """The steps to sample with when none are given: those a student was distilled for, else
+        `otherwise`."""
+        distilled = self.distilled_sampler
+        return distilled.steps if distilled else otherwise
+
+    @property
+    def default_solver(self) -> str:
+        """The solver a model is sampled with unless asked otherwise (a row's name in an
+        evaluation): a distilled student's sampler, else ddim."""
+        distilled = self.distilled_sampler
+        return distilled.solver if distilled else "ddim"
+
+    @property
+    def default_stochastic(self) -> bool:
+        """Whether a model is sampled with a stochastic sampler unless asked otherwise."""
+        distilled = self.distilled_sampler
+        return distilled is not None and distilled.stochastic
+
     @property
     def is_stochastic_student(self) -> bool:
         """Whether the model is a progressive student distilled for Meng et al.'s stochastic

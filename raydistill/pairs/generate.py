@@ -48,8 +48,9 @@ class ShardMaker:
     def __init__(self, job: PairsJob, teacher: Checkpoint, device: torch.device | str = "cpu"):
         self.job, self.mode, self.device = job, MODES[job.mode], torch.device(device)
         teacher.network.to(self.device)
+        policy = teacher.sampling
         self.teacher = Teacher(teacher.w_denoiser, teacher.denoiser.schedule,
-                               teacher.sampling.is_stochastic_student, teacher.sampling.stochastic_sampler)
+                               policy.is_stochastic_student, policy.stochastic_sampler)
         self.shape, self.conditions = teacher.data_shape, teacher.conditions
         self.data = real_data(job, teacher) if self.mode.from_data else None
         # real images become a latent teacher's latents (ODE pairs start from noise: no images)

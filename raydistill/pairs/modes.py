@@ -86,11 +86,11 @@ class OdePairs(PairMode):
 
     def check_teacher(self, job: PairsJob, teacher: Checkpoint) -> None:
         solver = job.solver
-        teacher.sampling.check_sampler(steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
-                              stochastic=job.stochastic, force=job.force_sampler,
-                              force_key="force_sampler=true",
-                              keys={"steps": "solver.steps", "solver": "solver.solver",
-                                    "spacing": "solver.spacing", "stochastic": "stochastic"})
+        teacher.sampling.check_sampler(
+            steps=solver.steps, solver=solver.solver, spacing=solver.spacing,
+            stochastic=job.stochastic, force=job.force_sampler, force_key="force_sampler=true",
+            keys={"steps": "solver.steps", "solver": "solver.solver", "spacing": "solver.spacing",
+                  "stochastic": "stochastic"})
 
     def draw(self, job: PairsJob, g: torch.Generator, shape: tuple[int, ...],
              x: Callable[[], Tensor]) -> dict[str, Tensor]:

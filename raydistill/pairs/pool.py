@@ -48,7 +48,7 @@ def check_teacher(job: PairsJob, teacher: Checkpoint) -> None:
     """A teacher that is a distilled student is sampled only as it was distilled: its w range,
     and what the job's mode asks of it (raydistill.pairs.modes)."""
     teacher.sampling.check_guidance(job.guidance.w_min, job.guidance.w_max, "guidance",
-                           force=job.force_sampler, force_key="force_sampler=true")
+                                    force=job.force_sampler, force_key="force_sampler=true")
     MODES[job.mode].check_teacher(job, teacher)
 
 
