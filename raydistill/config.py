@@ -594,7 +594,7 @@ class DeepSpeedConfig:
 class TrainJob:
     """`raydistill train`: distill a student with Ray Train + DeepSpeed ZeRO."""
 
-    method: Literal["guided", "progressive", "kd", "dmd"] = "guided"  # raydistill.methods.registry
+    method: str = "guided"           # a registered method (raydistill.methods.registry)
     teacher: TeacherRef = field(default_factory=TeacherRef)
     student: ModelConfig | None = None   # default: the teacher's network (+ w input for guided)
     data: DataConfig = field(default_factory=DataConfig)   # real x for inline targets
@@ -622,6 +622,11 @@ class TrainJob:
     seed: int = 0
 
     def validate(self) -> None:
+        # imported here: the registry imports this module
+        from raydistill.methods.registry import METHODS
+
+        require(self.method in METHODS, "method",
+                f"must be one of {list(METHODS)}, got {self.method!r}")
         for key in ("checkpoint_every", "log_every", "max_nan_steps"):
             require(getattr(self, key) >= 1, key, "must be at least 1")
         require(self.until >= 0, "until", "must be non-negative (0: train to the end)")

@@ -1,7 +1,9 @@
 """Every distillation method by name (see base.MethodSpec for what an entry holds).
 
-Adding a method: one module under raydistill/methods/ (its Method and its MethodSpec, `SPEC`), one
-line here, and its name and config section in raydistill/config.py (TrainJob).
+Adding a method: one module (its Method and its MethodSpec, `SPEC`) and one registry entry: a line
+here for the methods raydistill ships, or `register(SPEC)` in a module of your own, imported before
+the job is read. A method with settings of its own still adds its section to TrainJob
+(raydistill/config.py).
 """
 
 from __future__ import annotations
@@ -18,3 +20,15 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError("method", f"unknown method {name!r} (expected one of {sorted(METHODS)})")
     return METHODS[name]
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method defined outside raydistill, by its spec's name. The driver hands the spec to
+    the training workers, so its module must be importable where they run (or be pickled by
+    value: ray.cloudpickle.register_pickle_by_value). Registering another spec under a name that is
+    taken is an error; registering the same spec again is not."""
+    known = METHODS.get(spec.name)
+    if known is not None and known is not spec:
+        raise ValueError(f"method {spec.name!r} is already registered (by {known.build.__module__})")
+    METHODS[spec.name] = spec
+    return spec

@@ -41,7 +41,8 @@ from raydistill.config import (
 from raydistill.events import DIRECTORY as EVENTS
 from raydistill.logs import engine_logs_to
 from raydistill.methods import Method
-from raydistill.methods.base import DATA, PAIRS
+from raydistill.methods.base import DATA, PAIRS, MethodSpec
+from raydistill.methods.registry import METHODS, method_spec, register
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.train.build import (
     build_method,
@@ -196,7 +197,8 @@ def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
     for attempt in range(job.max_failures + 1):
         trainer = TorchTrainer(
             worker_main,
-            train_loop_config={"plan": WorkerPlan(job, student, os.path.join(out, LOGS),
+            train_loop_config={"plan": WorkerPlan(job, student, method_spec(job.method),
+                                                  os.path.join(out, LOGS),
                                                   os.path.join(out, EVENTS), channel)},
             scaling_config=ScalingConfig(num_workers=workers.num, use_gpu=workers.gpus > 0,
                                          resources_per_worker={"CPU": workers.cpus,
@@ -260,6 +262,7 @@ class WorkerPlan:
 
     job: TrainJob
     student: ModelConfig
+    method: MethodSpec                # the job's method (one registered in the driver only too)
     logs: str                         # where each rank writes its engine log
     events: str                       # where rank 0 writes TensorBoard events
     progress: Any = None              # the driver's progress channel (None: no bar)
@@ -274,6 +277,8 @@ def worker_main(config: dict) -> None:
 
     plan: WorkerPlan = config["plan"]
     job, student_config, channel = plan.job, plan.student, plan.progress
+    if plan.method.name not in METHODS:
+        register(plan.method)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
