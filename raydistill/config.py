@@ -39,7 +39,7 @@ class ConfigError(ValueError):
         return ConfigError, (self.key, self.message)
 
 
-def _is_power_of_two(n: int) -> bool:
+def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -362,7 +362,7 @@ class HalvingConfig:
         for key in ("start_steps", "end_steps"):
             value = getattr(self, key)
             require(value > 0, key, f"must be positive, got {value}")
-            require(_is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
+            require(is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
         require(self.end_steps < self.start_steps, "end_steps",
                 f"must be below start_steps ({self.end_steps} >= {self.start_steps}): no round")
         require(self.steps_per_round > 0, "steps_per_round", "must be positive")
@@ -494,7 +494,7 @@ class WorkersConfig:
 class PairsJob:
     """`raydistill pairs`: the teacher's work, written to WebDataset shards with a manifest."""
 
-    mode: Literal["ode", "guided", "progressive"] = "ode"
+    mode: str = "ode"                # a pair mode (raydistill.pairs.modes)
     teacher: TeacherRef = field(default_factory=TeacherRef)
     data: DataConfig = field(default_factory=DataConfig)      # real x for guided / progressive
     solver: SolverConfig = field(default_factory=SolverConfig)   # ode mode
@@ -510,15 +510,13 @@ class PairsJob:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self) -> None:
+        # imported here: the mode table imports this module
+        from raydistill.pairs.modes import MODES
+
+        require(self.mode in MODES, "mode", f"must be one of {list(MODES)}, got {self.mode!r}")
         for key in ("num_shards", "samples_per_shard", "batch_size"):
             require(getattr(self, key) > 0, key, "must be positive")
-        if self.mode == "progressive":
-            require(self.student_steps > 0, "student_steps",
-                    f"must be positive in progressive mode, got {self.student_steps}")
-            require(_is_power_of_two(self.student_steps), "student_steps",
-                    f"must be a power of two for halving, got {self.student_steps}")
-        require(not self.stochastic or self.mode != "guided", "stochastic",
-                "applies to ode pairs and progressive targets, not to mode guided")
+        MODES[self.mode].validate(self)
 
 
 EXIT_STEPS = ("last", "uniform")

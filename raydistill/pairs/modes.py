@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from raydistill.config import PairsJob
+from raydistill.config import PairsJob, is_power_of_two, require
 from raydistill.diffusion.guidance import Cond, Denoiser
 from raydistill.diffusion.schedule import Schedule, uniform_t
 from raydistill.diffusion.solvers import sample
@@ -47,6 +47,10 @@ class PairMode(ABC):
     arrays: tuple[str, ...]          # its arrays per sample (raydistill.pairs.format)
     fields: tuple[str, ...]          # its JSON scalars per sample
     from_data: bool                  # its targets start from real images (noised), not noise
+
+    def validate(self, job: PairsJob) -> None:  # noqa: B027
+        """Refuse settings the mode does not take, naming the key (at load: PairsJob.validate);
+        a mode with no rules of its own takes every setting."""
 
     @abstractmethod
     def identity(self, job: PairsJob) -> dict:
@@ -118,6 +122,10 @@ class OdePairs(PairMode):
 class GuidedTargets(PairMode):
     name, arrays, fields, from_data = "guided", ("z_t", "target"), ("c", "w", "t", "seed"), True
 
+    def validate(self, job: PairsJob) -> None:
+        require(not job.stochastic, "stochastic",
+                "applies to ode pairs and progressive targets, not to mode guided")
+
     def identity(self, job: PairsJob) -> dict:
         return {"data": asdict(job.data)}
 
@@ -144,6 +152,12 @@ class GuidedTargets(PairMode):
 class ProgressiveTargets(PairMode):
     name, arrays, fields, from_data = ("progressive", ("z_t", "target"),
                                        ("c", "w", "t", "N", "seed"), True)
+
+    def validate(self, job: PairsJob) -> None:
+        require(job.student_steps > 0, "student_steps",
+                f"must be positive in progressive mode, got {job.student_steps}")
+        require(is_power_of_two(job.student_steps), "student_steps",
+                f"must be a power of two for halving, got {job.student_steps}")
 
     def identity(self, job: PairsJob) -> dict:
         return {"data": asdict(job.data), "student_steps": job.student_steps,
