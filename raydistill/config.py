@@ -535,6 +535,8 @@ class DMDConfig:
     gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
     gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
     gan_head: Literal["mlp", "conv"] = "mlp"   # raydistill.methods.dmd.gan_head (conv: DMD2's)
+    gan_t_max: float = 1.0           # the GAN's noise levels: real and generated x at t ~ U(0, gan_t_max]
+    gan_head_lr_scale: float = 1.0   # the head's learning rate, as a multiple of the fake score's
     #: the fake score's denoising loss: `output`, unit weight on the network's own output (DMD2),
     #: or an x-space weighting as loss_weighting's (refused where it spreads over 1e4 across t)
     fake_weighting: Literal["output", "snr", "truncated_snr", "snr_plus_one", "constant"] = "output"
@@ -544,6 +546,8 @@ class DMDConfig:
     def validate(self) -> None:
         require(0.0 < self.t_min < self.t_max <= 1.0, "t_min",
                 f"must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        require(0.0 < self.gan_t_max <= 1.0, "gan_t_max", f"must be in (0, 1], got {self.gan_t_max}")
+        require(self.gan_head_lr_scale > 0, "gan_head_lr_scale", "must be positive")
         for key in ("regression_weight", "gan_weight", "gan_head_weight"):
             require(getattr(self, key) >= 0, key, "must be non-negative")
         require((self.gan_weight > 0) == (self.gan_head_weight > 0), "gan_weight",

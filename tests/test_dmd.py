@@ -184,3 +184,32 @@ def test_under_bf16_the_dm_gradient_evaluates_the_fake_score_in_fp32(single_proc
     # per step: fake_updates (2) training passes with gradients, then one DM evaluation without
     assert seen == [(True, torch.bfloat16)] * 2 + [(False, torch.float32)] + \
         [(True, torch.bfloat16)] * 2 + [(False, torch.float32)]
+
+
+def test_the_gan_head_has_its_own_learning_rate_and_noise_levels(single_process_group):
+    """dmd.gan_head_lr_scale trains the head's parameters at that multiple of the fake score's
+    learning rate (an optimizer group of their own); dmd.gan_t_max bounds the noise levels of
+    every classified sample, real or generated, while the fake score's denoising keeps U(0, 1]."""
+    job = load(TrainJob, ANALYTIC_DMD, [
+        "workers.num=1", "optim.steps=2", "checkpoint_every=2", "optim.warmup_steps=0",
+        "dmd.gan_weight=0.01", "dmd.gan_head_weight=0.01", "dmd.gan_head_lr_scale=10",
+        "dmd.gan_t_max=0.1"])
+    plan = prepare(job)
+    setup = setup_worker(job, plan.student_config, 0, 1)
+    times = {True: [], False: []}
+
+    def keep(module, args, kwargs, out):
+        times[kwargs.get("classify", False)].append(args[1].detach().clone())
+
+    setup.method.fake_score.register_forward_hook(keep, with_kwargs=True)
+    from raydistill.train.loop import WorkerContext, run_worker
+
+    run_worker(job, setup.method, setup.streams,
+               WorkerContext(0, 1, setup.device, lambda metrics, directory: None),
+               plan.student_config, setup.teacher)
+    classified, denoised = torch.cat(times[True]), torch.cat(times[False])
+    # per step: 2 fake-score updates (generated and real samples classified) and the generator's
+    assert len(classified) == 2 * (2 * 2 + 1) * 64 and float(classified.max()) <= 0.1
+    assert float(denoised.max()) > 0.5
+    net_lr, head_lr = setup.method.fake_score.get_lr()
+    assert head_lr == pytest.approx(10 * net_lr) and net_lr > 0

@@ -79,6 +79,9 @@ class Method(ABC):
     #: `precise` (see `precisely`)
     precise_modules: tuple[str, ...] = ()
     precise: dict[str, Callable[..., Tensor]] | None = None
+    #: per trainable module, learning rates of its submodules as multiples of the module's own
+    #: (raydistill.train.engine.param_groups)
+    lr_scales: dict[str, dict[str, float]] = {}
 
     def precisely(self, name: str) -> Callable[..., Tensor]:
         """Trainable module `name` evaluated in fp32: the loop's evaluation of its bf16 weights

@@ -12,13 +12,16 @@ likewise). Copies of a w-conditioned teacher keep its w input, fed the same w. O
     x = sg(G(z, c)),  t ~ U(0, 1],  z_t = alpha_t x + sigma_t eps
     L_fake = ||out_fake(z_t, t, c) - target(x)||^2  in the fake score's own parameterization
              (dmd.fake_weighting: unit weight, as DMD2; or an x-space weight(lambda_t) J^2)
-             + gan_head_weight [softplus(D(z_t)) + softplus(-D(z'_t))]       (DMD2; x' real data)
+             + gan_head_weight [softplus(D(z_s)) + softplus(-D(z'_s'))]      (DMD2; x' real data)
+    with the GAN's own noise levels s, s' ~ U(0, dmd.gan_t_max] (z_s = alpha_s x + sigma_s eps'):
+    DMD2 draws them, as its fake score's, uniformly over its teacher's time grid, which for its
+    EDM teachers puts most draws at low noise, where real and generated samples differ
   generator phase (x_hat_fake evaluated in fp32 when the fake score trains in bf16, as in DMD2):
     x = G(z, c),  t ~ U[t_min, t_max],  z_t = alpha_t sg(x) + sigma_t eps
     grad = (x_hat_fake(z_t) - x_hat_real(z_t)) / mean|x - x_hat_real(z_t)|  (per sample, no grad)
     L_G = 0.5 ||x - sg(x - grad)||^2       (its gradient in x is grad / dim: the DM gradient)
           + regression_weight E d(G(z_pair, c), x_ode)     (DMD, on ODE pairs; DMD2 drops it)
-          + gan_weight softplus(-D(z''_t)),  z''_t = alpha x + sigma eps'       (DMD2)
+          + gan_weight softplus(-D(z''_s)),  z''_s = alpha_s x + sigma_s eps''   (DMD2)
 
 x_hat_fake - x_hat_real = sigma_t^2 / alpha_t (s_real - s_fake), so descending L_G moves G's samples
 from where the fake score puts them toward where the real score does. D is a small classifier head
@@ -177,6 +180,8 @@ class DistributionMatching(Method):
         self.weighting, self.distance, self.steps = weighting, distance, steps
         self.gan = dmd.gan_weight > 0
         self.regression = dmd.regression_weight > 0
+        self.lr_scales = {"fake_score": {"head": dmd.gan_head_lr_scale}} \
+            if self.gan and dmd.gan_head_lr_scale != 1.0 else {}
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "fake_score": self.fake_score}
@@ -254,16 +259,15 @@ class DistributionMatching(Method):
             x, cond = self.generate()
         t = self.times(len(x))
         z_t = self.noised(x, t)
-        if self.gan:                    # the head's logit from the same forward pass
-            out, fake_logits = self.fake_score(z_t, t, cond, classify=True)
-        else:
-            out = self.fake_score(z_t, t, cond)
+        out = self.fake_score(z_t, t, cond)
         denoising = output_loss(out, self.fake_config, self.schedule, self.weighting, z_t, t,
                                 x).mean()
         loss, values = denoising, {"loss_denoise": denoising.detach()}
         if self.gan:
+            t_fake = self.times(len(x), high=self.dmd.gan_t_max)
+            _, fake_logits = self.fake_score(self.noised(x, t_fake), t_fake, cond, classify=True)
             real = batch[DATA]
-            t_real = self.times(len(real["x"]))
+            t_real = self.times(len(real["x"]), high=self.dmd.gan_t_max)
             _, real_logits = self.fake_score(self.noised(real["x"], t_real), t_real,
                                              self.condition(real["c"]), classify=True)
             head = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
@@ -288,7 +292,7 @@ class DistributionMatching(Method):
             loss = loss + self.dmd.regression_weight * regression
             values["loss_reg"] = regression.detach()
         if self.gan:
-            t_gan = self.times(len(x))
+            t_gan = self.times(len(x), high=self.dmd.gan_t_max)
             _, logits = self.fake_score(self.noised(x, t_gan), t_gan, cond, classify=True)
             adversarial = F.softplus(-logits).mean()
             loss = loss + self.dmd.gan_weight * adversarial

@@ -58,9 +58,12 @@ def _skip_cpu_shm_build() -> None:
 
 
 def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_size: int,
-                 round_updates: int, on_cuda: bool):
+                 round_updates: int, on_cuda: bool,
+                 lr_scales: dict[str, float] | None = None):
     """A DeepSpeed engine for `module` trained with `optim` (AdamW from torch, warm-up + cosine LR
-    over `round_updates` of its own updates, restarting every round)."""
+    over `round_updates` of its own updates, restarting every round). `lr_scales`: the learning
+    rate of the parameters under a submodule, as a multiple of optim.lr, by submodule name (e.g.
+    DMD2's GAN head)."""
     import deepspeed
 
     if not on_cuda:
@@ -69,10 +72,11 @@ def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_siz
     ds = job.deepspeed
     config = deepspeed_config(job, world_size, optim)
     adamw = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
+    groups = param_groups(module, optim.lr, lr_scales or {})
     if ds.zero_stage > 0 or ds.precision != "fp32":
-        optimizer = torch.optim.AdamW(module.parameters(), **adamw)
+        optimizer = torch.optim.AdamW(groups, **adamw)
     else:       # FiniteAdamW clips with the norm it checks; DeepSpeed would compute it again
-        optimizer = FiniteAdamW(module.parameters(), **adamw, max_norm=config["gradient_clipping"])
+        optimizer = FiniteAdamW(groups, **adamw, max_norm=config["gradient_clipping"])
         config = {**config, "gradient_clipping": 0.0}
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step % round_updates, optim.warmup_steps, round_updates))
@@ -84,6 +88,20 @@ def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_siz
         engine.enable_backward_allreduce = False
     _link_unfused_masters(engine.optimizer)
     return engine
+
+
+def param_groups(module: nn.Module, lr: float, scales: dict[str, float]) -> list[dict]:
+    """The optimizer's parameter groups: the parameters under each submodule named in `scales`
+    at lr x its scale, and the rest at lr (one group when there are no scales)."""
+    named = dict(module.named_parameters())
+    groups, rest = [], dict(named)
+    for prefix, scale in scales.items():
+        params = [p for name, p in named.items() if name.startswith(prefix + ".")]
+        if not params:
+            raise ValueError(f"no parameters under {prefix!r} to scale the learning rate of")
+        groups.append({"params": params, "lr": lr * scale})
+        rest = {name: p for name, p in rest.items() if not name.startswith(prefix + ".")}
+    return [{"params": list(rest.values())}, *groups]
 
 
 def evaluated_in_fp32(module: nn.Module) -> Callable[..., Tensor]:

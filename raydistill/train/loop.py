@@ -116,7 +116,7 @@ class Trainer:
         first_round = self.schedule.rounds[0].steps
         self.engines = {name: build_engine(module, job, job.optim.for_module(name),
                                            ctx.world_size, first_round * updates[name],
-                                           ctx.device.type == "cuda")
+                                           ctx.device.type == "cuda", method.lr_scales.get(name))
                         for name, module in method.modules().items()}
         method.use_modules(self.engines)
         method.precise = precise_evaluations(method, self.engines, job, ctx.rank)
