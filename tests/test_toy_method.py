@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import ray
 import torch
-import toy_method
 import yaml
 
 from raydistill.cli import main
 from raydistill.config import DataConfig
 from raydistill.data import load_images
 from raydistill.diffusion.parameterization import broadcast_like
+from raydistill.methods.registry import METHODS, register
 from raydistill.models import load_checkpoint
 from raydistill.models.denoiser import denoise
 
@@ -29,6 +29,17 @@ def local_ray():
     init_ray(num_cpus=3)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def toy_method():
+    """The toy's module, registered by importing it, and unregistered after the test, so that no
+    other test sees a fifth method."""
+    import toy_method
+
+    register(toy_method.SPEC)        # again after an earlier test removed it (the same spec)
+    yield toy_method
+    del METHODS[toy_method.SPEC.name]
 
 
 def guided_error(model, teacher, x, c, w: float) -> float:
@@ -46,7 +57,7 @@ def guided_error(model, teacher, x, c, w: float) -> float:
     return float((out - target).pow(2).mean())
 
 
-def test_a_method_registered_outside_raydistill_trains_resumes_and_samples(tmp_path):
+def test_a_method_registered_outside_raydistill_trains_resumes_and_samples(toy_method, tmp_path):
     ray.cloudpickle.register_pickle_by_value(toy_method)     # workers cannot import tests/
     teacher_dir, out = str(tmp_path / "teacher"), str(tmp_path / "run")
     config = tmp_path / "toy.yaml"
