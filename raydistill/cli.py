@@ -304,8 +304,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_arrays(images, labels, args.out)
     else:
         save_grid(images, conditions.num_classes, args.out)
-    how = (policy.default_solver if policy.default_stochastic else "stochastic") if stochastic \
-        else sampler.solver
+    how = policy.stochastic_solver if stochastic else sampler.solver
     line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
            f"w={sampler.w:g})"
     if classifier is not None:

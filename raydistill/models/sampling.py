@@ -129,6 +129,12 @@ class SamplingPolicy:
         return distilled is not None and distilled.stochastic and not distilled.renoise
 
     @property
+    def stochastic_solver(self) -> str:
+        """The name of `stochastic_sampler` (a row's solver): renoise or stochastic."""
+        distilled = self.distilled_sampler
+        return "renoise" if distilled is not None and distilled.renoise else "stochastic"
+
+    @property
     def stochastic_sampler(self) -> Callable[..., torch.Tensor]:
         """The sampler with re-noise draws xi this model is sampled with when asked for a
         stochastic one: a multi-step generator's re-noising sampler, else Meng et al.'s (the two
