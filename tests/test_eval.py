@@ -176,3 +176,47 @@ def test_the_guidance_sweep_scores_the_teacher_ddim_and_w_students_at_each_w(loc
     pairs = json.load(open(out / "samples" / "guided-ddim-8-w0" / "pairs.json"))
     assert pairs["identity"]["guidance"] == {"w_min": 0.0, "w_max": 0.0}
     assert rows[6]["frechet"] != rows[2]["frechet"]
+
+
+def test_a_re_run_after_a_student_changed_replaces_its_sample_set_only(local_ray, tmp_path,
+                                                                       capsys):
+    """The sample sets under eval/samples are eval's own cache: a student retrained at the same
+    path gets its row drawn again (the log says why), and the rows whose model did not change
+    reuse theirs."""
+    from raydistill.config import MLPConfig, ModelConfig
+    from raydistill.models import build_network, save_checkpoint
+
+    config = ModelConfig(kind="mlp", prediction="v", mlp=MLPConfig(dim=4, width=32, depth=2,
+                                                                   num_classes=3))
+    student = str(tmp_path / "kd")
+
+    def save_student(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(student, build_network(config), config,
+                        extra={"method": "kd", "steps": 1, "stochastic": True,
+                               "sampler": "renoise", "w_min": 1.0, "w_max": 1.0})
+
+    job = tmp_path / "eval.yaml"
+    job.write_text(
+        "teacher: {analytic: {num_classes: 3, components_per_class: 2, dim: 4, seed: 1}}\n"
+        "teacher_steps: 8\nbaseline_steps: [1]\nbaseline_solvers: [ddim]\nw: 1\n"
+        f"num_samples: 200\nsamples_per_shard: 200\nstudents: [{{name: kd, checkpoint: {student}}}]\n")
+    out = tmp_path / "eval"
+    save_student(0)
+    assert main(["eval", "--config", str(job), "--out", str(out), "--quiet"]) == 0
+    first = {r["name"]: r for r in json.load(open(out / "eval.json"))["rows"]}
+    drawn = {name: os.path.getmtime(out / "samples" / r["sample_set"] / "manifest.parquet")
+             for name, r in first.items()}
+    save_student(1)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(job), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    again = {r["name"]: r for r in json.load(open(out / "eval.json"))["rows"]}
+    assert again["kd"]["fingerprint"] != first["kd"]["fingerprint"]
+    assert again["kd"]["frechet"] != first["kd"]["frechet"]
+    assert (f"eval: kd-renoise-1: its sample set was drawn with teacher_fingerprint="
+            f"'{first['kd']['fingerprint']}'; drawing it again") in printed
+    for name in ("teacher", "ddim"):
+        assert again[name]["frechet"] == first[name]["frechet"]
+        assert os.path.getmtime(out / "samples" / first[name]["sample_set"] /
+                                "manifest.parquet") == drawn[name]

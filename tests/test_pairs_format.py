@@ -22,6 +22,7 @@ from raydistill.pairs.format import (
 )
 from raydistill.pairs.generate import ShardMaker
 from raydistill.pairs.manifest import Manifest, claim_location
+from raydistill.pairs.pool import plan_pairs
 from raydistill.storage import Location
 
 ANALYTIC = {"num_classes": 3, "components_per_class": 2, "dim": 8, "shape": [2, 2, 2], "seed": 1}
@@ -147,6 +148,23 @@ def test_claim_location_refuses_other_runs(tmp_path):
     with pytest.raises(ConfigError, match="no pairs.json"):
         claim_location(stray, job(), teacher)
     assert len(Manifest.read(location)) == 0
+
+
+def test_a_plan_that_may_replace_empties_a_location_of_another_runs_set(tmp_path):
+    """`plan_pairs(replace=True)` (a pipeline's pair stage, eval's sample sets) deletes another
+    run's set and says how it differed; the same run's set it keeps, and without `replace` the
+    other run is refused."""
+    out = str(tmp_path / "pairs")
+    location = Location.parse(out)
+    plan_pairs(job(), out)
+    location.write_atomic("shard-000000.tar", b"x")
+    assert plan_pairs(job(), out, replace=True).replaced is None
+    assert location.exists("shard-000000.tar")
+    with pytest.raises(ConfigError, match="holds shards with solver="):
+        plan_pairs(job(solver={"solver": "ddim", "steps": 4}), out)
+    plan = plan_pairs(job(solver={"solver": "ddim", "steps": 4}), out, replace=True)
+    assert plan.replaced.startswith("solver=") and "'steps': 8" in plan.replaced
+    assert not location.exists("shard-000000.tar") and plan.todo == list(range(job().num_shards))
 
 
 def test_fingerprint_pin():

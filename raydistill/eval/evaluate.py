@@ -42,7 +42,7 @@ from raydistill.diffusion.solvers import sample
 from raydistill.eval.distances import exact_distances, fid, fid_kid
 from raydistill.eval.features import Features, load_features
 from raydistill.models.checkpoint import Checkpoint, load_teacher
-from raydistill.pairs.pool import plan_pairs, run_pairs
+from raydistill.pairs.pool import PairsPlan, plan_pairs, run_pairs
 from raydistill.pairs.reader import PairReader
 from raydistill.sampling import save_grid
 
@@ -130,6 +130,15 @@ def sample_job(job: EvalJob, row: Row) -> PairsJob:
                     seed=job.seed, workers=job.workers)
 
 
+def sample_plan(job: EvalJob, row: Row, out: str, log) -> PairsPlan:
+    """The plan of a row's sample set under DIR/samples: eval's own cache, so a set drawn by
+    another model at that key (a student trained again) is drawn again, not refused."""
+    plan = plan_pairs(sample_job(job, row), os.path.join(out, "samples", row.key), replace=True)
+    if plan.replaced:
+        log(f"eval: {row.key}: its sample set was drawn with {plan.replaced}; drawing it again")
+    return plan
+
+
 def read_samples(uri: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` images and classes of a sample set, in shard order (a set drawn earlier
     for more samples holds these same ones first)."""
@@ -164,7 +173,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
     rows = plan_rows(job)
     teacher = load_teacher(job.teacher)
     analytic = job.teacher.analytic is not None
-    plans = {row.key: plan_pairs(sample_job(job, row), os.path.join(out, "samples", row.key))
+    plans = {row.key: sample_plan(job, row, out, log)
              for row in rows}                     # every input checked before any work starts
     features = None if analytic else load_features(job.features)
     real = None if analytic else reference_features(

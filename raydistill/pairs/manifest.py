@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,6 +148,16 @@ def check_regenerable(run: dict, uri: str) -> None:
                                "generate a new set")
 
 
+def identity_difference(theirs: dict, mine: dict) -> tuple[str, Any, Any] | None:
+    """The first key on which two run identities differ (mode and teacher first), with its
+    values in each; None if they are the same run."""
+    others = sorted((set(mine) | set(theirs)) - {"mode", "teacher_fingerprint"})
+    for key in ["mode", "teacher_fingerprint", *others]:
+        if mine.get(key) != theirs.get(key):
+            return key, theirs.get(key), mine.get(key)
+    return None
+
+
 def claim_location(location: Location, job: PairsJob, teacher: Checkpoint) -> dict:
     """Check that `location` is empty or holds shards of this same run; record the run there
     (its identity, shard count, and the job, from which `raydistill verify --repair` regenerates).
@@ -164,12 +175,11 @@ def claim_location(location: Location, job: PairsJob, teacher: Checkpoint) -> di
                 raise ConfigError(location.uri, f"holds shards ({stray[0]}, ...) but no {RUN}; "
                                                 "refusing to mix runs")
     else:
-        others = sorted((set(identity) | set(previous["identity"])) - {"mode", "teacher_fingerprint"})
-        for key in ["mode", "teacher_fingerprint", *others]:
-            mine, theirs = identity.get(key), previous["identity"].get(key)
-            if mine != theirs:
-                raise ConfigError(location.uri, f"holds shards with {key}={theirs!r}, "
-                                                f"this job has {key}={mine!r}")
+        difference = identity_difference(previous["identity"], identity)
+        if difference is not None:
+            key, theirs, mine = difference
+            raise ConfigError(location.uri, f"holds shards with {key}={theirs!r}, "
+                                            f"this job has {key}={mine!r}")
     num_shards = max(job.num_shards, previous["num_shards"] if previous else 0)
     run = {"format": FORMAT, "identity": identity, "num_shards": num_shards,
            "job": asdict(job)}

@@ -30,7 +30,15 @@ from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.models.denoiser import EvaluationCounter
 from raydistill.pairs.format import Layout, encode_shard, shard_name
 from raydistill.pairs.generate import ShardMaker, real_data, shard_seed
-from raydistill.pairs.manifest import COLUMNS, Manifest, PairSet, claim_location, run_identity
+from raydistill.pairs.manifest import (
+    COLUMNS,
+    Manifest,
+    PairSet,
+    claim_location,
+    identity_difference,
+    read_run,
+    run_identity,
+)
 from raydistill.pairs.modes import MODES
 from raydistill.storage import Location
 
@@ -119,6 +127,7 @@ class PairsPlan:
     manifest: Manifest
     todo: list[int]                  # shard indices to generate
     lost: dict[str, str]             # shards the manifest listed but the listing lacks: why
+    replaced: str | None = None      # how the run that `replace` emptied the location of differed
 
 
 @dataclass
@@ -131,18 +140,21 @@ class PairsResult:
     teacher_evaluations: int         # samples the teacher evaluated for this call's shards
 
 
-def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
+def plan_pairs(job: PairsJob, out: str, *, replace: bool = False) -> PairsPlan:
     """Check everything about the inputs and claim `out`; no Ray needed, no worker started.
 
     The shards to generate are those the manifest lacks and those it lists whose file is gone or
     has another size (one listing of the location, no hashing; `raydistill verify --repair`
     checks contents). Their manifest rows are dropped first, so the manifest never lists a shard
     that is not there. Raises ConfigError for a missing or mismatched teacher, data that does not
-    fit it, or a location holding another run's shards.
+    fit it, or a location holding another run's shards; with `replace` (for a caller whose own
+    cache the location is: a pipeline stage's pair set, eval's sample sets) another run's set is
+    deleted instead, and `replaced` says how it differed.
     """
     teacher = load_teacher(job.teacher)
     check_pairs_job(job, teacher)
     location = Location.parse(out)
+    replaced = empty_of_another_run(location, job, teacher) if replace else None
     manifest = Manifest.read(location)
     run = claim_location(location, job, teacher)
     lost = lost_shards(location, manifest)
@@ -151,7 +163,22 @@ def plan_pairs(job: PairsJob, out: str) -> PairsPlan:
             del manifest.rows[name]
         manifest.write(location)
     todo = [k for k in range(run["num_shards"]) if shard_name(k) not in manifest]
-    return PairsPlan(job, location, teacher.fingerprint, manifest, todo, lost)
+    return PairsPlan(job, location, teacher.fingerprint, manifest, todo, lost, replaced)
+
+
+def empty_of_another_run(location: Location, job: PairsJob, teacher: Checkpoint) -> str | None:
+    """Delete every file of a set another run made at `location`; returns how that run
+    differed from this one (`teacher_fingerprint='...'`), None when there was none."""
+    previous = read_run(location)
+    if previous is None:
+        return None
+    difference = identity_difference(previous["identity"], run_identity(job, teacher))
+    if difference is None:
+        return None
+    for name in location.list():
+        location.delete(name)
+    key, theirs, _ = difference
+    return f"{key}={theirs!r}"
 
 
 def lost_shards(location: Location, manifest: Manifest) -> dict[str, str]:

@@ -320,16 +320,11 @@ class Pipeline:
     def _make_pairs(self, stage: StudentStage, directory: str) -> dict:
         """Make (or complete, or repair by listing) the stage's pair set; a set another job made
         there is replaced."""
-        from raydistill.pairs.manifest import read_run, run_identity
         from raydistill.pairs.pool import plan_pairs, run_pairs
-        from raydistill.storage import Location
 
-        job = self.pairs_job(stage)
-        previous = read_run(Location.parse(directory)) if os.path.isdir(directory) else None
-        if previous is not None and previous["identity"] != run_identity(
-                job, load_teacher(job.teacher)):
-            _clear(directory)
-        plan = plan_pairs(job, directory)
+        plan = plan_pairs(self.pairs_job(stage), directory, replace=True)
+        if plan.replaced:
+            self.log(f"run: {stage.pairs_stage}: replacing the pair set made with {plan.replaced}")
         if plan.lost:
             self.log(f"run: {stage.pairs_stage}: regenerating " + ", ".join(
                 f"{name} ({why})" for name, why in plan.lost.items()))
