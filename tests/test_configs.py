@@ -52,7 +52,6 @@ KINDS = {
     "digits/pairs_ode.yaml": "pairs",
     "digits/pipeline.yaml": "pipeline",
     "digits/pipeline_multistep.yaml": "pipeline",
-    "digits/pipeline_one_step.yaml": "pipeline",
     "digits/teacher.yaml": "teacher",
     "examples/classifier_folder.yaml": "classifier",
     "examples/teacher_folder.yaml": "teacher",
