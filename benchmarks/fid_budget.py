@@ -4,8 +4,11 @@ long it trains) from a budget problem (one still improving at the last point).
 
 Each fraction f runs the pipeline (`raydistill run`) with every student's steps (its round length:
 optim.steps, or halving.steps_per_round) and warm-ups scaled by f, from the finished run's teacher
-(`teacher.pretrained`) and scored with its classifier's features (`eval.features`), so only the
-students, their pair sets and the evaluation run again. The finished run is the point f = 1.
+(`teacher.pretrained`) and scored with its classifier's features (`eval.features`). Each budget
+run starts with hard links to the finished run's pair sets and evaluation sample sets: the
+pipeline reuses those whose identity (teacher fingerprint, solver, count, seed) still matches, the
+teacher's and the baselines', and draws again those of the retrained students, so only the students
+and their rows run again. The finished run is the point f = 1.
 Writes OUT/budget.json (every row's FID and its ratio to the teacher's at each budget),
 OUT/budget.md and OUT/fid_vs_budget.png (one line per student row: FID / teacher's against its
 training steps).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +30,7 @@ from _record import write_record
 
 from raydistill.config import PipelineJob, TrainJob, load, planned_outputs
 from raydistill.methods.registry import method_spec
+from raydistill.pipeline.lineage import LINEAGE
 from raydistill.pipeline.run import Pipeline
 
 
@@ -48,6 +53,16 @@ def scaled(job: TrainJob, index: int, fraction: float) -> list[str]:
             overrides.append(f"{prefix}.optim.modules.{name}.warmup_steps="
                              f"{int(fraction * module.warmup_steps)}")
     return overrides
+
+
+def link_sets(full: str, run: str, job: PipelineJob) -> None:
+    """Hard-link the finished run's pair sets and evaluation sample sets into `run` (their files
+    are written once and replaced, never changed in place), without the stages' lineage records."""
+    sets = [s.pairs_stage for s in job.students if s.pairs_stage] + [os.path.join("eval", "samples")]
+    for name in sets:
+        if os.path.isdir(os.path.join(full, name)) and not os.path.exists(os.path.join(run, name)):
+            shutil.copytree(os.path.join(full, name), os.path.join(run, name),
+                            copy_function=os.link, ignore=shutil.ignore_patterns(LINEAGE))
 
 
 def rows(run: str) -> list[dict]:
@@ -81,6 +96,7 @@ def main() -> None:
                    *(["--preset", args.preset] if args.preset else []), "--out", run, "--quiet",
                    *overrides]
         print(f"budget {fraction:g}: {' '.join(command[3:])}", flush=True)
+        link_sets(full, run, job)
         subprocess.run(command, check=True)
         points[fraction] = rows(run)
     steps = {name: method_spec(train.method).total_steps(train) for name, train in trains.items()}
