@@ -348,26 +348,6 @@ class GuidanceRange:
                 f"must not exceed w_max ({self.w_min} > {self.w_max})")
 
 
-@dataclass
-class HalvingConfig:
-    """Progressive distillation: rounds N -> N/2 from a start_steps teacher down to an end_steps
-    student (the first round's student has start_steps / 2 steps)."""
-
-    start_steps: int = 64
-    end_steps: int = 1
-    steps_per_round: int = 500       # optimizer steps of each round
-    stochastic: bool = False         # train for Meng et al.'s stochastic sampler (2/N jumps)
-
-    def validate(self) -> None:
-        for key in ("start_steps", "end_steps"):
-            value = getattr(self, key)
-            require(value > 0, key, f"must be positive, got {value}")
-            require(is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
-        require(self.end_steps < self.start_steps, "end_steps",
-                f"must be below start_steps ({self.end_steps} >= {self.start_steps}): no round")
-        require(self.steps_per_round > 0, "steps_per_round", "must be positive")
-
-
 # ------------------------------------------------------------------------------- verb configs
 
 
@@ -519,48 +499,6 @@ class PairsJob:
         MODES[self.mode].validate(self)
 
 
-EXIT_STEPS = ("last", "uniform")
-
-
-@dataclass
-class DMDConfig:
-    """Distribution matching distillation (Yin et al., CVPR 2024) and the DMD2 options (Yin et al.,
-    NeurIPS 2024); see raydistill.methods.dmd. The real score's guidance strength is the job's
-    fixed w (guidance.w_min = guidance.w_max)."""
-
-    t_min: float = 0.02              # the DM gradient's noise levels t ~ U[t_min, t_max]
-    t_max: float = 0.98
-    regression_weight: float = 0.25  # lambda_reg on ODE pairs (`pairs`); 0: none (DMD2)
-    fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
-    gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
-    gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
-    gan_head: Literal["mlp", "conv"] = "mlp"   # raydistill.methods.dmd.gan_head (conv: DMD2's)
-    gan_t_max: float = 1.0           # the GAN's noise levels: real and generated x at t ~ U(0, gan_t_max]
-    gan_head_lr_scale: float = 1.0   # the head's learning rate, as a multiple of the fake score's
-    #: the fake score's denoising loss: `output`, unit weight on the network's own output (DMD2),
-    #: or an x-space weighting as loss_weighting's (refused where it spreads over 1e4 across t)
-    fake_weighting: Literal["output", "snr", "truncated_snr", "snr_plus_one", "constant"] = "output"
-    generator_steps: int = 1         # > 1: a multi-step generator trained by backward simulation
-    exit_step: str = "last"          # its trained output: the chain's last step, or "uniform"
-
-    def validate(self) -> None:
-        require(0.0 < self.t_min < self.t_max <= 1.0, "t_min",
-                f"must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
-        require(0.0 < self.gan_t_max <= 1.0, "gan_t_max", f"must be in (0, 1], got {self.gan_t_max}")
-        require(self.gan_head_lr_scale > 0, "gan_head_lr_scale", "must be positive")
-        for key in ("regression_weight", "gan_weight", "gan_head_weight"):
-            require(getattr(self, key) >= 0, key, "must be non-negative")
-        require((self.gan_weight > 0) == (self.gan_head_weight > 0), "gan_weight",
-                "and gan_head_weight must both be set (the GAN loss needs a trained head) or both 0")
-        require(self.fake_updates >= 1, "fake_updates", "must be at least 1")
-        require(self.generator_steps >= 1, "generator_steps", "must be at least 1")
-        require(self.exit_step in EXIT_STEPS, "exit_step",
-                f"must be one of {', '.join(EXIT_STEPS)}, got {self.exit_step!r}")
-        require(self.generator_steps == 1 or self.regression_weight == 0, "regression_weight",
-                f"must be 0 for a {self.generator_steps}-step generator (DMD2 trains it by "
-                "backward simulation, without ODE-pair regression)")
-
-
 @dataclass
 class TrainWorkers:
     """Ray Train workers: one per GPU on a cluster; CPU workers (gloo) when gpus is 0."""
@@ -592,6 +530,12 @@ class DeepSpeedConfig:
         require(self.grad_accum >= 1, "grad_accum", "must be at least 1")
 
 
+#: Keys of TrainJob that moved into the sections of the methods that read them (kd's and dmd's
+#: regression distance), with the defaults every train.yaml recorded before: a config or run
+#: written before loads unchanged (TrainJob.resolve)
+MOVED_TO_SECTION = {"distance": "mse", "lpips": ""}
+
+
 @dataclass
 class TrainJob:
     """`raydistill train`: distill a student with Ray Train + DeepSpeed ZeRO."""
@@ -602,13 +546,9 @@ class TrainJob:
     data: DataConfig = field(default_factory=DataConfig)   # real x for inline targets
     pairs: str = ""                  # pair shards: targets (guided, progressive), ODE pairs (kd, dmd)
     guidance: GuidanceRange = field(default_factory=GuidanceRange)
-    halving: HalvingConfig = field(default_factory=HalvingConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)
-    #: kd's loss and dmd's regression loss on ODE pairs: mean squared error, the pseudo-Huber
-    #: sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023), or LPIPS
-    #: from the TorchScript module at `lpips` (raydistill.methods.generator; never downloaded)
-    distance: Literal["mse", "pseudo_huber", "lpips"] = "mse"
-    lpips: str = ""                  # a local TorchScript LPIPS file, for distance: lpips
+    #: the method's own settings, read from its section (`MethodSpec.section`: progressive's
+    #: `halving:`, kd's `kd:`, dmd's `dmd:`); None for a method without one
+    settings: Any = None
     #: guided and progressive students' x-space loss weighting (dmd's fake score: dmd.fake_weighting)
     loss_weighting: Literal["snr", "truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
     optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
@@ -623,12 +563,65 @@ class TrainJob:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.settings is None:        # a job built in code: its method's default settings
+            from raydistill.methods.registry import METHODS
+
+            spec = METHODS.get(self.method)
+            self.settings = spec.settings() if spec is not None and spec.section else None
+
+    @staticmethod
+    def resolve(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """The mapping with the method's section read into `settings`.
+
+        Migrates a job written before methods owned their sections: a MOVED_TO_SECTION key moves
+        into the method's section where that has it; another method's section, or a moved key the
+        method does not have, is dropped at its default (such a train.yaml recorded every
+        section) and is an error otherwise."""
+        from raydistill.methods.registry import METHODS
+
+        data = dict(data)
+        require("settings" not in data, _join(prefix, "settings"),
+                "unknown key (a method's settings are its section, e.g. dmd:)")
+        method = data.get("method") or TrainJob.method
+        spec = METHODS.get(method)
+        section = spec.section if spec is not None else ""
+        has = {f.name for f in dataclasses.fields(spec.settings)} if section else set()
+        for key, default in MOVED_TO_SECTION.items():
+            if key not in data:
+                continue
+            value = data.pop(key)
+            if key in has:
+                into = dict(data.get(section) or {})
+                require(key not in into, _join(prefix, key), f"is also given as {section}.{key}")
+                data[section] = {**into, key: value}
+            else:
+                require(value in (None, default), _join(prefix, key),
+                        f"does not apply to method {method}")
+        for other in METHODS.values():
+            if other.section and other.section != section and other.section in data:
+                value, defaults = data.pop(other.section) or {}, to_dict(other.settings())
+                require(isinstance(value, dict) and {**defaults, **value} == defaults,
+                        _join(prefix, other.section),
+                        f"is the section of method {other.name}; this job's method is {method}")
+        known = {f.name for f in dataclasses.fields(TrainJob)} - {"settings"} | {section} - {""}
+        for key in data:
+            require(key in known, _join(prefix, key),
+                    f"unknown key (expected one of {sorted(known)})")
+        if section:
+            data["settings"] = from_dict(spec.settings, data.pop(section, None) or {},
+                                         _join(prefix, section))
+        return data
+
     def validate(self) -> None:
         # imported here: the registry imports this module
         from raydistill.methods.registry import METHODS
 
         require(self.method in METHODS, "method",
                 f"must be one of {list(METHODS)}, got {self.method!r}")
+        settings = METHODS[self.method].settings
+        require(settings is None or isinstance(self.settings, settings), "settings",
+                f"must be a {getattr(settings, '__name__', None)} for method {self.method}")
         for key in ("checkpoint_every", "log_every", "max_nan_steps"):
             require(getattr(self, key) >= 1, key, "must be at least 1")
         require(self.until >= 0, "until", "must be non-negative (0: train to the end)")
@@ -640,12 +633,6 @@ class TrainJob:
         if self.teacher.analytic is not None:
             require(self.student is not None, "student", "is required with an analytic teacher "
                                                          "(e.g. kind: mlp)")
-        if self.distance == "lpips":
-            require(bool(self.lpips), "lpips", "is required with distance: lpips (a TorchScript "
-                                               "LPIPS file on local disk; none is downloaded)")
-            require(os.path.isfile(self.lpips), "lpips", f"no such file: {self.lpips}")
-        else:
-            require(not self.lpips, "lpips", f"is given but distance is {self.distance}")
 
     def micro_batch(self, world_size: int) -> int:
         """Samples in each of a worker's deepspeed.grad_accum micro-batches of a step, when
@@ -1009,6 +996,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     (YAML `key: null`, or `key=null` on the command line) means the key's default."""
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
+    if hasattr(cls, "resolve"):
+        data = cls.resolve(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -1026,7 +1015,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The mapping `from_dict` builds `config` from (a TrainJob's settings under its method's
+    section)."""
+    data = dataclasses.asdict(config)
+    if isinstance(config, TrainJob):
+        settings = data.pop("settings")
+        if settings is not None:
+            from raydistill.methods.registry import method_spec
+
+            data[method_spec(config.method).section] = settings
+    return data
 
 
 def _join(prefix: str, key: str) -> str:
@@ -1034,6 +1032,8 @@ def _join(prefix: str, key: str) -> str:
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
+    if hint is Any:                      # built already (TrainJob.settings, by `resolve`)
+        return value
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key)

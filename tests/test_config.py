@@ -12,14 +12,18 @@ import yaml
 from raydistill.cli import main
 from raydistill.config import (
     ConfigError,
-    HalvingConfig,
     OptimConfig,
     PipelineJob,
     TeacherJob,
     TrainJob,
     from_dict,
     load,
+    planned_outputs,
+    to_dict,
 )
+from raydistill.methods.dmd import DMDConfig
+from raydistill.methods.generator import RegressionConfig
+from raydistill.methods.progressive import HalvingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TEACHER = os.path.join(ROOT, "configs", "smoke", "teacher.yaml")
@@ -252,3 +256,48 @@ def test_a_pretrained_teacher_is_for_pipelines_and_must_be_images(tmp_path, caps
         load(PipelineJob, None, ["teacher.pretrained.analytic={num_classes: 2}"])
     with pytest.raises(ConfigError, match="^teacher.pretrained.diffusers.path: no such directory"):
         load(PipelineJob, None, ["teacher.pretrained.diffusers.path=/nowhere"])
+
+
+def _train_v1(name: str) -> dict:
+    """A train.yaml as raydistill wrote it before methods owned their sections (tests/data)."""
+    data = yaml.safe_load(open(os.path.join(ROOT, "tests", "data", f"train-v1-{name}.yaml")))
+    data["teacher"]["checkpoint"] = os.path.join(ROOT, data["teacher"]["checkpoint"])
+    return data
+
+
+def test_a_train_yaml_from_before_methods_owned_their_sections_loads_unchanged():
+    kd = from_dict(TrainJob, _train_v1("kd"))
+    assert kd.settings == RegressionConfig(distance="pseudo_huber")
+    dmd = from_dict(TrainJob, _train_v1("dmd"))
+    assert (dmd.settings.distance, dmd.settings.fake_updates) == ("pseudo_huber", 2)
+    # written again in today's layout: the method's section only, read back as the same job
+    again = to_dict(dmd)
+    assert again["dmd"]["distance"] == "pseudo_huber"
+    assert not {"halving", "kd", "distance", "lpips", "settings"} & again.keys()
+    assert from_dict(TrainJob, again) == dmd
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"halving": {"start_steps": 8}},
+     "halving: is the section of method progressive; this job's method is kd"),
+    ({"method": "guided"}, "distance: does not apply to method guided"),
+    ({"kd": {"distance": "mse"}}, "distance: is also given as kd.distance"),
+    ({"settings": {}}, "settings: unknown key"),
+])
+def test_a_section_or_moved_key_the_method_does_not_read_is_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainJob, {**_train_v1("kd"), **change})
+
+
+def test_each_method_reads_its_own_section():
+    with planned_outputs(["teacher"]):
+        for method, section, settings in [("progressive", "halving", HalvingConfig),
+                                          ("kd", "kd", RegressionConfig),
+                                          ("dmd", "dmd", DMDConfig), ("guided", None, None)]:
+            job = load(TrainJob, None, [f"method={method}", "teacher.checkpoint=teacher"])
+            assert type(job.settings) is type(settings()) if settings else job.settings is None
+            assert to_dict(job).get(section) == (to_dict(settings()) if settings else None)
+            assert from_dict(TrainJob, to_dict(job)) == job
+        job = load(TrainJob, None, ["method=progressive", "teacher.checkpoint=teacher",
+                                    "halving.start_steps=16"])
+        assert job.settings.start_steps == 16

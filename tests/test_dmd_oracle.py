@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from raydistill.conditions import Conditions
-from raydistill.config import DMDConfig, MLPConfig, ModelConfig
+from raydistill.config import MLPConfig, ModelConfig
 from raydistill.diffusion import CFG, CosineSchedule, renoise_sample, renoise_states, sample
 from raydistill.eval.distances import exact_distances
 from raydistill.methods.base import PAIRS, regression_loss
-from raydistill.methods.dmd import DistributionMatching, FakeScore, dm_gradient
+from raydistill.methods.dmd import DistributionMatching, DMDConfig, FakeScore, dm_gradient
 from raydistill.methods.generator import distance, make_distance
 from raydistill.methods.kd import KnowledgeDistillation
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network

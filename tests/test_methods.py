@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from raydistill.conditions import Conditions
-from raydistill.config import GuidanceRange, HalvingConfig, MLPConfig, ModelConfig
+from raydistill.config import GuidanceRange, MLPConfig, ModelConfig
 from raydistill.diffusion import CFG, CosineSchedule, ddim, sample
 from raydistill.diffusion.progressive import stochastic_sample
 from raydistill.methods.base import DATA
 from raydistill.methods.guided import GuidedDistillation
-from raydistill.methods.progressive import ProgressiveDistillation, round_steps
+from raydistill.methods.progressive import HalvingConfig, ProgressiveDistillation, round_steps
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network
 from raydistill.models.denoiser import ModelDenoiser
 

@@ -13,7 +13,6 @@ from resume_harness import train_in_process
 from raydistill.cli import main
 from raydistill.conditions import Conditions
 from raydistill.config import (
-    DMDConfig,
     MLPConfig,
     ModelConfig,
     PairsJob,
@@ -24,7 +23,7 @@ from raydistill.config import (
 )
 from raydistill.diffusion import CosineSchedule, renoise_sample, renoise_states, sample
 from raydistill.eval.evaluate import network_evaluations
-from raydistill.methods.dmd import DistributionMatching, FakeScore
+from raydistill.methods.dmd import DistributionMatching, DMDConfig, FakeScore
 from raydistill.models import AnalyticTeacher, GaussianMixture, build_network, save_checkpoint
 from raydistill.models.checkpoint import as_denoiser, load_checkpoint, load_teacher
 from raydistill.pairs.generate import ShardMaker

@@ -1,6 +1,7 @@
-"""A method needs no edit outside its own module: tests/toy_method.py registers one with a single
-call, and `raydistill train` on local Ray trains it, checkpoints, stops at `until`, resumes to the
-end, and `raydistill sample` samples its student."""
+"""A method needs no edit outside its own module: tests/toy_method.py registers one, with a
+config section of its own (`baking:`), with a single call, and `raydistill train` on local Ray
+trains it, checkpoints, stops at `until`, resumes to the end, and `raydistill sample` samples its
+student."""
 
 import json
 import os
@@ -65,12 +66,13 @@ def test_a_method_registered_outside_raydistill_trains_resumes_and_samples(toy_m
         "method": "toy-baking",
         "teacher": {"checkpoint": teacher_dir, "build": f"{ROOT}/configs/smoke/teacher.yaml"},
         "data": {"source": "digits", "resolution": 16},
-        "guidance": {"w_min": 2.0, "w_max": 2.0},
+        "baking": {"w": 2.0},
         "optim": {"steps": 40, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 0,
                   "ema_decay": 0.0},
         "workers": {"num": 2}, "deepspeed": {"zero_stage": 2},
         "checkpoint_every": 20, "log_every": 10}))
     assert main(["train", "--config", str(config), "--out", out, "until=20"]) == 0
+    assert yaml.safe_load(open(os.path.join(out, "train.yaml")))["baking"] == {"w": 2.0}
     first = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     assert [row["step"] for row in first] == [10, 20]
     assert main(["train", "--config", str(config), "--out", out, "--resume"]) == 0

@@ -1,16 +1,19 @@
 """A distillation method from outside raydistill, in one module with one registry call: the
 student (the teacher's network, no w input) learns the teacher's classifier-free-guided x_hat at a
-fixed w on noised real data, so its guidance is built in (guided distillation without the w
-input). tests/test_toy_method.py trains, resumes and samples it through `raydistill train`."""
+fixed w (its section's `baking.w`) on noised real data, so its guidance is built in (guided
+distillation without the w input). tests/test_toy_method.py trains, resumes and samples it through
+`raydistill train`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydistill.conditions import Conditions
-from raydistill.config import ConfigError, ModelConfig, TrainJob
+from raydistill.config import ModelConfig, TrainJob, require
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
@@ -18,6 +21,16 @@ from raydistill.methods.base import DATA, Method, MethodSpec, Phase
 from raydistill.methods.registry import register
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import denoise
+
+
+@dataclass
+class BakingConfig:
+    """Its section, `baking:`."""
+
+    w: float = 1.0                   # the guidance strength the student builds in
+
+    def validate(self) -> None:
+        require(self.w >= 0, "w", f"must be non-negative, got {self.w}")
 
 
 class GuidanceBaking(Method):
@@ -49,21 +62,17 @@ class GuidanceBaking(Method):
         return {"loss": F.mse_loss(out, target)}
 
 
-def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    if job.guidance.w_min != job.guidance.w_max:
-        raise ConfigError("guidance", "toy-baking builds in one w: set w_min = w_max")
-
-
 def _build(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
            student: nn.Module) -> GuidanceBaking:
     return GuidanceBaking(teacher=teacher.w_denoiser, student=student, config=config,
                           schedule=teacher.denoiser.schedule, conditions=teacher.conditions,
-                          w=job.guidance.w_min, steps=job.optim.steps)
+                          w=job.settings.w, steps=job.optim.steps)
 
 
 SPEC = register(MethodSpec(
-    name="toy-baking", pairs_mode="", student=lambda config: config, check=_check,
-    check_pairs=lambda job, identity: None, build=_build,
+    name="toy-baking", pairs_mode="", student=lambda config: config,
+    check=lambda job, teacher, student: None, check_pairs=lambda job, identity: None,
+    build=_build, section="baking", settings=BakingConfig,
     round_length=lambda job: ("optim.steps", job.optim.steps),
-    record=lambda job, index: {"method": "toy-baking", "w_min": job.guidance.w_min,
-                               "w_max": job.guidance.w_max}))
+    record=lambda job, index: {"method": "toy-baking", "w_min": job.settings.w,
+                               "w_max": job.settings.w}))

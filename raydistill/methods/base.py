@@ -20,6 +20,7 @@ may pass through another module (DMD2's GAN loss through the fake score) without
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -167,8 +168,10 @@ class MethodSpec:
     pairs_keys: Callable[[TrainJob], dict] = lambda job: {}
     #: the optimizer steps of the whole run (all rounds)
     total_steps: Callable[[TrainJob], int] = lambda job: job.optim.steps
-    #: its section of TrainJob (e.g. halving), if it has one
+    #: its section of a train config (e.g. progressive's `halving:`), if it has settings of its
+    #: own, and their dataclass (TrainJob.settings; checked by its `validate`)
     section: str = ""
+    settings: type | None = None
     #: its trainable modules' names (what `optim.modules` may name)
     modules: tuple[str, ...] = ("student",)
     #: the optimizer updates a module makes per training step, where not 1 (DMD2's fake score:
@@ -179,6 +182,14 @@ class MethodSpec:
     #: settings of its section that make its shortest run, one round of one step (what
     #: `raydistill train --dry-run` trains), beside optim.steps = 1
     shortest: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if bool(self.section) != (self.settings is not None):
+            raise ValueError(f"method {self.name}: a section needs its settings' dataclass, and "
+                             "settings need a section")
+        if self.section in {f.name for f in dataclasses.fields(TrainJob)}:
+            raise ValueError(f"method {self.name}: section {self.section!r} is a key of every "
+                             "train config")
 
     def updates_per_step(self, job: TrainJob) -> dict[str, int]:
         """Each trainable module's optimizer updates per training step."""

@@ -48,13 +48,15 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydistill.conditions import Conditions
-from raydistill.config import ConfigError, DMDConfig, ModelConfig, TrainJob
+from raydistill.config import ConfigError, ModelConfig, TrainJob, require
 from raydistill.diffusion.guidance import Cond, Denoiser
 from raydistill.diffusion.multistep import renoise_states
 from raydistill.diffusion.parameterization import broadcast_like
@@ -70,6 +72,7 @@ from raydistill.methods.base import (
 )
 from raydistill.methods.generator import (
     Distance,
+    RegressionConfig,
     check_generator_job,
     check_ode_pairs,
     generator_meta,
@@ -80,6 +83,50 @@ from raydistill.methods.generator import (
 from raydistill.models.checkpoint import Checkpoint, model_data_shape
 from raydistill.models.denoiser import denoise
 from raydistill.seeds import MODULES_STREAM, derive_seed
+
+EXIT_STEPS = ("last", "uniform")
+
+
+@dataclass
+class DMDConfig(RegressionConfig):
+    """dmd's section (`dmd:`): distribution matching distillation (Yin et al., CVPR 2024) and the
+    DMD2 options (Yin et al., NeurIPS 2024), with its regression term's distance (`distance`,
+    `lpips`). The real score's guidance strength is the job's fixed w (guidance.w_min =
+    guidance.w_max)."""
+
+    t_min: float = 0.02              # the DM gradient's noise levels t ~ U[t_min, t_max]
+    t_max: float = 0.98
+    regression_weight: float = 0.25  # lambda_reg on ODE pairs (`pairs`); 0: none (DMD2)
+    fake_updates: int = 1            # fake-score updates per generator update (DMD2: 5)
+    gan_weight: float = 0.0          # DMD2's GAN loss on the generator; > 0 adds the head
+    gan_head_weight: float = 0.0     # the head's classification loss in the fake score's loss
+    gan_head: Literal["mlp", "conv"] = "mlp"   # raydistill.methods.dmd.gan_head (conv: DMD2's)
+    gan_t_max: float = 1.0           # the GAN's noise levels: real and generated x at t ~ U(0, gan_t_max]
+    gan_head_lr_scale: float = 1.0   # the head's learning rate, as a multiple of the fake score's
+    #: the fake score's denoising loss: `output`, unit weight on the network's own output (DMD2),
+    #: or an x-space weighting as loss_weighting's (refused where it spreads over 1e4 across t)
+    fake_weighting: Literal["output", "snr", "truncated_snr", "snr_plus_one", "constant"] = "output"
+    generator_steps: int = 1         # > 1: a multi-step generator trained by backward simulation
+    exit_step: str = "last"          # its trained output: the chain's last step, or "uniform"
+
+    def validate(self) -> None:
+        super().validate()
+        require(0.0 < self.t_min < self.t_max <= 1.0, "t_min",
+                f"must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        require(0.0 < self.gan_t_max <= 1.0, "gan_t_max", f"must be in (0, 1], got {self.gan_t_max}")
+        require(self.gan_head_lr_scale > 0, "gan_head_lr_scale", "must be positive")
+        for key in ("regression_weight", "gan_weight", "gan_head_weight"):
+            require(getattr(self, key) >= 0, key, "must be non-negative")
+        require((self.gan_weight > 0) == (self.gan_head_weight > 0), "gan_weight",
+                "and gan_head_weight must both be set (the GAN loss needs a trained head) or both 0")
+        require(self.fake_updates >= 1, "fake_updates", "must be at least 1")
+        require(self.generator_steps >= 1, "generator_steps", "must be at least 1")
+        require(self.exit_step in EXIT_STEPS, "exit_step",
+                f"must be one of {', '.join(EXIT_STEPS)}, got {self.exit_step!r}")
+        require(self.generator_steps == 1 or self.regression_weight == 0, "regression_weight",
+                f"must be 0 for a {self.generator_steps}-step generator (DMD2 trains it by "
+                "backward simulation, without ODE-pair regression)")
+
 
 #: the layer whose output the GAN head reads, by network kind: the UNet's bottleneck (a diffusers
 #: UNet's mid block), the MLP's last hidden features
@@ -305,7 +352,7 @@ class DistributionMatching(Method):
 
 def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
     check_generator_job(job, teacher, student)
-    dmd = job.dmd
+    dmd = job.settings
     if dmd.regression_weight > 0 and not job.pairs:
         raise ConfigError("pairs", f"dmd.regression_weight is {dmd.regression_weight:g}: the "
                                    "regression loss needs ODE pairs (`raydistill pairs --mode "
@@ -331,12 +378,13 @@ def _fake_config(teacher: Checkpoint, student: ModelConfig) -> ModelConfig:
 
 
 def _streams(job: TrainJob) -> tuple[str, ...]:
-    return ((PAIRS,) if job.dmd.regression_weight > 0 else ()) + (
-        (DATA,) if job.dmd.gan_weight > 0 else ())
+    dmd: DMDConfig = job.settings
+    return ((PAIRS,) if dmd.regression_weight > 0 else ()) + ((DATA,) if dmd.gan_weight > 0 else ())
 
 
 def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
            student: nn.Module) -> DistributionMatching:
+    dmd: DMDConfig = job.settings
     fake_config = _fake_config(teacher, student_config)
     source = student if teacher.config.kind == "gmm" else teacher.network
     net = copy.deepcopy(source).float().requires_grad_(True).train()
@@ -344,21 +392,21 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     with torch.random.fork_rng(devices=[]):      # the head: the same on every rank and attempt
         torch.manual_seed(derive_seed(job.seed, MODULES_STREAM))
         fake_score = FakeScore(net, fake_config,
-                               head=job.dmd.gan_head if job.dmd.gan_weight > 0 else None).to(device)
+                               head=dmd.gan_head if dmd.gan_weight > 0 else None).to(device)
     return DistributionMatching(
         teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
         generator_config=student_config, fake_config=fake_config,
-        schedule=teacher.denoiser.schedule, dmd=job.dmd, w=job.guidance.w_min,
+        schedule=teacher.denoiser.schedule, dmd=dmd, w=job.guidance.w_min,
         conditions=teacher.conditions, shape=teacher.data_shape,
-        weighting=job.dmd.fake_weighting, steps=job.optim.steps,
-        distance=make_distance(job.distance, job.lpips, device) if job.pairs else None)
+        weighting=dmd.fake_weighting, steps=job.optim.steps,
+        distance=make_distance(dmd.distance, dmd.lpips, device) if job.pairs else None)
 
 
 SPEC = MethodSpec(name="dmd", pairs_mode="ode",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
                   record=lambda job, index: generator_meta("dmd", job.guidance.w_min,
-                                                           steps=job.dmd.generator_steps),
+                                                           steps=job.settings.generator_steps),
                   build=_build, modules=("generator", "fake_score"), streams=_streams,
-                  section="dmd",
-                  updates=lambda job: {"fake_score": job.dmd.fake_updates})
+                  section="dmd", settings=DMDConfig,
+                  updates=lambda job: {"fake_score": job.settings.fake_updates})

@@ -22,19 +22,41 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydistill.conditions import batch_cond
-from raydistill.config import ConfigError, ModelConfig, TrainJob
+from raydistill.config import ConfigError, ModelConfig, TrainJob, require
 from raydistill.diffusion.guidance import Cond
 from raydistill.diffusion.schedule import Schedule
 from raydistill.methods.guided import check_continuous_teacher
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import denoise
+
+
+@dataclass
+class RegressionConfig:
+    """How a generator is regressed onto the teacher's ODE pairs: kd's section (`kd:`), and part
+    of dmd's (`dmd:`, for its regression term)."""
+
+    #: mean squared error, the pseudo-Huber distance, or LPIPS from the TorchScript module at
+    #: `lpips` (see the module docstring)
+    distance: Literal["mse", "pseudo_huber", "lpips"] = "mse"
+    lpips: str = ""                  # a local TorchScript LPIPS file, for distance: lpips
+
+    def validate(self) -> None:
+        if self.distance == "lpips":
+            require(bool(self.lpips), "lpips", "is required with distance: lpips (a TorchScript "
+                                               "LPIPS file on local disk; none is downloaded)")
+            require(os.path.isfile(self.lpips), "lpips", f"no such file: {self.lpips}")
+        else:
+            require(not self.lpips, "lpips", f"is given but distance is {self.distance}")
 
 
 def one_step(generator: nn.Module, config: ModelConfig, schedule: Schedule, z: Tensor,
@@ -118,14 +140,19 @@ def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig
                                             "output, unit weight on its own output as in DMD2; "
                                             "for a v-prediction fake score that is what "
                                             "snr_plus_one was)")
-    if job.distance == "lpips":
+    regression: RegressionConfig = job.settings
+    if regression.distance == "lpips":
+        key = f"{job.method}.distance"
         if len(teacher.data_shape) != 3:
-            raise ConfigError("distance", f"lpips compares images; the teacher's samples have "
-                                          f"shape {list(teacher.data_shape)}")
+            raise ConfigError(key, f"lpips compares images; the teacher's samples have shape "
+                                   f"{list(teacher.data_shape)}")
         if teacher.autoencoder_path:
-            raise ConfigError("distance", "lpips compares images; a latent teacher's samples are "
-                                          "latents (use pseudo_huber or mse)")
-        load_lpips(job.lpips)
+            raise ConfigError(key, "lpips compares images; a latent teacher's samples are latents "
+                                   "(use pseudo_huber or mse)")
+        try:
+            load_lpips(regression.lpips)
+        except ConfigError as err:
+            raise err.under(job.method) from None
     if student.w_conditioned and not teacher.config.w_conditioned:
         raise ConfigError("student", "a generator takes no w input (its guidance strength is "
                                      "built in); only a w-conditioned teacher's generator keeps "

@@ -20,6 +20,7 @@ from raydistill.diffusion.schedule import Schedule
 from raydistill.methods.base import PAIRS, Method, MethodSpec, Phase
 from raydistill.methods.generator import (
     Distance,
+    RegressionConfig,
     check_generator_job,
     check_ode_pairs,
     generator_meta,
@@ -66,7 +67,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
            student: nn.Module) -> KnowledgeDistillation:
     return KnowledgeDistillation(generator=student, config=student_config,
                                  schedule=teacher.denoiser.schedule,
-                                 distance=make_distance(job.distance, job.lpips,
+                                 distance=make_distance(job.settings.distance, job.settings.lpips,
                                                         next(student.parameters()).device),
                                  w=job.guidance.w_min, steps=job.optim.steps)
 
@@ -75,4 +76,5 @@ SPEC = MethodSpec(name="kd", pairs_mode="ode",
                   round_length=lambda job: ("optim.steps", job.optim.steps),
                   student=lambda config: config, check=_check, check_pairs=check_ode_pairs,
                   record=lambda job, index: generator_meta("kd", job.guidance.w_min, steps=1),
-                  build=_build, modules=("generator",), streams=lambda job: (PAIRS,))
+                  build=_build, modules=("generator",), streams=lambda job: (PAIRS,),
+                  section="kd", settings=RegressionConfig)

@@ -25,12 +25,20 @@ the pair workers (`raydistill pairs --mode progressive`) both call it.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from raydistill.conditions import Conditions, batch_cond
-from raydistill.config import ConfigError, GuidanceRange, HalvingConfig, ModelConfig, TrainJob
+from raydistill.config import (
+    ConfigError,
+    GuidanceRange,
+    ModelConfig,
+    TrainJob,
+    is_power_of_two,
+    require,
+)
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.progressive import jump_target
@@ -48,6 +56,26 @@ from raydistill.methods.base import (
 )
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import ModelDenoiser
+
+
+@dataclass
+class HalvingConfig:
+    """Progressive distillation: rounds N -> N/2 from a start_steps teacher down to an end_steps
+    student (the first round's student has start_steps / 2 steps)."""
+
+    start_steps: int = 64
+    end_steps: int = 1
+    steps_per_round: int = 500       # optimizer steps of each round
+    stochastic: bool = False         # train for Meng et al.'s stochastic sampler (2/N jumps)
+
+    def validate(self) -> None:
+        for key in ("start_steps", "end_steps"):
+            value = getattr(self, key)
+            require(value > 0, key, f"must be positive, got {value}")
+            require(is_power_of_two(value), key, f"must be a power of two for halving, got {value}")
+        require(self.end_steps < self.start_steps, "end_steps",
+                f"must be below start_steps ({self.end_steps} >= {self.start_steps}): no round")
+        require(self.steps_per_round > 0, "steps_per_round", "must be positive")
 
 
 def round_steps(halving: HalvingConfig) -> list[int]:
@@ -195,10 +223,10 @@ def check_halving_teacher(teacher: Checkpoint, *, teacher_steps: int, stochastic
 
 
 def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
-    check_halving_teacher(teacher, teacher_steps=job.halving.start_steps,
-                          stochastic=job.halving.stochastic,
+    check_halving_teacher(teacher, teacher_steps=job.settings.start_steps,
+                          stochastic=job.settings.stochastic,
                           keys=("halving.start_steps", "halving.stochastic"),
-                          value=job.halving.start_steps)
+                          value=job.settings.start_steps)
     if not student.w_conditioned and job.guidance.w_min != job.guidance.w_max:
         raise ConfigError("guidance", "a student without a w input distils one guidance strength: "
                                       "set w_min = w_max")
@@ -206,13 +234,13 @@ def _check(job: TrainJob, teacher: Checkpoint, student: ModelConfig) -> None:
 
 def _check_pairs(job: TrainJob, identity: dict) -> None:
     made_for, stochastic = identity["student_steps"], identity["stochastic"]
-    if round_steps(job.halving) != [made_for]:
+    if round_steps(job.settings) != [made_for]:
         raise ConfigError("pairs", f"{job.pairs} holds targets for {made_for}-step students: "
                                    f"train that one round (halving.start_steps={2 * made_for} "
                                    f"halving.end_steps={made_for})")
-    if stochastic != job.halving.stochastic:
+    if stochastic != job.settings.stochastic:
         kind = "stochastic-sampler (2/N jumps)" if stochastic else "deterministic (1/N jumps)"
-        raise ConfigError("halving.stochastic", f"is {str(job.halving.stochastic).lower()}, but "
+        raise ConfigError("halving.stochastic", f"is {str(job.settings.stochastic).lower()}, but "
                                                 f"{job.pairs} holds {kind} targets")
 
 
@@ -220,7 +248,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
            student: nn.Module) -> ProgressiveDistillation:
     return ProgressiveDistillation(
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
-        schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.halving,
+        schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.settings,
         conditions=teacher.conditions, weighting=job.loss_weighting,
         teacher_is_stochastic=teacher.sampling.is_stochastic_student,
         reads=PAIRS if job.pairs else DATA)
@@ -228,12 +256,13 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
 
 SPEC = MethodSpec(
     name="progressive", pairs_mode="progressive",
-    round_length=lambda job: ("halving.steps_per_round", job.halving.steps_per_round),
+    round_length=lambda job: ("halving.steps_per_round", job.settings.steps_per_round),
     student=lambda config: config, check=_check, check_pairs=_check_pairs, build=_build,
-    section="halving", shortest={"start_steps": 2, "end_steps": 1, "steps_per_round": 1},
-    total_steps=lambda job: job.halving.steps_per_round * len(round_steps(job.halving)),
-    record=lambda job, index: {"method": "progressive", "steps": round_steps(job.halving)[index],
-                               "stochastic": job.halving.stochastic,
+    section="halving", settings=HalvingConfig,
+    shortest={"start_steps": 2, "end_steps": 1, "steps_per_round": 1},
+    total_steps=lambda job: job.settings.steps_per_round * len(round_steps(job.settings)),
+    record=lambda job, index: {"method": "progressive", "steps": round_steps(job.settings)[index],
+                               "stochastic": job.settings.stochastic,
                                "w_min": job.guidance.w_min, "w_max": job.guidance.w_max},
-    pairs_keys=lambda job: {"student_steps": job.halving.start_steps // 2,
-                            "stochastic": job.halving.stochastic})
+    pairs_keys=lambda job: {"student_steps": job.settings.start_steps // 2,
+                            "stochastic": job.settings.stochastic})

@@ -1,9 +1,9 @@
 """Every distillation method by name (see base.MethodSpec for what an entry holds).
 
-Adding a method: one module (its Method and its MethodSpec, `SPEC`) and one registry entry: a line
-here for the methods raydistill ships, or `register(SPEC)` in a module of your own, imported before
-the job is read. A method with settings of its own still adds its section to TrainJob
-(raydistill/config.py).
+Adding a method: one module (its Method, its MethodSpec `SPEC` and, if it has settings, their
+dataclass, named in the spec with the config section they are read from) and one registry entry: a
+line here for the methods raydistill ships, or `register(SPEC)` in a module of your own, imported
+before the job is read.
 """
 
 from __future__ import annotations
@@ -30,5 +30,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     known = METHODS.get(spec.name)
     if known is not None and known is not spec:
         raise ValueError(f"method {spec.name!r} is already registered (by {known.build.__module__})")
+    owner = next((m for m in METHODS.values() if spec.section and m.section == spec.section
+                  and m.name != spec.name), None)
+    if owner is not None:
+        raise ValueError(f"section {spec.section!r} is method {owner.name!r}'s")
     METHODS[spec.name] = spec
     return spec

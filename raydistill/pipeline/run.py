@@ -397,6 +397,10 @@ def _same_run(directory: str, job: TrainJob) -> bool:
         return False
     with open(path) as f:
         recorded = yaml.safe_load(f)
+    try:                                 # read as a job, so that a run recorded before a key
+        recorded = to_dict(from_dict(TrainJob, recorded))   # moved compares by its meaning
+    except ConfigError:
+        return False
     return recorded == to_dict(with_absolute_paths(job)) and os.path.isdir(
         os.path.join(directory, "ray"))
 
