@@ -111,7 +111,7 @@ class Planner:
         spec, optim, workers = method_spec(job.method), job.optim, job.workers
         key, steps = spec.round_length(job)
         section = f"; {spec.section}: " + " ".join(
-            f"{k}={v}" for k, v in to_dict(job.settings).items()) \
+            f"{k}={v}" for k, v in to_dict(job.settings).items() if v != "") \
             if spec.section else ""
         gpus = f" x {workers.gpus:g} GPU" if workers.gpus else ""
         return f"{job.method}: {key} = {steps}, batch {optim.batch_size}, lr {optim.lr:g}, " \
