@@ -531,9 +531,8 @@ class DeepSpeedConfig:
 
 
 #: Keys of TrainJob that moved into the sections of the methods that read them (kd's and dmd's
-#: regression distance), with the defaults every train.yaml recorded before: a config or run
-#: written before loads unchanged (TrainJob.resolve)
-MOVED_TO_SECTION = {"distance": "mse", "lpips": ""}
+#: regression distance): a config or run written before loads unchanged (TrainJob.resolve)
+MOVED_TO_SECTION = ("distance", "lpips")
 
 
 @dataclass
@@ -572,12 +571,12 @@ class TrainJob:
 
     @staticmethod
     def resolve(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        """The mapping with the method's section read into `settings`.
+        """The mapping with the method's section read into `settings`. Another method's section
+        is checked as that method would read it, then left out (a config switched to another
+        method on the command line keeps its old section, as it always could).
 
-        Migrates a job written before methods owned their sections: a MOVED_TO_SECTION key moves
-        into the method's section where that has it; another method's section, or a moved key the
-        method does not have, is dropped at its default (such a train.yaml recorded every
-        section) and is an error otherwise."""
+        Migrates a job written before methods owned their sections: a MOVED_TO_SECTION key
+        moves into the method's section where that has it, and is left out where not."""
         from raydistill.methods.registry import METHODS
 
         data = dict(data)
@@ -587,23 +586,16 @@ class TrainJob:
         spec = METHODS.get(method)
         section = spec.section if spec is not None else ""
         has = {f.name for f in dataclasses.fields(spec.settings)} if section else set()
-        for key, default in MOVED_TO_SECTION.items():
-            if key not in data:
-                continue
-            value = data.pop(key)
+        moved = {key: data.pop(key) for key in MOVED_TO_SECTION if key in data}
+        for key, value in moved.items():
             if key in has:
                 into = dict(data.get(section) or {})
                 require(key not in into, _join(prefix, key), f"is also given as {section}.{key}")
                 data[section] = {**into, key: value}
-            else:
-                require(value in (None, default), _join(prefix, key),
-                        f"does not apply to method {method}")
         for other in METHODS.values():
             if other.section and other.section != section and other.section in data:
-                value, defaults = data.pop(other.section) or {}, to_dict(other.settings())
-                require(isinstance(value, dict) and {**defaults, **value} == defaults,
-                        _join(prefix, other.section),
-                        f"is the section of method {other.name}; this job's method is {method}")
+                from_dict(other.settings, data.pop(other.section) or {},
+                          _join(prefix, other.section))
         known = {f.name for f in dataclasses.fields(TrainJob)} - {"settings"} | {section} - {""}
         for key in data:
             require(key in known, _join(prefix, key),
