@@ -4,6 +4,7 @@ checkpoint and finishes; a stopped run continues with --resume; the student it l
 import glob
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -179,3 +180,86 @@ def test_progressive_round_from_precomputed_targets(tmp_path, capsys):
     assert all(0.0 <= row["data_wait"] < 1.0 for row in log)
     student = load_checkpoint(os.path.join(run, "student"))
     assert student.extra["steps"] == 4 and os.path.isdir(os.path.join(run, "rounds", "4-steps"))
+
+
+@pytest.fixture
+def failing_method():
+    """tests/failing_method.py, registered for one test (its module pickled by value: workers
+    cannot import tests/)."""
+    import failing_method
+
+    from raydistill.methods.registry import METHODS, register
+
+    ray.cloudpickle.register_pickle_by_value(failing_method)
+    register(failing_method.SPEC)
+    yield failing_method
+    del METHODS[failing_method.SPEC.name]
+
+
+@pytest.mark.parametrize("error, message", [
+    ("cuda_oom", "CUDA out of memory with 8 samples per GPU per micro-batch (optim.batch_size 16 "
+                 "over 2 workers and deepspeed.grad_accum 1), ZeRO-2, fp32: raise "
+                 "deepspeed.grad_accum or deepspeed.zero_stage, lower optim.batch_size, or train "
+                 "in bf16); start a new run with the change"),
+    ("host_oom", "a worker ran out of host memory (Ray's memory monitor stopped it): give the "
+                 "nodes more memory, or train with fewer workers per node (workers.num 2)"),
+])
+def test_out_of_memory_stops_the_run_with_one_line_instead_of_retrying(failing_method, tmp_path,
+                                                                       capsys, error, message):
+    out = str(tmp_path / "run")
+    args = ["train", "--config", ANALYTIC, "--out", out, "--quiet", "method=toy-failing",
+            f"failing.error={error}", "optim.batch_size=16", "optim.steps=20", "checkpoint_every=2",
+            "workers.num=2", "max_failures=2"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "raydistill train: error" in line]
+    assert len(errors) == 1 and message in errors[0], captured.err[-2000:]
+    assert "restarting" not in captured.out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB file system of its own (tmpfs; needs the right to mount, as root has)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({mounted.stderr.decode().strip()})")
+    yield str(path)
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill_after_a_checkpoint(out: str, filler: str) -> threading.Thread:
+    """Fill the disk `out` is on once the run has its first checkpoint."""
+    def fill():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if glob.glob(os.path.join(out, "ray", "**", SNAPSHOT), recursive=True):
+                with open(filler, "wb") as f:
+                    try:
+                        while True:
+                            f.write(bytes(1 << 20))
+                    except OSError:
+                        return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_last_checkpoint(small_disk,
+                                                                                capsys):
+    out, filler = os.path.join(small_disk, "run"), os.path.join(small_disk, "filler")
+    args = ["train", "--config", ANALYTIC, "--out", out, *LONG, "max_failures=2", "--quiet"]
+    thread = fill_after_a_checkpoint(out, filler)
+    assert main(args) == 1
+    thread.join()
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "raydistill train: error" in line]
+    assert len(errors) == 1 and "no space left on the device" in errors[0], captured.err[-3000:]
+    assert "restarting" not in captured.out
+    os.remove(filler)
+    assert main([*args, "--resume"]) == 0
+    assert logged_steps(out)[-1] == 200 and "resumed 1 times" in capsys.readouterr().out

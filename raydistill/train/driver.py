@@ -51,7 +51,7 @@ from raydistill.train.build import (
     starts_from_teacher,
     with_teacher_shape,
 )
-from raydistill.train.errors import FatalTrainingError, TrainingFailed
+from raydistill.train.errors import Repeating, TrainingFailed, repeating_cause
 from raydistill.train.progress import StepBar
 from raydistill.train.stream import Stream, mixture_stream, source_stream
 
@@ -213,12 +213,14 @@ def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
             with _env("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S):
                 return trainer.fit()
         except Exception as err:     # Ray wraps the workers' errors; keep the cause, one line
-            fatal = _fatal_error(err)
-            cause = str(fatal) if fatal is not None else next(
+            fatal = _repeating_cause(err, job)
+            cause = fatal.cause if fatal is not None else next(
                 (line for line in reversed(str(err).splitlines()) if line.strip()), repr(err))
             if fatal is not None or attempt == job.max_failures:
-                raise TrainingFailed(f"{out}: training stopped ({cause.strip()}); continue it "
-                                     "with --resume") from err
+                then = "continue it with --resume" if fatal is None or fatal.resumable else \
+                    "start a new run with the change (a resumed run keeps its settings)"
+                raise TrainingFailed(f"{out}: training stopped ({cause.strip()}); {then}") \
+                    from err
             print(f"train: a worker failed ({cause.strip()}); restarting from the last "
                   f"checkpoint (retry {attempt + 1} of {job.max_failures})", flush=True)
     raise AssertionError("unreachable: the last attempt returns or raises")
@@ -237,10 +239,12 @@ def _env(name: str, default: str):
         del os.environ[name]
 
 
-def _fatal_error(err: Exception) -> FatalTrainingError | None:
-    """The error a worker raised that a retry would raise again, if that is why `fit` failed."""
+def _repeating_cause(err: Exception, job: TrainJob) -> Repeating | None:
+    """Why `fit` failed, if a worker's error would happen again on a retry (see
+    errors.repeating_cause)."""
     failures = getattr(err, "worker_failures", None) or {}
-    return next((e for e in failures.values() if isinstance(e, FatalTrainingError)), None)
+    causes = (repeating_cause(e, job) for e in failures.values())
+    return next((cause for cause in causes if cause is not None), None)
 
 
 def _check_data_headroom(job: TrainJob) -> None:
