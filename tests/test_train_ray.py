@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -263,3 +264,23 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_its_last_checkpoint(s
     os.remove(filler)
     assert main([*args, "--resume"]) == 0
     assert logged_steps(out)[-1] == 200 and "resumed 1 times" in capsys.readouterr().out
+
+
+def test_two_runs_on_one_machine_each_use_their_own_ray_instance(tmp_path):
+    """Two `raydistill train` runs at once, beside this process's own Ray instance: each starts
+    its own and points Ray's components at it, so Ray Train's placement-group cleaner does not
+    fail on finding three ("Found multiple active Ray instances")."""
+    # this process started its instance the same way, and kept none of it in its environment
+    assert "RAY_GCS_SERVER_PORT" not in os.environ
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    runs = [subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", "--config",
+                              ANALYTIC, "--out", str(tmp_path / f"run{i}"), "--quiet",
+                              "optim.steps=40", "checkpoint_every=20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+            for i in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    for output in outputs:
+        assert "multiple active Ray instances" not in output, output[-3000:]
+        assert "PlacementGroupCleaner" not in output, output[-3000:]
