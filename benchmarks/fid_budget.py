@@ -128,10 +128,13 @@ def plot(table: list[dict], path: str) -> None:
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    for key in dict.fromkeys((t["row"], t["sampling_steps"]) for t in table):
+    lines = list(dict.fromkeys((t["row"], t["sampling_steps"]) for t in table))
+    colours = plt.cm.tab20(range(len(lines))) if len(lines) > 10 else plt.cm.tab10(range(10))
+    for key, colour in zip(lines, colours):
         mine = sorted((t["training_steps"], t["ratio"]) for t in table
                       if (t["row"], t["sampling_steps"]) == key)
-        ax.plot(*zip(*mine), marker="o", label=f"{key[0]}, {key[1]} step{'s' * (key[1] > 1)}")
+        ax.plot(*zip(*mine), marker="o", color=colour,
+                label=f"{key[0]}, {key[1]} step{'s' * (key[1] > 1)}")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training steps (optimizer steps of the whole run)")
