@@ -124,6 +124,9 @@ def test_the_step_line_shows_each_phases_loss():
     assert line == "train  fake_score 0.4  generator 0.1  10 samples/s  data wait 0%"
     single = step_postfix({"round": "train", "loss": 0.5, "samples_per_s": 10.0, "data_wait": 0.0})
     assert single == "train  loss 0.5  10 samples/s  data wait 0%"
+    # an SD-sized student on one GPU makes a few samples a second: no rounding to 0 or 1
+    slow = step_postfix({"round": "train", "loss": 0.5, "samples_per_s": 1.46, "data_wait": 0.0})
+    assert slow == "train  loss 0.5  1.5 samples/s  data wait 0%"
 
 
 @pytest.mark.parametrize("method", ["guided", "dmd"])

@@ -23,8 +23,9 @@ def step_postfix(metrics: dict[str, Any]) -> str:
               if key.endswith("/loss")}
     losses = "  ".join(f"{name} {value:.4g}" for name, value in phases.items()) if phases \
         else f"loss {metrics['loss']:.4g}"
-    return (f"{metrics['round']}  {losses}  {metrics['samples_per_s']:.0f} samples/s  data wait "
-            f"{metrics['data_wait']:.0%}")
+    rate = metrics["samples_per_s"]
+    return (f"{metrics['round']}  {losses}  {rate:.{1 if rate < 10 else 0}f} samples/s  data "
+            f"wait {metrics['data_wait']:.0%}")
 
 
 class Latest:
