@@ -130,6 +130,7 @@ def test_check_prints_the_plan_and_what_the_run_would_reuse(smoke_pipeline, caps
                  "students.4.train.optim.lr=2e-4"]) == 0
     printed = capsys.readouterr().out
     assert "8 be reused" in printed and re.search(r"\] dmd +runs: its config changed", printed)
+    assert "its config changed (train.optim.lr: 0.0001 -> '2e-4')" in printed
     assert re.search(r"\] eval +runs: after dmd +reads teacher", printed)
     assert _files(out) == before
 

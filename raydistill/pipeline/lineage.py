@@ -35,8 +35,10 @@ def why_rerun(directory: str, config: dict[str, Any], inputs: dict[str, str],
     record = read_record(directory)
     if record is None:
         return "not run yet" if not os.path.exists(directory) else "did not finish"
-    if record["config"] != json.loads(json.dumps(config)):
-        return "its config changed"
+    config = json.loads(json.dumps(config))
+    if record["config"] != config:
+        key, then, now = first_difference(record["config"], config)
+        return f"its config changed ({key}: {then!r} -> {now!r})"
     if record["inputs"] != inputs:
         changed = sorted(k for k in inputs.keys() | record["inputs"].keys()
                          if inputs.get(k) != record["inputs"].get(k))
@@ -48,6 +50,17 @@ def why_rerun(directory: str, config: dict[str, Any], inputs: dict[str, str],
     if found != record["fingerprint"]:
         return "its output changed since it was made (fingerprint differs)"
     return None
+
+
+def first_difference(then: Any, now: Any, key: str = "") -> tuple[str, Any, Any]:
+    """The first dotted key at which two JSON values differ, with its value in each (None where
+    it is missing); call only on values that differ."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for name in sorted(then.keys() | now.keys()):
+            if then.get(name) != now.get(name):
+                return first_difference(then.get(name), now.get(name),
+                                        f"{key}.{name}" if key else name)
+    return key, then, now
 
 
 def forget_record(directory: str) -> None:
