@@ -1006,6 +1006,18 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return config
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by their dotted keys (`optim.lr`, as overrides name them); an
+    empty mapping is a leaf."""
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves.update(dotted(value, f"{prefix}{key}."))
+        else:
+            leaves[prefix + key] = value
+    return leaves
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The mapping `from_dict` builds `config` from (a TrainJob's settings under its method's
     section)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from raydistill.config import ConfigError
+from raydistill.config import ConfigError, dotted
 
 LINEAGE = "lineage.json"
 
@@ -52,15 +52,12 @@ def why_rerun(directory: str, config: dict[str, Any], inputs: dict[str, str],
     return None
 
 
-def first_difference(then: Any, now: Any, key: str = "") -> tuple[str, Any, Any]:
-    """The first dotted key at which two JSON values differ, with its value in each (None where
-    it is missing); call only on values that differ."""
-    if isinstance(then, dict) and isinstance(now, dict):
-        for name in sorted(then.keys() | now.keys()):
-            if then.get(name) != now.get(name):
-                return first_difference(then.get(name), now.get(name),
-                                        f"{key}.{name}" if key else name)
-    return key, then, now
+def first_difference(then: dict, now: dict) -> tuple[str, Any, Any]:
+    """The first dotted key at which two configs that differ differ, with its value in each (None
+    where it is missing)."""
+    then, now = dotted(then), dotted(now)
+    key = next(k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k))
+    return key, then.get(key), now.get(key)
 
 
 def forget_record(directory: str) -> None:

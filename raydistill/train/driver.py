@@ -33,6 +33,7 @@ from raydistill.config import (
     ModelConfig,
     TeacherJob,
     TrainJob,
+    dotted,
     from_dict,
     load,
     to_dict,
@@ -124,21 +125,11 @@ def check_resumable(job: TrainJob, out: str) -> None:
     """A resumed run keeps everything that defines its training; only the keys in
     RESUMABLE_CHANGES may differ from the job recorded in DIR/train.yaml (both with absolute paths
     and the teacher's channel count filled in)."""
-    then, now = _flat(to_dict(_recorded_job(out))), _flat(to_dict(job))
+    then, now = dotted(to_dict(_recorded_job(out))), dotted(to_dict(job))
     for key in sorted(then.keys() | now.keys()):
         if key not in RESUMABLE_CHANGES and then.get(key) != now.get(key):
             raise ConfigError(key, f"is {now.get(key)!r}, but the run in {out} was started with "
                                    f"{then.get(key)!r}; a resumed run must keep it")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def train(job: TrainJob, out: str, *, resume: bool = False, address: str | None = None,
