@@ -237,6 +237,17 @@ def unet_args(teacher, out, shards=8):
             "batch_size=32", "solver.steps=24", "workers.max=2"]
 
 
+def test_a_set_of_two_shards_is_made_by_two_workers(slow_teacher, tmp_path):
+    """The pool starts with as many actors as the cluster has room for: on 2 CPUs a 2-shard set
+    (the digits eval's sample sets) is drawn by two workers at once, not one after the other."""
+    out = str(tmp_path / "pairs")
+    assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out, "teacher.analytic=null",
+                 f"teacher.checkpoint={slow_teacher}", "num_shards=2", "samples_per_shard=64",
+                 "batch_size=64", "solver.steps=96", "workers.max=0") == 0
+    rows = Manifest.read(Location.parse(out)).rows
+    assert len({row["worker"] for row in rows.values()}) == 2, rows
+
+
 def test_worker_killed_mid_shard_loses_nothing(slow_teacher, tmp_path):
     out = str(tmp_path / "pairs")
     killed = []

@@ -24,7 +24,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from raydistill.config import PairsJob, from_dict
+from raydistill.config import PairsJob, WorkersConfig, from_dict
 from raydistill.logs import without_ray_data_bars
 from raydistill.models.checkpoint import Checkpoint, load_teacher
 from raydistill.models.denoiser import EvaluationCounter
@@ -212,6 +212,27 @@ def generate_pairs(job: PairsJob, out: str, *, progress: bool = True) -> PairsRe
     return run_pairs(plan_pairs(job, out), progress=progress)
 
 
+def room_for(workers: WorkersConfig) -> int:
+    """How many workers of this size the cluster has free resources for now."""
+    free = ray.available_resources()
+    if workers.gpus:
+        return int(free.get("GPU", 0) // workers.gpus)
+    return int(free.get("CPU", 0) // workers.cpus)
+
+
+def actor_pool(workers: WorkersConfig, shards: int, room: int) -> ray.data.ActorPoolStrategy:
+    """The pool for `shards` shards: it starts with as many actors as the cluster has `room` for
+    (within min and max, no more than the shards) and grows as nodes join. Each actor holds one
+    shard at a time, so a queued shard goes to the next free actor. (Started at `min` with Ray
+    Data's default queue of shards per actor, the digits eval drew each 2-shard sample set on one
+    actor while the second CPU idled: Ray Data's autoscaler adds actors only for waiting work.)"""
+    most = min(workers.max or shards, shards)
+    least = min(workers.min, shards)
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most,
+                                      initial_size=max(least, min(most, room)),
+                                      max_tasks_in_flight_per_actor=1)
+
+
 def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Manifest,
               todo: list[int], progress: bool) -> int:
     """Generate the `todo` shards, recording each in the manifest as it lands; returns the
@@ -220,8 +241,7 @@ def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Man
     without_ray_data_bars(context)
     context.print_on_execution_start = False
     workers = job.workers
-    pool = ray.data.ActorPoolStrategy(min_size=min(workers.min, len(todo)),
-                                      max_size=min(workers.max or len(todo), len(todo)))
+    pool = actor_pool(workers, len(todo), room_for(workers))
     shards = ray.data.from_items([{"index": k} for k in todo], override_num_blocks=len(todo))
     results = shards.map_batches(
         ShardWorker, batch_size=1, compute=pool, num_cpus=workers.cpus, num_gpus=workers.gpus,
