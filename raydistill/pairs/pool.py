@@ -220,12 +220,20 @@ def room_for(workers: WorkersConfig) -> int:
     return int(free.get("CPU", 0) // workers.cpus)
 
 
+def grow_when_busy(context: ray.data.DataContext) -> None:
+    """Ray Data adds an actor when its pool's tasks in flight reach this share of its slots; its
+    default (175%) needs shards queued on busy actors, which `actor_pool` does not do."""
+    context.autoscaling_config = dataclasses.replace(context.autoscaling_config,
+                                                     actor_pool_util_upscaling_threshold=1.0)
+
+
 def actor_pool(workers: WorkersConfig, shards: int, room: int) -> ray.data.ActorPoolStrategy:
     """The pool for `shards` shards: it starts with as many actors as the cluster has `room` for
-    (within min and max, no more than the shards) and grows as nodes join. Each actor holds one
-    shard at a time, so a queued shard goes to the next free actor. (Started at `min` with Ray
-    Data's default queue of shards per actor, the digits eval drew each 2-shard sample set on one
-    actor while the second CPU idled: Ray Data's autoscaler adds actors only for waiting work.)"""
+    (within min and max, no more than the shards). Each actor holds one shard at a time, so a
+    queued shard goes to the next free actor, and the pool grows (as nodes join) while every
+    actor is busy and shards wait (`grow_when_busy`). Started at `min` with Ray Data's default of
+    queueing shards on busy actors, the digits eval drew each 2-shard sample set on one actor
+    while the second CPU idled: Ray Data's autoscaler adds actors only for waiting work."""
     most = min(workers.max or shards, shards)
     least = min(workers.min, shards)
     return ray.data.ActorPoolStrategy(min_size=least, max_size=most,
@@ -240,6 +248,7 @@ def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Man
     context = ray.data.DataContext.get_current()
     without_ray_data_bars(context)
     context.print_on_execution_start = False
+    grow_when_busy(context)
     workers = job.workers
     pool = actor_pool(workers, len(todo), room_for(workers))
     shards = ray.data.from_items([{"index": k} for k in todo], override_num_blocks=len(todo))
