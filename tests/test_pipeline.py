@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 from event_files import read_scalars
@@ -133,6 +134,17 @@ def test_check_prints_the_plan_and_what_the_run_would_reuse(smoke_pipeline, caps
     assert "its config changed (train.optim.lr: 0.0001 -> '2e-4')" in printed
     assert re.search(r"\] eval +runs: after dmd +reads teacher", printed)
     assert _files(out) == before
+
+
+def test_a_pipeline_directory_copied_elsewhere_reuses_every_stage(smoke_pipeline, tmp_path,
+                                                                   capsys):
+    """Stages name what they read by stage and fingerprint, not by location: a finished run copied
+    to another directory (a user moving a run, a budget run started from hard links) is done."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(smoke_pipeline, copy)
+    capsys.readouterr()
+    assert main(["run", "--config", SMOKE, "--out", copy, "--check"]) == 0
+    assert "0 would run, 10 be reused" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override, message", [

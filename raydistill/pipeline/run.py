@@ -154,7 +154,7 @@ class Pipeline:
         for s in self.job.students:
             if s.pairs_stage:
                 stages.append(Stage(s.pairs_stage,
-                                    lambda s=s: {"pairs": to_dict(self.pairs_job(s))}, [s.teacher],
+                                    lambda s=s: self.pairs_stage_config(s), [s.teacher],
                                     pairs_fingerprint,
                                     lambda directory, s=s: self._make_pairs(s, directory),
                                     lambda planner, s=s: planner.pairs(s)))
@@ -316,6 +316,14 @@ class Pipeline:
         except ConfigError as err:
             raise err.under(self.students_key(stage, "pairs")) from None
         return with_absolute_paths(job)
+
+    def pairs_stage_config(self, stage: StudentStage) -> dict[str, Any]:
+        """The pair stage's lineage config: its job with the teacher named by stage, not by
+        location (the teacher's fingerprint is the stage's input), so a pipeline directory that
+        was moved or copied reuses its pair sets and the students trained from them."""
+        pairs = to_dict(self.pairs_job(stage))
+        del pairs["teacher"]
+        return {"teacher": stage.teacher, "pairs": pairs}
 
     def _make_pairs(self, stage: StudentStage, directory: str) -> dict:
         """Make (or complete, or repair by listing) the stage's pair set; a set another job made
