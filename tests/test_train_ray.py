@@ -82,6 +82,11 @@ def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
     assert result.steps == 200
     assert logged_steps(out)[-1] == 200 and result.metrics["resumes"] == 1
     assert load_checkpoint(result.student).extra["train_steps"] == 200
+    # Checkpoints are written where Ray Train keeps them, named by step (not uploaded from a
+    # temporary copy, which Ray names by date), and the two latest are kept.
+    kept = [os.path.basename(d) for d in glob.glob(os.path.join(out, "ray", "*", "checkpoint*"))
+            if os.path.isdir(d)]
+    assert sorted(kept) == ["checkpoint-00000175", "checkpoint-00000200"]
 
 
 @pytest.mark.slow    # 70 s: the suite keeps the one-engine kill and resume; test-all runs this

@@ -59,13 +59,15 @@ class Checkpointer:
     `streams`' positions), and exports the consolidated student (`student`, the engine name of
     the student module), recording `teacher`'s fingerprint and what the student is sampled with.
     `report(metrics, directory)` hands a written checkpoint to Ray Train; every rank calls `save`
-    alike."""
+    alike. `place(step)` is where a checkpoint is written (the run's storage, which then holds
+    it); without one, a temporary directory removed once reported."""
 
     def __init__(self, *, job: TrainJob, rank: int, engines: dict, student: str,
                  ema: StudentEMA | None, streams: dict[str, Stream], student_config: ModelConfig,
-                 teacher: Checkpoint, report: Callable[[dict, str], None]):
+                 teacher: Checkpoint, report: Callable[[dict, str], None],
+                 place: Callable[[int], str] | None = None):
         self.job, self.rank, self.engines, self.student = job, rank, engines, student
-        self.ema, self.streams, self.report = ema, streams, report
+        self.ema, self.streams, self.report, self.place = ema, streams, report, place
         self.student_config, self.teacher = student_config, teacher
         self.workdir = tempfile.mkdtemp(prefix="raydistill-train-")
 
@@ -102,13 +104,14 @@ class Checkpointer:
         """Write a checkpoint of the state at `progress` and report it with `metrics`; `final`:
         the run's last, which also holds the consolidated student (and, under `round_name`, that
         round's copy of it)."""
-        directory = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+        directory = self.place(progress.step) if self.place is not None else \
+            tempfile.mkdtemp(prefix="raydistill-ckpt-")
         try:
             for name, engine in self.engines.items():
                 engine.save_checkpoint(os.path.join(directory, "engines", name), tag="state")
             weights = self.weights() if final else None
             averages = self.ema.state_dict() if self.ema is not None else None
-            os.makedirs(os.path.join(directory, STREAMS))
+            os.makedirs(os.path.join(directory, STREAMS), exist_ok=True)   # ranks share it
             with open(os.path.join(directory, STREAMS, f"rank-{self.rank}.json"), "w") as f:
                 json.dump({name: asdict(s.position) for name, s in self.streams.items()}, f)
             if self.rank == 0:
@@ -121,7 +124,8 @@ class Checkpointer:
                         shutil.copytree(student, os.path.join(directory, ROUNDS, round_name))
             self.report(metrics, directory)
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            if self.place is None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _write_shared(self, directory: str, progress: Progress, round_weights: Weights,
                       averages: dict[str, Tensor] | None) -> None:

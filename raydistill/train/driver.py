@@ -22,6 +22,7 @@ import functools
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,8 +278,7 @@ def worker_main(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
-    def report(metrics: dict, directory: str) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    place, report = in_storage(context.get_storage())
 
     with engine_logs_to(os.path.join(plan.logs, f"train-rank{rank}.log")):
         setup = setup_worker(job, student_config, rank, world)
@@ -286,12 +286,35 @@ def worker_main(config: dict) -> None:
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored else contextlib.nullcontext() as directory:
             show = None if channel is None else functools.partial(StepBar.put, channel)
-            context = WorkerContext(rank, world, setup.device, report, directory,
+            context = WorkerContext(rank, world, setup.device, report, directory, place=place,
                                     logged=show,
                                     reached={"entered": entered, "set_up": set_up},
                                     events=plan.events)
             run_worker(job, setup.method, setup.streams, context, student_config,
                        setup.teacher)
+
+
+def in_storage(storage) -> tuple[Callable[[int], str], Callable[[dict, str], None]]:
+    """Where a worker writes the checkpoint of a step, and how it reports it: in the run's storage
+    (a file system every worker sees: `storage_path` is the run's directory), as
+    checkpoint-<step>, registered as it lies (no upload). Each rank writes its files before it
+    reports, and Ray Train registers the checkpoint once every rank has reported, so one that a
+    failure cut short is never taken for complete; Ray Train removes those past num_to_keep.
+    (Written to a temporary directory and uploaded, every checkpoint was written twice: 69 s for
+    an SD-sized generator and fake score, and two such runs filled a 64 GB disk.)"""
+    import ray.train
+
+    def place(step: int) -> str:
+        directory = storage.build_checkpoint_path_from_name(f"checkpoint-{step:08d}")
+        os.makedirs(directory, exist_ok=True)
+        return directory
+
+    def report(metrics: dict, directory: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=os.path.basename(directory),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+    return place, report
 
 
 @dataclass

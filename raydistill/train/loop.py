@@ -61,6 +61,9 @@ class WorkerContext:
     #: reported: per logging window that wait would cost up to a controller poll per window)
     report: Callable[[dict, str], None]
     restored: str | None = None                    # checkpoint directory to resume from
+    #: where every rank writes the checkpoint of a step, which `report` then owns (the run's
+    #: storage, so it is written once); None: a temporary directory, removed after `report`
+    place: Callable[[int], str] | None = None
     #: rank 0 hands it each logged step's metrics, with "total" and "start" (the step this
     #: attempt started from) added; the driver shows them (raydistill.train.progress)
     logged: Callable[[dict], None] | None = None
@@ -126,7 +129,8 @@ class Trainer:
             if job.optim.ema_decay > 0 else None
         self.checkpointer = Checkpointer(
             job=job, rank=ctx.rank, engines=self.engines, student=self.student, ema=self.ema,
-            streams=streams, student_config=student_config, teacher=teacher, report=ctx.report)
+            streams=streams, student_config=student_config, teacher=teacher, report=ctx.report,
+            place=ctx.place)
         self.progress, self.round_weights = Progress(method=job.method), {}
         if ctx.restored:
             self.progress, self.round_weights = self.checkpointer.restore(ctx.restored)
