@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config import ModelConfig, TrainJob, require
-from raydistill.methods.base import DATA, Method, MethodSpec, Phase
+from raydistill.methods.base import DATA, Method, MethodSpec, Phase, Trainable
 from raydistill.models.checkpoint import Checkpoint
 
 ERRORS = {
@@ -36,9 +36,9 @@ class Failing(Method):
     """The student's squared output on real data, until step `at_step`."""
 
     def __init__(self, student: nn.Module, settings: FailingConfig, steps: int):
-        self.student, self.settings, self.steps, self.calls = student, settings, steps, 0
+        self.student, self.settings, self.steps, self.calls = Trainable(student), settings, steps, 0
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"student": self.student}
 
     def phases(self) -> list[Phase]:

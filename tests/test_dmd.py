@@ -174,7 +174,7 @@ def test_under_bf16_the_dm_gradient_evaluates_the_fake_score_in_fp32(single_proc
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
     seen = []
-    setup.method.fake_score.register_forward_hook(
+    setup.method.fake_score.network.register_forward_hook(
         lambda module, args, out: seen.append((torch.is_grad_enabled(), out.dtype)))
     from raydistill.train.loop import WorkerContext, run_worker
 
@@ -201,7 +201,7 @@ def test_the_gan_head_has_its_own_learning_rate_and_noise_levels(single_process_
     def keep(module, args, kwargs, out):
         times[kwargs.get("classify", False)].append(args[1].detach().clone())
 
-    setup.method.fake_score.register_forward_hook(keep, with_kwargs=True)
+    setup.method.fake_score.network.register_forward_hook(keep, with_kwargs=True)
     from raydistill.train.loop import WorkerContext, run_worker
 
     run_worker(job, setup.method, setup.streams,
@@ -211,5 +211,5 @@ def test_the_gan_head_has_its_own_learning_rate_and_noise_levels(single_process_
     # per step: 2 fake-score updates (generated and real samples classified) and the generator's
     assert len(classified) == 2 * (2 * 2 + 1) * 64 and float(classified.max()) <= 0.1
     assert float(denoised.max()) > 0.5
-    net_lr, head_lr = setup.method.fake_score.get_lr()
+    net_lr, head_lr = setup.method.fake_score.engine.get_lr()
     assert head_lr == pytest.approx(10 * net_lr) and net_lr > 0

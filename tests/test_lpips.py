@@ -79,7 +79,7 @@ def test_kd_descends_lpips_onto_its_pairs(lpips_file):
     g = torch.Generator().manual_seed(1)
     pairs = {"noise": torch.randn(4, 1, 16, 16, generator=g), "c": torch.arange(4),
              "image": torch.rand(4, 1, 16, 16, generator=g).mul(2).sub(1)}
-    opt = torch.optim.Adam(kd.generator.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(kd.generator.network.parameters(), lr=3e-3)
     losses = []
     for _ in range(STEPS):
         loss = kd.loss({PAIRS: pairs}, Phase("generator", "generator", reads=(PAIRS,)))["loss"]

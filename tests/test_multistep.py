@@ -93,7 +93,7 @@ def test_backward_simulation_trains_on_the_chain_the_sampler_runs():
     output is the sampler chain's x_hat at that sample's exit (all three exits occur)."""
     for exit_step in ("last", "uniform"):
         method = generator_method(exit_step)
-        denoiser = as_denoiser(method.generator, method.generator_config)
+        denoiser = as_denoiser(method.generator.network, method.generator_config)
         method.seed(7, torch.device("cpu"))
         with torch.no_grad():
             x, cond = method.generate()

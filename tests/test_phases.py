@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raydistill.config import ModuleOptim, TrainJob, load
-from raydistill.methods.base import DATA, Method, Phase
+from raydistill.methods.base import DATA, Method, Phase, Trainable
 from raydistill.models import build_network
 from raydistill.schedules import lr_factor
 from raydistill.train.build import prepare
@@ -28,10 +28,10 @@ class ThroughCritic(Method):
     gradients: whatever moves the critic leaked in from the student's backward."""
 
     def __init__(self, student: nn.Module, critic: nn.Module, teacher: nn.Module):
-        self.student, self.critic = student, critic
+        self.student, self.critic = Trainable(student), Trainable(critic)
         self.count_evaluations(teacher)
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"student": self.student, "critic": self.critic}
 
     def phases(self) -> list[Phase]:
@@ -81,15 +81,15 @@ def full(param):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_a_phase_updates_only_its_module(single_process_group, tmp_path, stage):
     job, method, streams, before, logged = run(stage, tmp_path)
-    critic = [full(p) for p in method.critic.module.parameters()]
-    student = [full(p) for p in method.student.module.parameters()]
+    critic = [full(p) for p in method.critic.network.parameters()]
+    student = [full(p) for p in method.student.network.parameters()]
     assert all(torch.equal(a, b.reshape(a.shape) if a.numel() == b.numel() else b)
                for a, b in zip(critic, before["critic"]) if a.numel() == b.numel()), \
         "the student's loss, which passes through the critic, moved the critic"
     assert any(not torch.equal(a, b.reshape(a.shape)) for a, b in zip(student, before["student"])
                if a.numel() == b.numel())
-    assert method.critic.global_steps == CRITIC_UPDATES * STEPS
-    assert method.student.global_steps == STEPS
+    assert method.critic.engine.global_steps == CRITIC_UPDATES * STEPS
+    assert method.student.engine.global_steps == STEPS
     # the student's phase read one micro-batch per update; the critic's read nothing
     assert list(streams) == [DATA] and streams[DATA].position.rows == STEPS * 64
     last = logged[-1]
@@ -108,10 +108,13 @@ def test_without_the_scope_the_critic_moves(single_process_group, tmp_path, monk
     """The wrong variant: every module's parameters take gradients in every phase. At ZeRO-0 the
     student's loss silently moves the critic (so the test above can fail); at ZeRO-2 the critic's
     reduction hooks fire inside the student's backward and DeepSpeed stops the run."""
-    monkeypatch.setattr(GradientScope, "enter", lambda self, name: self.method.use_modules(
-        {other: engine.module for other, engine in self.engines.items() if other != name}))
+    def route_only(scope, name):
+        for other, handle in scope.handles.items():
+            handle.trains = other == name
+
+    monkeypatch.setattr(GradientScope, "enter", route_only)
     _, method, _, before, _ = run(0, tmp_path)
-    assert any(not torch.equal(a, b) for a, b in zip(method.critic.module.parameters(),
+    assert any(not torch.equal(a, b) for a, b in zip(method.critic.network.parameters(),
                                                      before["critic"]))
     with pytest.raises(AssertionError, match="already been reduced"):
         run(2, tmp_path)

@@ -139,7 +139,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(single_process_group, t
 
         def flaky_loss(batch, phase):
             calls[0] += 1
-            weights.append([p.detach().clone() for p in setup.method.student.module.parameters()])
+            weights.append([p.detach().clone() for p in setup.method.student.network.parameters()])
             out = loss(batch, phase)
             bad = calls[0] in bad_calls
             return {"loss": out["loss"] + torch.tensor(float("nan"))} if bad else out
@@ -180,7 +180,7 @@ def nan_on_one_rank_worker(config: dict) -> None:
         def flaky_loss(batch, phase, method=method, loss=method.loss, calls=calls, seen=seen):
             calls[0] += 1
             if calls[0] in (3, 4):                  # a collective: both ranks are at this call
-                seen[calls[0]] = full_state_dict(method.student.module)
+                seen[calls[0]] = full_state_dict(method.student.network)
             out = loss(batch, phase)
             bad = rank == 1 and calls[0] == 3
             return {"loss": out["loss"] + torch.tensor(float("nan"))} if bad else out
@@ -189,7 +189,7 @@ def nan_on_one_rank_worker(config: dict) -> None:
         run_worker(job, setup.method, setup.streams,
                    WorkerContext(rank, world, setup.device, lambda m, d: None, logged=logs.append),
                    student, setup.teacher)
-        torch.save({"seen": seen, "final": full_state_dict(method.student.module), "logs": logs},
+        torch.save({"seen": seen, "final": full_state_dict(method.student.network), "logs": logs},
                    os.path.join(config["out"], f"zero{stage}-rank{rank}.pt"))
 
 
@@ -222,7 +222,7 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
     def poisoned_loss(batch, phase):
         calls[0] += 1
         out = loss(batch, phase)
-        params = list(setup.method.student.module.parameters())
+        params = list(setup.method.student.network.parameters())
         if calls[0] == 3:
             seen["before"] = [p.detach().clone() for p in params]
             return {"loss": out["loss"] + torch.sqrt((params[0] * 0).sum())}
@@ -236,7 +236,7 @@ def test_non_finite_gradients_behind_a_finite_loss_are_skipped(single_process_gr
                plan.student_config, setup.teacher)
     assert reports[-1]["grad_skipped"] == 1 and reports[-1]["nan_skipped"] == 0
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))
-    assert all(torch.isfinite(p).all() for p in setup.method.student.module.parameters())
+    assert all(torch.isfinite(p).all() for p in setup.method.student.network.parameters())
 
 
 def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_process_group):
@@ -250,7 +250,7 @@ def test_gradients_that_stay_non_finite_stop_the_run_under_accumulation(single_p
 
     def poisoned_loss(batch, phase):
         out = loss(batch, phase)
-        first = next(setup.method.student.module.parameters())
+        first = next(setup.method.student.network.parameters())
         return {"loss": out["loss"] + torch.sqrt((first * 0).sum())}
 
     setup.method.loss = poisoned_loss
@@ -424,7 +424,7 @@ def test_gradient_accumulation_and_ema(single_process_group, tmp_path):
     run_worker(job, setup.method, setup.streams, WorkerContext(0, 1, setup.device, report),
                plan.student_config, setup.teacher)
     assert calls[0] == 12
-    raw = setup.method.student.module.state_dict()
+    raw = setup.method.student.network.state_dict()
     assert final["student"].keys() == raw.keys()
     differs = [name for name, value in raw.items()
                if not torch.equal(final["student"][name], value.float())]
@@ -453,9 +453,9 @@ def test_the_saved_student_leaves_its_starting_weights(single_process_group):
                                     "checkpoint_every=40"])
     plan = prepare(job)
     setup = setup_worker(job, plan.student_config, 0, 1)
-    start = {name: value.clone() for name, value in setup.method.student.state_dict().items()}
+    start = {name: value.clone() for name, value in setup.method.student.network.state_dict().items()}
     saved = saved_student(job, plan, setup)
-    raw = setup.method.student.module.state_dict()
+    raw = setup.method.student.network.state_dict()
 
     def distance(a, b):
         return math.sqrt(sum(float((a[name].float() - b[name].float()).square().sum())
@@ -551,7 +551,7 @@ def test_the_ema_under_bf16_follows_the_fp32_master(single_process_group, tmp_pa
     setup = setup_worker(job, plan.student_config, 0, 1)
     final = saved_student(job, plan, setup)
     rounding = 0.0
-    for name, param in setup.method.student.module.named_parameters():
+    for name, param in setup.method.student.network.named_parameters():
         master = fp32_master(param).detach().float().reshape(param.shape)
         torch.testing.assert_close(final[name], master, rtol=1e-5, atol=1e-7)
         rounding = max(rounding, float((param.detach().float() - master).abs().max()))
@@ -598,12 +598,12 @@ def test_progressive_round_restarts_the_student_from_its_ema_teacher(single_proc
         if index == 1:
             seen["teacher"] = {n: v.clone() for n, v in weights["student"].items()}
             seen["live"] = {n: p.detach().clone()
-                            for n, p in method.student.module.named_parameters()}
+                            for n, p in method.student.network.named_parameters()}
         start_round(index, weights)
 
     def spying_loss(batch, phase):
         if method.round == 1 and "student" not in seen:
-            params = dict(method.student.module.named_parameters())
+            params = dict(method.student.network.named_parameters())
             seen["student"] = {n: p.detach().clone() for n, p in params.items()}
             seen["master"] = {n: fp32_master(p).clone() for n, p in params.items()}
         return loss(batch, phase)

@@ -17,7 +17,7 @@ from raydistill.config import ModelConfig, TrainJob, require
 from raydistill.diffusion.guidance import Denoiser
 from raydistill.diffusion.parameterization import broadcast_like
 from raydistill.diffusion.schedule import Schedule, uniform_t
-from raydistill.methods.base import DATA, Method, MethodSpec, Phase
+from raydistill.methods.base import DATA, Method, MethodSpec, Phase, Trainable
 from raydistill.methods.registry import register
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.models.denoiser import denoise
@@ -36,10 +36,11 @@ class BakingConfig:
 class GuidanceBaking(Method):
     def __init__(self, *, teacher: Denoiser, student: nn.Module, config: ModelConfig,
                  schedule: Schedule, conditions: Conditions, w: float, steps: int):
-        self.teacher, self.student, self.config, self.schedule = teacher, student, config, schedule
+        self.teacher, self.config, self.schedule = teacher, config, schedule
+        self.student = Trainable(student)
         self.conditions, self.w, self.steps = conditions, w, steps
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"student": self.student}
 
     def phases(self) -> list[Phase]:

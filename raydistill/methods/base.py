@@ -60,6 +60,23 @@ class Round:
     steps: int                       # optimizer steps of this round
 
 
+class Trainable:
+    """A method's handle on one of its trainable networks. Calling it evaluates the network as the
+    loop routes it: through the network's DeepSpeed `engine` while it `trains` (in the phase that
+    updates it, so DeepSpeed runs that backward), else as the plain `network` (in other phases,
+    and before the loop has built the engine)."""
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+        self.engine: nn.Module | None = None
+        self.trains = False
+
+    def __call__(self, *args, **kwargs):
+        if self.trains and self.engine is not None:
+            return self.engine(*args, **kwargs)
+        return self.network(*args, **kwargs)
+
+
 class Method(ABC):
     """A distillation method; see the module docstring."""
 
@@ -87,7 +104,7 @@ class Method(ABC):
     def precisely(self, name: str) -> Callable[..., Tensor]:
         """Trainable module `name` evaluated in fp32: the loop's evaluation of its bf16 weights
         at full precision, or the module itself where it trains in fp32."""
-        return (self.precise or {}).get(name) or getattr(self, name)
+        return (self.precise or {}).get(name) or self.trainables()[name]
 
     def count_evaluations(self, teacher: nn.Module, name: str = "teacher") -> None:
         """Count every sample a frozen teacher (its Denoiser or network module) evaluates, and
@@ -113,13 +130,13 @@ class Method(ABC):
         self.rng.manual_seed(seed)
 
     @abstractmethod
-    def modules(self) -> dict[str, nn.Module]:
-        """The trainable modules by name (each gets its own optimizer / DeepSpeed engine)."""
+    def trainables(self) -> dict[str, Trainable]:
+        """Its handles on its trainable networks, by name (each network gets its own optimizer and
+        DeepSpeed engine)."""
 
-    def use_modules(self, modules: dict[str, nn.Module]) -> None:
-        """Route the method's calls through wrapped modules (e.g. DeepSpeed engines), by name."""
-        for name, module in modules.items():
-            setattr(self, name, module)
+    def modules(self) -> dict[str, nn.Module]:
+        """Its trainable networks, by name."""
+        return {name: handle.network for name, handle in self.trainables().items()}
 
     @abstractmethod
     def phases(self) -> list[Phase]:

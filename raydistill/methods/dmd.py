@@ -67,6 +67,7 @@ from raydistill.methods.base import (
     Method,
     MethodSpec,
     Phase,
+    Trainable,
     output_loss,
     require_balanced_weighting,
 )
@@ -220,7 +221,8 @@ class DistributionMatching(Method):
                  dmd: DMDConfig, w: float, conditions: Conditions, shape: tuple[int, ...],
                  weighting: str, distance: Distance | None, steps: int):
         """`conditions`: the teacher's, from which the generator's c are drawn uniformly."""
-        self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
+        self.teacher = teacher
+        self.generator, self.fake_score = Trainable(generator), Trainable(fake_score)
         self.generator_config, self.fake_config, self.schedule = generator_config, fake_config, \
             schedule
         self.dmd, self.w, self.conditions, self.shape = dmd, w, conditions, shape
@@ -230,7 +232,7 @@ class DistributionMatching(Method):
         self.lr_scales = {"fake_score": {"head": dmd.gan_head_lr_scale}} \
             if self.gan and dmd.gan_head_lr_scale != 1.0 else {}
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"generator": self.generator, "fake_score": self.fake_score}
 
     def phases(self) -> list[Phase]:

@@ -30,6 +30,7 @@ from raydistill.methods.base import (
     Method,
     MethodSpec,
     Phase,
+    Trainable,
     draw_w,
     regression_loss,
     require_distillable,
@@ -54,12 +55,12 @@ class GuidedDistillation(Method):
         """`reads`: DATA (targets inline) or PAIRS (precomputed targets); `conditions`: what a
         data batch's c means (the teacher's)."""
         require_distillable(student_config)
-        self.teacher, self.student, self.config = teacher, student, student_config
+        self.teacher, self.student, self.config = teacher, Trainable(student), student_config
         self.conditions = conditions
         self.schedule, self.guidance, self.weighting, self.steps = schedule, guidance, weighting, steps
         self.reads = reads
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"student": self.student}
 
     def phases(self) -> list[Phase]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from raydistill.config import ConfigError, ModelConfig, TrainJob
 from raydistill.diffusion.schedule import Schedule
-from raydistill.methods.base import PAIRS, Method, MethodSpec, Phase
+from raydistill.methods.base import PAIRS, Method, MethodSpec, Phase, Trainable
 from raydistill.methods.generator import (
     Distance,
     RegressionConfig,
@@ -35,10 +35,10 @@ class KnowledgeDistillation(Method):
 
     def __init__(self, *, generator: nn.Module, config: ModelConfig, schedule: Schedule,
                  distance: Distance, w: float, steps: int):
-        self.generator, self.config, self.schedule = generator, config, schedule
+        self.generator, self.config, self.schedule = Trainable(generator), config, schedule
         self.distance, self.w, self.steps = distance, w, steps
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"generator": self.generator}
 
     def phases(self) -> list[Phase]:

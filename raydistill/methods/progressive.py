@@ -50,6 +50,7 @@ from raydistill.methods.base import (
     MethodSpec,
     Phase,
     Round,
+    Trainable,
     draw_w,
     regression_loss,
     require_distillable,
@@ -133,7 +134,7 @@ class ProgressiveDistillation(Method):
         self.conditions = conditions
         self.original_teacher, self.teacher = teacher, teacher
         self.original_is_stochastic = teacher_is_stochastic
-        self.student, self.config, self.schedule = student, student_config, schedule
+        self.student, self.config, self.schedule = Trainable(student), student_config, schedule
         self.guidance, self.weighting, self.stochastic = guidance, weighting, halving.stochastic
         self.round_steps, self.steps_per_round = round_steps(halving), halving.steps_per_round
         self.round, self.teacher_is_stochastic = 0, teacher_is_stochastic
@@ -141,7 +142,7 @@ class ProgressiveDistillation(Method):
         self.count_evaluations(self._frozen, "round_teacher")   # the teacher from round 2 on
         self.reads = reads
 
-    def modules(self) -> dict[str, nn.Module]:
+    def trainables(self) -> dict[str, Trainable]:
         return {"student": self.student}
 
     def phases(self) -> list[Phase]:

@@ -121,9 +121,8 @@ class Trainer:
                                            ctx.world_size, first_round * updates[name],
                                            ctx.device.type == "cuda", method.lr_scales.get(name))
                         for name, module in method.modules().items()}
-        method.use_modules(self.engines)
-        method.precise = precise_evaluations(method, self.engines, job, ctx.rank)
         self.scope = GradientScope(method, self.engines)
+        method.precise = precise_evaluations(method, self.engines, job, ctx.rank)
         self.student = method.student_module
         self.ema = StudentEMA(self.engines[self.student].module, job.optim.ema_decay) \
             if job.optim.ema_decay > 0 else None
@@ -156,7 +155,6 @@ class Trainer:
                     metrics = self.sink.collect(progress, self.round_name)
                     if is_checkpoint:
                         self.checkpoint(metrics)
-            self.method.use_modules(self.engines)
         finally:
             self.checkpointer.close()
             self.sink.close()
@@ -271,24 +269,27 @@ def updates_per_step(phases: list[Phase], modules: dict[str, nn.Module],
 
 
 class GradientScope:
-    """Which module a phase trains. `enter(name)`: the method calls that module's engine (whose
-    backward DeepSpeed runs) and every other module as its plain network (an engine's forward
+    """Which module a phase trains. It hands each of the method's handles (`Trainable`) its
+    engine; `enter(name)`: the method's calls of that module go through its engine (whose
+    backward DeepSpeed runs) and of every other module to its plain network (an engine's forward
     would enrol it in a backward it does not run: DeepSpeed refuses that at ZeRO-0), and only that
     module's trainable parameters require gradients, so a backward through another module
     computes none of its parameters' gradients and fires none of DeepSpeed's hooks on them
     (ZeRO 1-2 gradient reduction, ZeRO-3 partitioning)."""
 
     def __init__(self, method: Method, engines: dict):
-        self.method, self.engines = method, engines
+        self.handles = method.trainables()
+        for name, handle in self.handles.items():
+            handle.engine, handle.trains = engines[name], True
         self.params = {name: [p for p in engine.module.parameters() if p.requires_grad]
                        for name, engine in engines.items()}
         self.current: str | None = None
 
     def enter(self, name: str) -> None:
-        if name == self.current or len(self.engines) == 1:
+        if name == self.current or len(self.handles) == 1:
             return
-        self.method.use_modules({other: engine if other == name else engine.module
-                                 for other, engine in self.engines.items()})
+        for other, handle in self.handles.items():
+            handle.trains = other == name
         for module, params in self.params.items():
             for param in params:
                 param.requires_grad_(module == name)
