@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from raydistill.cli import main
 from raydistill.config import TrainJob, load
 from raydistill.models import load_checkpoint
+from raydistill.train.checkpointer import directory_bytes
 from raydistill.train.driver import TrainingFailed, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +88,12 @@ def test_worker_killed_mid_run_resumes_and_finishes(tmp_path):
     kept = [os.path.basename(d) for d in glob.glob(os.path.join(out, "ray", "*", "checkpoint*"))
             if os.path.isdir(d)]
     assert sorted(kept) == ["checkpoint-00000175", "checkpoint-00000200"]
+    # each logged step gives the last checkpoint's cost: step 200's, that of step 175
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["step"] == 200 and last["checkpoint_s"] > 0
+    assert last["checkpoint_bytes"] == directory_bytes(
+        glob.glob(os.path.join(out, "ray", "*", "checkpoint-00000175"))[0])
 
 
 @pytest.mark.slow    # 70 s: the suite keeps the one-engine kill and resume; test-all runs this

@@ -100,10 +100,11 @@ class Checkpointer:
                                 steps)
 
     def save(self, progress: Progress, round_weights: Weights, metrics: dict, *,
-             final: bool, round_name: str | None = None) -> None:
+             final: bool, round_name: str | None = None) -> int:
         """Write a checkpoint of the state at `progress` and report it with `metrics`; `final`:
         the run's last, which also holds the consolidated student (and, under `round_name`, that
-        round's copy of it)."""
+        round's copy of it). Returns the checkpoint's bytes on disk, every rank's files (each rank
+        has written its own before the report returns)."""
         directory = self.place(progress.step) if self.place is not None else \
             tempfile.mkdtemp(prefix="raydistill-ckpt-")
         try:
@@ -123,6 +124,7 @@ class Checkpointer:
                     if round_name is not None:
                         shutil.copytree(student, os.path.join(directory, ROUNDS, round_name))
             self.report(metrics, directory)
+            return directory_bytes(directory)
         finally:
             if self.place is None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -176,6 +178,12 @@ class Checkpointer:
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def directory_bytes(directory: str) -> int:
+    """Bytes of the files under `directory`."""
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(directory) for name in names)
 
 
 def _flatten(weights: Weights) -> dict[str, Tensor]:

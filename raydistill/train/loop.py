@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -227,9 +228,11 @@ class Trainer:
         """A checkpoint of this step; the run's last also holds the student (and, for a method
         that keeps its rounds' students, that round's copy)."""
         final = self.progress.step == self.schedule.stop
-        self.checkpointer.save(
+        start = time.perf_counter()
+        size = self.checkpointer.save(
             self.progress, self.round_weights, metrics, final=final,
             round_name=self.round_name if final and self.method.keep_round_students else None)
+        self.sink.checkpointed(time.perf_counter() - start, size)
 
 
 def precise_evaluations(method: Method, engines: dict, job: TrainJob,

@@ -8,7 +8,8 @@ whose loss was not finite, so far), grad_skipped (updates skipped), samples/s, l
 <module>/lr for the others), data_wait (the fraction of the window rank 0 spent waiting for data:
 near 0 unless input-bound), teacher_evaluations (samples the frozen teacher evaluated so far, all
 ranks; a resumed run counts the path it replays once), bytes/<name> (rank 0's weights and optimizer
-state per module, and each frozen network), ...
+state per module, and each frozen network), checkpoint_s and checkpoint_bytes (the last checkpoint's
+seconds of stopped training and its bytes on disk, from the step after the first), ...
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class MetricsSink:
                                   if p.module == method.student_module)
         self.started = self.window_start = time.time()
         self.window_steps, self.waited, self.memory = 0, 0.0, {}
+        self.last_checkpoint: dict[str, float] = {}
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -113,6 +115,11 @@ class MetricsSink:
                            for name, engine in self.engines.items()}
             self.memory.update({f"bytes/{name}": tensor_bytes(module)
                                 for name, module in self.method.frozen_modules().items()})
+
+    def checkpointed(self, seconds: float, size: int) -> None:
+        """The last checkpoint's cost, logged from the next step on: the seconds it stopped
+        training for and its bytes on disk."""
+        self.last_checkpoint = {"checkpoint_s": seconds, "checkpoint_bytes": size}
 
     def collect(self, progress: Progress, round_name: str) -> dict:
         """The logged step's metrics (a collective: every rank calls it), counting the window's
@@ -137,6 +144,7 @@ class MetricsSink:
                    "run_samples_per_s": (progress.step - self.first_step) * job.optim.batch_size
                    / max(now - self.started, 1e-9),
                    "teacher_evaluations": progress.teacher_evaluations, **self.memory,
+                   **self.last_checkpoint,
                    **{f"{name}_at": at for name, at in self.reached.items()},
                    "loop_at": self.started, "logged_at": now}
         self.window_start, self.window_steps, self.waited = now, 0, 0.0
