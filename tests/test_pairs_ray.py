@@ -248,6 +248,19 @@ def test_a_set_of_two_shards_is_made_by_two_workers(slow_teacher, tmp_path):
     assert len({row["worker"] for row in rows.values()}) == 2, rows
 
 
+def test_generate_pairs_from_python_without_ray_started(tmp_path):
+    """`generate_pairs` called before Ray is started (the benchmarks do) starts it, as Ray Data
+    does: a fresh process, the smoke ode set's first two shards."""
+    script = ("from raydistill.config import PairsJob, load\n"
+              "from raydistill.pairs.pool import generate_pairs\n"
+              f"job = load(PairsJob, {SMOKE + '/pairs.yaml'!r}, ['num_shards=2'])\n"
+              f"print('generated', generate_pairs(job, {str(tmp_path / 'pairs')!r}, "
+              "progress=False).generated)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "generated 2" in done.stdout, done.stderr[-2000:]
+
+
 def test_worker_killed_mid_shard_loses_nothing(slow_teacher, tmp_path):
     out = str(tmp_path / "pairs")
     killed = []

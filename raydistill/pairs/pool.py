@@ -250,8 +250,8 @@ def _run_pool(job: PairsJob, location: Location, fingerprint: str, manifest: Man
     context.print_on_execution_start = False
     grow_when_busy(context)
     workers = job.workers
-    pool = actor_pool(workers, len(todo), room_for(workers))
     shards = ray.data.from_items([{"index": k} for k in todo], override_num_blocks=len(todo))
+    pool = actor_pool(workers, len(todo), room_for(workers))   # Ray is up: from_items starts it
     results = shards.map_batches(
         ShardWorker, batch_size=1, compute=pool, num_cpus=workers.cpus, num_gpus=workers.gpus,
         fn_constructor_kwargs={"job": dataclasses.asdict(job), "out": location.uri,
