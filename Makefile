@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/dmd_step.py
+	$(BIN)/python benchmarks/checkpoint_cost.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks
