@@ -157,7 +157,7 @@ def deepspeed_step(job: TrainJob, stage: int):
     phase = method.phases()[0]
     engine = build_engine(method.modules()[method.student_module], staged, staged.optim, 1, 100,
                           on_cuda=False)
-    method.use_modules({method.student_module: engine})
+    method.trainables()[method.student_module].attach(engine)
 
     def step(batch: dict) -> None:
         engine.backward(method.loss({phase.reads[0]: batch}, phase)["loss"])
@@ -265,7 +265,7 @@ def memory_worker(config: dict) -> None:
         method.start_round(0, {})
         engine = build_engine(method.modules()["student"], staged, staged.optim, 2, 100,
                               on_cuda=False)
-        method.use_modules({"student": engine})
+        method.trainables()["student"].attach(engine)
         x = torch.randn(BATCH // 2, 1, 16, 16)
         c = torch.randint(0, 10, (BATCH // 2,))
         engine.backward(method.loss({DATA: {"x": x, "c": c}}, method.phases()[0])["loss"])

@@ -71,6 +71,10 @@ class Trainable:
         self.engine: nn.Module | None = None
         self.trains = False
 
+    def attach(self, engine: nn.Module) -> None:
+        """Call the network through `engine` from now on (until a phase that does not train it)."""
+        self.engine, self.trains = engine, True
+
     def __call__(self, *args, **kwargs):
         if self.trains and self.engine is not None:
             return self.engine(*args, **kwargs)

@@ -283,7 +283,7 @@ class GradientScope:
     def __init__(self, method: Method, engines: dict):
         self.handles = method.trainables()
         for name, handle in self.handles.items():
-            handle.engine, handle.trains = engines[name], True
+            handle.attach(engines[name])
         self.params = {name: [p for p in engine.module.parameters() if p.requires_grad]
                        for name, engine in engines.items()}
         self.current: str | None = None
