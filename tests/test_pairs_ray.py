@@ -241,6 +241,9 @@ def test_a_set_of_two_shards_is_made_by_two_workers(slow_teacher, tmp_path):
     """The pool starts with as many actors as the cluster has room for: on 2 CPUs a 2-shard set
     (the digits eval's sample sets) is drawn by two workers at once, not one after the other."""
     out = str(tmp_path / "pairs")
+    deadline = time.time() + 60     # the actors of the tests before release their CPUs
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.1)
     assert pairs("--config", f"{SMOKE}/pairs.yaml", "--out", out, "teacher.analytic=null",
                  f"teacher.checkpoint={slow_teacher}", "num_shards=2", "samples_per_shard=64",
                  "batch_size=64", "solver.steps=96", "workers.max=0") == 0
