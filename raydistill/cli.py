@@ -277,21 +277,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          keys={"steps": "--steps", "solver": "--solver", "spacing": "--spacing",
                                "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
     checkpoint.network.to(device)
-    if checkpoint.autoencoder is not None:
-        checkpoint.autoencoder.to(device)
+    conditioning = checkpoint.conditioning
+    if conditioning.autoencoder is not None:
+        conditioning.autoencoder.to(device)
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
     denoiser, model = checkpoint.denoiser, checkpoint.config
     if model.kind not in ("unet", "diffusers"):
         raise ConfigError("--checkpoint", f"sample grids need an image model, not a {model.kind}")
     if args.prompts:
-        if not checkpoint.text:
+        if not conditioning.text:
             raise ConfigError("--prompts", "the model is not text-conditioned")
-        checkpoint.prompts = args.prompts
-    if checkpoint.text and not checkpoint.prompts:
+        conditioning = conditioning.with_prompts(args.prompts)
+    if conditioning.text and not conditioning.prompts:
         raise ConfigError("--prompts", "is required: the model is text-conditioned and records "
                                        "no prompt table")
     try:
-        conditions = checkpoint.conditions
+        conditions = conditioning.conditions
     except ConfigError as err:
         raise ConfigError("--prompts", err.message) from None
     images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule,
@@ -299,7 +300,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                     conditions=conditions, sampler=sampler,
                                     seed=args.seed, device=device,
                                     stochastic=policy.stochastic_sampler if stochastic else None)
-    images = checkpoint.images(images).clamp(-1, 1)       # a latent model's decoded
+    images = conditioning.images(images).clamp(-1, 1)       # a latent model's decoded
     if args.out.lower().endswith(".npz"):
         save_arrays(images, labels, args.out)
     else:

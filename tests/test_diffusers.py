@@ -39,7 +39,7 @@ def test_uniform_ddim_equals_diffusers_trailing_loop(tmp_path, prediction):
     unet, sched = tiny_unet(), scheduler(prediction)
     teacher = teacher_from(write_model(tmp_path, unet, sched, pipeline=True))
     assert teacher.config.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
-    assert teacher.num_classes == CLASSES and teacher.data_shape == (1, 8, 8)
+    assert teacher.conditioning.num_classes == CLASSES and teacher.data_shape == (1, 8, 8)
     g = torch.Generator().manual_seed(0)
     noise, labels = torch.randn(6, 1, 8, 8, generator=g), torch.arange(6) % CLASSES
     schedule = teacher.denoiser.schedule
@@ -80,9 +80,9 @@ def test_text_conditioned_teacher_with_null_embedding(tmp_path, prediction):
     null = write_null_embedding(str(tmp_path / "null.npy"))
     teacher = teacher_from(write_model(tmp_path / "model", unet, sched, pipeline=True),
                            null_embedding=str(tmp_path / "null.npy"))
-    assert teacher.config.diffusers.text_length == TOKENS and teacher.text
+    assert teacher.config.diffusers.text_length == TOKENS and teacher.conditioning.text
     with pytest.raises(ConfigError, match="teacher.prompts: is required for a text-conditioned"):
-        teacher.num_classes                                    # noqa: B018
+        teacher.conditioning.num_classes                       # noqa: B018
     g = torch.Generator().manual_seed(2)
     noise, states = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, TOKENS, WIDTH, generator=g)
     cond = {"c": torch.zeros(3, dtype=torch.long), "encoder_hidden_states": states}
@@ -105,9 +105,9 @@ def test_a_prompt_table_is_what_c_indexes(tmp_path):
     c = torch.tensor([2, NULL_CLASS, 4, 0])
     for name in ("prompts.npy", "prompts.safetensors"):
         teacher = teacher_from(tmp_path / "model", null_embedding=str(tmp_path / "null.npy"))
-        teacher.prompts = str(tmp_path / name)
-        assert teacher.num_classes == 5
-        cond = teacher.conditions.cond(c, torch.ones(4))
+        teacher.conditioning = teacher.conditioning.with_prompts(str(tmp_path / name))
+        assert teacher.conditioning.num_classes == 5
+        cond = teacher.conditioning.conditions.cond(c, torch.ones(4))
         assert torch.equal(cond["encoder_hidden_states"][[0, 2, 3]], table[[2, 4, 0]])
         assert torch.equal(cond["c"], c) and torch.equal(cond["w"], torch.ones(4))
     save_file({"encoder_hidden_states": torch.zeros(5, TOKENS, WIDTH + 1)},
@@ -116,9 +116,9 @@ def test_a_prompt_table_is_what_c_indexes(tmp_path):
     for name, problem in (("wide.safetensors", rf"holds \[{TOKENS}, {WIDTH + 1}\] embeddings"),
                           ("other.safetensors", "no tensor 'encoder_hidden_states'")):
         teacher = teacher_from(tmp_path / "model", null_embedding=str(tmp_path / "null.npy"))
-        teacher.prompts = str(tmp_path / name)
+        teacher.conditioning = teacher.conditioning.with_prompts(str(tmp_path / name))
         with pytest.raises(ConfigError, match=f"teacher.prompts: .*{problem}"):
-            teacher.conditions                                 # noqa: B018
+            teacher.conditioning.conditions                    # noqa: B018
 
 
 def test_bad_diffusers_directories_are_refused_by_key(tmp_path):

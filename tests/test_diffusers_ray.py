@@ -118,7 +118,7 @@ def test_pairs_are_diffusers_guided_ddim_from_their_noise(teacher, pairs):
     run = json.load(open(os.path.join(pairs, "pairs.json")))["identity"]
     assert run["teacher_fingerprint"] == loaded.fingerprint
     if teacher.prompts is not None:
-        assert run["prompts"] == {"sha256": loaded.conditions.prompts.digest(), "count": CLASSES}
+        assert run["prompts"] == {"sha256": loaded.conditioning.conditions.prompts.digest(), "count": CLASSES}
 
 
 TRAIN = dict(optim={"steps": 4, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 1,
@@ -154,7 +154,7 @@ def test_students_of_a_diffusers_teacher_train_and_sample(teacher, pairs, tmp_pa
         assert float(w_input.weight.detach().abs().max()) > 0     # w reached the network
     if teacher.prompts is not None:                 # sampled with the prompts it distilled
         assert student.extra["prompts"] == teacher.ref["prompts"]
-        assert student.num_classes == CLASSES
+        assert student.conditioning.num_classes == CLASSES
     grid = str(tmp_path / "grid.npz")
     steps = student.sampling.distilled_sampler.steps if student.sampling.distilled_sampler else 2
     assert main(["sample", "--checkpoint", os.path.join(out, "student"), "--steps", str(steps),

@@ -63,14 +63,14 @@ def test_a_latent_teacher_is_its_unet_and_its_autoencoder(pipeline, tmp_path):
     are diffusers' own with the scaling factor; the VAE is part of the teacher's fingerprint; a
     named vae directory that holds none is refused by key."""
     teacher = load_teacher(from_dict(TeacherRef, teacher_ref(pipeline)))
-    assert teacher.data_shape == (4, 8, 8) and teacher.image_shape == (1, 16, 16)
+    assert teacher.data_shape == (4, 8, 8) and teacher.conditioning.image_shape == (1, 16, 16)
     vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(pipeline, "vae"))
     images = load_images(from_dict(PairsJob, {"data": {"resolution": 16}}).data).train.images[:6]
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean * SCALE
         decoded = vae.decode(latents / SCALE).sample
-    torch.testing.assert_close(teacher.autoencoder.encode(images), latents)
-    torch.testing.assert_close(teacher.images(latents), decoded)
+    torch.testing.assert_close(teacher.conditioning.autoencoder.encode(images), latents)
+    torch.testing.assert_close(teacher.conditioning.images(latents), decoded)
     other = load_teacher(from_dict(TeacherRef, teacher_ref(
         write_pipeline(tmp_path / "other", vae_seed=1))))
     assert other.fingerprint != teacher.fingerprint            # same UNet, another VAE
@@ -164,8 +164,8 @@ def test_latent_students_record_the_autoencoder_and_sample_images(students, pipe
     """A student denoises latents, records its teacher's autoencoder, and `raydistill sample`
     writes decoded 16x16 images: the decoder's output of the student's own latent samples."""
     student = load_checkpoint(os.path.join(students[method], "student"))
-    assert student.autoencoder_path == os.path.join(pipeline, "vae")
-    assert student.data_shape == (4, 8, 8) and student.image_shape == (1, 16, 16)
+    assert student.conditioning.autoencoder_path == os.path.join(pipeline, "vae")
+    assert student.data_shape == (4, 8, 8) and student.conditioning.image_shape == (1, 16, 16)
     grid = str(tmp_path / "grid.npz")
     steps = student.sampling.distilled_sampler.steps if student.sampling.distilled_sampler else 2
     assert main(["sample", "--checkpoint", os.path.join(students[method], "student"),

@@ -80,7 +80,7 @@ def test_dry_run_trains_one_step_of_an_sd15_config(local_ray, name, tmp_path, ca
     assert unet.model_class == "UNet2DConditionModel" and unet.text_length > 0
     assert unet.unet["down_block_types"][0] == "CrossAttnDownBlock2D"
     assert student.config.prediction == "eps"          # SD's eps UNet, started from its weights
-    assert student.autoencoder_path == str(out / "teacher" / "vae")
+    assert student.conditioning.autoencoder_path == str(out / "teacher" / "vae")
     grid = out / "grid.png"
     assert main(["sample", "--checkpoint", str(out / "run" / "student"), "--out", str(grid),
                  "--per-class", "1"]) == 0
@@ -98,9 +98,9 @@ def test_a_dry_run_shrinks_the_teachers_own_family_when_its_directory_is_here(tm
     teacher = load_teacher(load(TrainJob, None, [f"teacher.diffusers.path={tmp_path / 'tiny'}"]
                                 ).teacher)
     assert teacher.config.diffusers.model_class == "UNet2DModel"
-    assert teacher.num_classes == CLASSES and teacher.config.prediction == "v"
+    assert teacher.conditioning.num_classes == CLASSES and teacher.config.prediction == "v"
     assert teacher.config.diffusers.unet["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
-    assert teacher.autoencoder_path == "" and written["channels"] == 1
+    assert teacher.conditioning.autoencoder_path == "" and written["channels"] == 1
 
 
 def test_a_dry_run_needs_a_diffusers_teacher_and_a_new_out(tmp_path, cli_stderr):

@@ -51,7 +51,7 @@ def guided_error(model, teacher, x, c, w: float) -> float:
     schedule = teacher.denoiser.schedule
     alpha, sigma = (broadcast_like(v, x) for v in schedule.alpha_sigma(t))
     z_t = alpha * x + sigma * torch.randn(x.shape, generator=g)
-    cond = teacher.conditions.cond(c, torch.full(c.shape, w))
+    cond = teacher.conditioning.conditions.cond(c, torch.full(c.shape, w))
     with torch.no_grad():
         target = teacher.w_denoiser(z_t, t, cond)
         out = denoise(model.network, schedule, model.config.prediction, z_t, t, cond)

@@ -66,7 +66,7 @@ class GuidanceBaking(Method):
 def _build(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
            student: nn.Module) -> GuidanceBaking:
     return GuidanceBaking(teacher=teacher.w_denoiser, student=student, config=config,
-                          schedule=teacher.denoiser.schedule, conditions=teacher.conditions,
+                          schedule=teacher.denoiser.schedule, conditions=teacher.conditioning.conditions,
                           w=job.settings.w, steps=job.optim.steps)
 
 

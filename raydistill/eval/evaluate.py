@@ -183,7 +183,7 @@ def evaluate(job: EvalJob, out: str, *, progress: bool = True, log=print) -> dic
         start = time.perf_counter()
         run_pairs(plans[row.key], progress=progress)
         samples, labels = read_samples(plans[row.key].location.uri, job.num_samples)
-        images = teacher.images(samples)           # a latent teacher's decoded
+        images = teacher.conditioning.images(samples)           # a latent teacher's decoded
         grid = None
         if not analytic:              # the first samples: the same noise and classes in every grid
             grid = os.path.join("grids", f"{row.key}.png")

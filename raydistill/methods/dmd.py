@@ -81,7 +81,8 @@ from raydistill.methods.generator import (
     one_step,
     pair_regression,
 )
-from raydistill.models.checkpoint import Checkpoint, model_data_shape
+from raydistill.models.checkpoint import Checkpoint
+from raydistill.models.conditioning import model_data_shape
 from raydistill.models.denoiser import denoise
 from raydistill.seeds import MODULES_STREAM, derive_seed
 
@@ -399,7 +400,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
         teacher=teacher.w_denoiser, generator=student, fake_score=fake_score,
         generator_config=student_config, fake_config=fake_config,
         schedule=teacher.denoiser.schedule, dmd=dmd, w=job.guidance.w_min,
-        conditions=teacher.conditions, shape=teacher.data_shape,
+        conditions=teacher.conditioning.conditions, shape=teacher.data_shape,
         weighting=dmd.fake_weighting, steps=job.optim.steps,
         distance=make_distance(dmd.distance, dmd.lpips, device) if job.pairs else None)
 

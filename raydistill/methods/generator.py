@@ -146,7 +146,7 @@ def check_generator_job(job: TrainJob, teacher: Checkpoint, student: ModelConfig
         if len(teacher.data_shape) != 3:
             raise ConfigError(key, f"lpips compares images; the teacher's samples have shape "
                                    f"{list(teacher.data_shape)}")
-        if teacher.autoencoder_path:
+        if teacher.conditioning.autoencoder_path:
             raise ConfigError(key, "lpips compares images; a latent teacher's samples are latents "
                                    "(use pseudo_huber or mse)")
         try:

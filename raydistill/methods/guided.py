@@ -118,7 +118,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     return GuidedDistillation(teacher=teacher.w_denoiser, student=student,
                               student_config=student_config, schedule=teacher.denoiser.schedule,
                               guidance=job.guidance, weighting=job.loss_weighting,
-                              steps=job.optim.steps, conditions=teacher.conditions,
+                              steps=job.optim.steps, conditions=teacher.conditioning.conditions,
                               reads=PAIRS if job.pairs else DATA)
 
 

@@ -250,7 +250,7 @@ def _build(job: TrainJob, teacher: Checkpoint, student_config: ModelConfig,
     return ProgressiveDistillation(
         teacher=teacher.w_denoiser, student=student, student_config=student_config,
         schedule=teacher.denoiser.schedule, guidance=job.guidance, halving=job.settings,
-        conditions=teacher.conditions, weighting=job.loss_weighting,
+        conditions=teacher.conditioning.conditions, weighting=job.loss_weighting,
         teacher_is_stochastic=teacher.sampling.is_stochastic_student,
         reads=PAIRS if job.pairs else DATA)
 

@@ -35,14 +35,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raydistill.conditions import Conditions, PromptTable
 from raydistill.config import ConfigError, ModelConfig, TeacherRef, from_dict, to_dict
-from raydistill.diffusion.guidance import CFG, Denoiser
-from raydistill.models.autoencoder import Autoencoder, load_autoencoder
-from raydistill.models.autoencoder import image_shape as autoencoder_image_shape
+from raydistill.diffusion.guidance import Denoiser
+from raydistill.models.conditioning import Conditioning, model_data_shape
 from raydistill.models.denoiser import ModelDenoiser, make_schedule
 from raydistill.models.diffusers_unet import DiffusersUNet, load_diffusers
-from raydistill.models.diffusers_unet import data_shape as diffusers_data_shape
 from raydistill.models.gmm import AnalyticTeacher, GaussianMixture
 from raydistill.models.mlp import MLP
 from raydistill.models.sampling import SamplingPolicy
@@ -68,16 +65,6 @@ def build_network(config: ModelConfig, *, meta: bool = False) -> nn.Module:
     return GaussianMixture.random(
         num_classes=gmm.num_classes, components_per_class=gmm.components_per_class, dim=gmm.dim,
         seed=gmm.seed, spread=gmm.spread, shape=tuple(gmm.shape) or None)
-
-
-def model_data_shape(config: ModelConfig) -> tuple[int, ...]:
-    """The shape of one sample x a model built from `config` denoises."""
-    if config.kind == "unet":
-        return (config.unet.in_channels, config.unet.resolution, config.unet.resolution)
-    if config.kind == "diffusers":
-        return diffusers_data_shape(config.diffusers)
-    spec = config.gmm if config.kind == "gmm" else config.mlp
-    return tuple(spec.shape) or (spec.dim,)
 
 
 def as_denoiser(network: nn.Module, config: ModelConfig) -> Denoiser:
@@ -132,71 +119,20 @@ def fingerprint(network: nn.Module, model: dict[str, Any]) -> str:
 
 @dataclass
 class Checkpoint:
+    """A model's record: its network, config, fingerprint and what its checkpoint records beside
+    them (`extra`: a student's method, guidance range and sampler); with the policies read from
+    it: how it may be sampled (`sampling`) and what it is conditioned on (`conditioning`)."""
+
     network: nn.Module
     config: ModelConfig
     fingerprint: str
     extra: dict[str, Any]
-    prompts: str = ""                # a text model's prompt table (raydistill.conditions)
-    autoencoder_path: str = ""       # a latent model's AutoencoderKL (models.autoencoder)
+    conditioning: Conditioning
 
     @property
     def data_shape(self) -> tuple[int, ...]:
         """The shape of one sample x the model denoises (a latent model's latents)."""
         return model_data_shape(self.config)
-
-    @functools.cached_property
-    def autoencoder(self) -> Autoencoder | None:
-        """A latent model's autoencoder (on the CPU until moved), None for a pixel model."""
-        if not self.autoencoder_path:
-            return None
-        return load_autoencoder(self.autoencoder_path, "teacher.diffusers.vae")
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """The shape of one image: the data shape, or what a latent model's latents decode to."""
-        if not self.autoencoder_path:
-            return self.data_shape
-        return autoencoder_image_shape(self.autoencoder_path, self.data_shape,
-                                       "teacher.diffusers.vae")
-
-    def images(self, samples: torch.Tensor) -> torch.Tensor:
-        """Samples as images: decoded by a latent model's autoencoder, else as they are."""
-        autoencoder = self.autoencoder
-        return samples if autoencoder is None else autoencoder.decode(samples)
-
-    @property
-    def text(self) -> bool:
-        """Whether the model is conditioned on text (encoder_hidden_states)."""
-        return self.config.kind == "diffusers" and self.config.diffusers.text_length > 0
-
-    @property
-    def num_classes(self) -> int:
-        """The condition indices c the model is sampled under: its classes, or a text model's
-        prompts."""
-        return self.conditions.num_classes
-
-    @functools.cached_property
-    def conditions(self) -> Conditions:
-        """What c means to the model (raydistill.conditions): a text model needs its prompt
-        table, whose rows must have the width and length of its empty-prompt embedding."""
-        config = self.config
-        if not self.text:
-            if config.kind == "diffusers":
-                return Conditions(self.network.num_classes)
-            spec = {"gmm": config.gmm, "unet": config.unet, "mlp": config.mlp}[config.kind]
-            return Conditions(spec.num_classes)
-        if not self.prompts:
-            raise ConfigError("teacher.prompts", "is required for a text-conditioned model: the "
-                                                 "prompt embeddings (encoder_hidden_states "
-                                                 "[P, L, D]) its samples are conditioned on")
-        table = PromptTable(self.prompts, "teacher.prompts")
-        expected = tuple(self.network.null_embedding.shape)
-        if (table.length, table.width) != expected:
-            raise ConfigError("teacher.prompts", f"{self.prompts} holds [{table.length}, "
-                                                 f"{table.width}] embeddings; the model takes "
-                                                 f"[{expected[0]}, {expected[1]}] (the shape of "
-                                                 "its empty-prompt embedding)")
-        return Conditions(table.count, table)
 
     @functools.cached_property
     def denoiser(self) -> Denoiser:
@@ -212,13 +148,8 @@ class Checkpoint:
 
     @property
     def w_denoiser(self) -> Denoiser:
-        """A Denoiser that honours cond["w"]: a w-conditioned student takes w as an input, a
-        student with guidance built in is used as it is (see SamplingPolicy.check_guidance), any
-        other model
-        gets classifier-free guidance (both branches in one batched call)."""
-        if self.config.w_conditioned or self.sampling.built_in_w is not None:
-            return self.denoiser
-        return CFG(self.denoiser)
+        """The denoiser that honours cond["w"] (SamplingPolicy.w_denoiser)."""
+        return self.sampling.w_denoiser(self.denoiser)
 
 
 def check_replaceable(directory: str) -> None:
@@ -312,16 +243,16 @@ def planned_checkpoint(config: ModelConfig, extra: dict[str, Any], digest: str) 
 def as_planned(checkpoint: Checkpoint) -> Checkpoint:
     """The checkpoint without its weights (see planned_checkpoint), its fingerprint kept."""
     planned = planned_checkpoint(checkpoint.config, checkpoint.extra, checkpoint.fingerprint)
-    planned.prompts, planned.autoencoder_path = checkpoint.prompts, checkpoint.autoencoder_path
+    planned.conditioning = dataclasses.replace(checkpoint.conditioning, network=planned.network)
     return planned
 
 
 def _checkpoint(network: nn.Module, config: ModelConfig, digest: str,
                 extra: dict[str, Any]) -> Checkpoint:
-    """A student records what it is sampled with: a text model's prompts, a latent model's
-    autoencoder."""
-    return Checkpoint(network.eval(), config, digest, extra, extra.get("prompts", ""),
-                      extra.get("autoencoder", ""))
+    """A checkpoint whose record says what it is sampled with (a student's prompts and
+    autoencoder: Conditioning.recorded)."""
+    return Checkpoint(network.eval(), config, digest, extra,
+                      Conditioning.recorded(config, network, extra))
 
 
 def load_teacher(ref: TeacherRef) -> Checkpoint:
@@ -330,18 +261,19 @@ def load_teacher(ref: TeacherRef) -> Checkpoint:
     if ref.analytic is not None:
         config = ModelConfig(kind="gmm", gmm=ref.analytic)
         network = build_network(config)
-        checkpoint = Checkpoint(network, config, fingerprint(network, sparse_config(config)), {})
+        checkpoint = Checkpoint(network, config, fingerprint(network, sparse_config(config)), {},
+                                Conditioning(config, network))
     elif ref.diffusers is not None:
         network, config, vae = load_diffusers(ref.diffusers)
+        conditioning = Conditioning(config, network, autoencoder_path=vae)
         digest = fingerprint(network, written_config(config))
-        checkpoint = Checkpoint(network, config, digest, {}, autoencoder_path=vae)
         if vae:          # a latent teacher is its UNet and its autoencoder
-            digest = fingerprint(checkpoint.autoencoder, {"unet": digest})
-            checkpoint.fingerprint = digest
+            digest = fingerprint(conditioning.autoencoder, {"unet": digest})
+        checkpoint = Checkpoint(network, config, digest, {}, conditioning)
     else:
         checkpoint = load_checkpoint(ref.checkpoint)
     if ref.prompts:
-        checkpoint.prompts = ref.prompts
+        checkpoint.conditioning = checkpoint.conditioning.with_prompts(ref.prompts)
     if ref.fingerprint and not checkpoint.fingerprint.startswith(ref.fingerprint):
         raise ConfigError("teacher.fingerprint", f"the teacher has fingerprint "
                                                  f"{checkpoint.fingerprint[:16]}, config pins "

@@ -1,7 +1,7 @@
 """How a model may be sampled, from what its checkpoint records (`extra`): a distilled student's
 built-in guidance strength or the range it was distilled for, and the one sampler a progressive
-student or a generator was distilled for. `sample`, `eval`, pair workers and `export` all ask
-this policy (Checkpoint.sampling)."""
+student or a generator was distilled for, and the denoiser that honours a guidance strength.
+`sample`, `eval`, pair workers, training and `export` all ask this policy (Checkpoint.sampling)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from raydistill.config import ConfigError
+from raydistill.diffusion.guidance import CFG, Denoiser
 from raydistill.diffusion.multistep import renoise_sample
 from raydistill.diffusion.progressive import stochastic_sample
 
@@ -75,6 +76,14 @@ class SamplingPolicy:
         if self.w_conditioned and "method" in self.extra:
             return min(max(1.0, float(self.extra["w_min"])), float(self.extra["w_max"]))
         return 1.0
+
+    def w_denoiser(self, denoiser: Denoiser) -> Denoiser:
+        """The model's `denoiser` made to honour cond["w"]: a w-conditioned student takes w as an
+        input and a student with guidance built in is used as it is (see check_guidance); any
+        other model gets classifier-free guidance (both branches in one batched call)."""
+        if self.w_conditioned or self.built_in_w is not None:
+            return denoiser
+        return CFG(denoiser)
 
     def check_guidance(self, w_min: float, w_max: float, key: str, *, force: bool = False,
                        force_key: str = "") -> None:

@@ -35,9 +35,10 @@ def real_data(job: PairsJob, teacher: Checkpoint) -> Tensor | GaussianMixture:
             raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
         return teacher.network
     images = load_images(job.data).train.images
-    if tuple(images.shape[1:]) != teacher.image_shape:
+    image_shape = teacher.conditioning.image_shape
+    if tuple(images.shape[1:]) != image_shape:
         raise ConfigError("data.resolution", f"data shape {tuple(images.shape[1:])} does not "
-                                             f"match the teacher's {teacher.image_shape}")
+                                             f"match the teacher's {image_shape}")
     return images
 
 
@@ -51,10 +52,10 @@ class ShardMaker:
         policy = teacher.sampling
         self.teacher = Teacher(teacher.w_denoiser, teacher.denoiser.schedule,
                                policy.is_stochastic_student, policy.stochastic_sampler)
-        self.shape, self.conditions = teacher.data_shape, teacher.conditions
+        self.shape, self.conditions = teacher.data_shape, teacher.conditioning.conditions
         self.data = real_data(job, teacher) if self.mode.from_data else None
         # real images become a latent teacher's latents (ODE pairs start from noise: no images)
-        self.autoencoder = teacher.autoencoder if self.data is not None else None
+        self.autoencoder = teacher.conditioning.autoencoder if self.data is not None else None
         if self.autoencoder is not None:
             self.autoencoder.to(self.device)
 

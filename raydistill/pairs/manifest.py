@@ -81,8 +81,8 @@ def run_identity(job: PairsJob, teacher: Checkpoint) -> dict:
                 "samples_per_shard": job.samples_per_shard, "seed": job.seed,
                 "guidance": asdict(job.guidance)}
     identity.update(MODES[job.mode].identity(job))
-    if teacher.text:
-        table = teacher.conditions.prompts
+    if teacher.conditioning.text:
+        table = teacher.conditioning.conditions.prompts
         identity["prompts"] = {"sha256": table.digest(), "count": table.count}
     return identity
 

@@ -70,7 +70,7 @@ def check_pairs_job(job: PairsJob, teacher: Checkpoint) -> None:
 
 def planned_pair_set(job: PairsJob, teacher: Checkpoint) -> PairSet:
     """What the pair set `job` makes will be, as a training job's checks see it."""
-    return PairSet(run_identity(job, teacher), job.mode, teacher.text, job.num_shards,
+    return PairSet(run_identity(job, teacher), job.mode, teacher.conditioning.text, job.num_shards,
                    job.num_shards * job.samples_per_shard)
 
 
@@ -101,7 +101,7 @@ class ShardWorker:
         if self.teacher.fingerprint != fingerprint:
             raise RuntimeError("the teacher changed since the run started (fingerprint mismatch)")
         self.maker = ShardMaker(self.job, self.teacher, worker_device(self.job))
-        self.layout = Layout(self.job.mode, self.teacher.text)
+        self.layout = Layout(self.job.mode, self.teacher.conditioning.text)
         self.location = Location.parse(out)
         self.evaluations = EvaluationCounter()
         self.evaluations.watch(self.teacher.denoiser)

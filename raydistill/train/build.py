@@ -17,7 +17,8 @@ from raydistill.data.units import require_shards_per_worker
 from raydistill.methods import Method
 from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distillable
 from raydistill.methods.registry import method_spec
-from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, model_data_shape
+from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher
+from raydistill.models.conditioning import model_data_shape
 from raydistill.pairs.manifest import PairSet
 from raydistill.seeds import STUDENT_STREAM, derive_seed
 
@@ -154,9 +155,10 @@ def check_job(job: TrainJob, teacher: Checkpoint,
             raise ConfigError("data.source", "mixture needs an analytic (gmm) teacher")
     else:
         data = with_teacher_shape(job, teacher).data
-        if (data.channels, data.resolution, data.resolution) != teacher.image_shape:
+        image_shape = teacher.conditioning.image_shape
+        if (data.channels, data.resolution, data.resolution) != image_shape:
             raise ConfigError("data", f"{data.channels}x{data.resolution}x{data.resolution} images "
-                                      f"do not fit the teacher's {teacher.image_shape}")
+                                      f"do not fit the teacher's {image_shape}")
         if data.source == "webdataset":
             from raydistill.data.ray_source import tar_shards
             require_shards_per_worker(len(tar_shards(data)), job.workers.num, "data.path")
@@ -170,10 +172,11 @@ def _check_pairs(job: TrainJob, teacher: Checkpoint, pairs: PairSet) -> None:
     if pairs.mode != spec.pairs_mode:
         raise ConfigError("pairs", f"{job.pairs} holds {pairs.mode} pairs; method {job.method} "
                                    f"needs {spec.pairs_mode} pairs")
-    if pairs.text != teacher.text:
+    text = teacher.conditioning.text
+    if pairs.text != text:
         raise ConfigError("pairs", f"{job.pairs} holds pairs of a "
                                    f"{'text' if pairs.text else 'class'}-conditioned model; the "
-                                   f"teacher is {'text' if teacher.text else 'class'}-conditioned")
+                                   f"teacher is {'text' if text else 'class'}-conditioned")
     if identity["teacher_fingerprint"] != teacher.fingerprint:
         raise ConfigError("pairs", f"{job.pairs} was made by teacher "
                                    f"{identity['teacher_fingerprint'][:16]}, the configured teacher "
@@ -192,9 +195,7 @@ def student_record(job: TrainJob, teacher: Checkpoint, index: int) -> dict:
     record, the teacher's fingerprint, and what the student is sampled with (a text teacher's
     prompt table, a latent teacher's autoencoder)."""
     return {**method_spec(job.method).record(job, index),
-            "teacher_fingerprint": teacher.fingerprint,
-            **({"prompts": teacher.prompts} if teacher.text else {}),
-            **({"autoencoder": teacher.autoencoder_path} if teacher.autoencoder_path else {})}
+            "teacher_fingerprint": teacher.fingerprint, **teacher.conditioning.record()}
 
 
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
@@ -216,4 +217,4 @@ def with_teacher_shape(job: TrainJob, teacher: Checkpoint) -> TrainJob:
     if teacher.config.kind == "gmm" or job.data.channels:
         return job
     return dataclasses.replace(job, data=dataclasses.replace(job.data,
-                                                             channels=teacher.image_shape[0]))
+                                                             channels=teacher.conditioning.image_shape[0]))

@@ -345,8 +345,9 @@ def setup_worker(job: TrainJob, student_config: ModelConfig, rank: int, world: i
     method = build_method(job, teacher, student_config, device)
     micro = job.micro_batch(world)
     names = sorted({name for phase in method.phases() for name in phase.reads})
-    if DATA in names and teacher.autoencoder is not None:   # encodes real images to latents
-        teacher.autoencoder.to(device)
+    autoencoder = teacher.conditioning.autoencoder
+    if DATA in names and autoencoder is not None:   # encodes real images to latents
+        autoencoder.to(device)
     streams = {name: data_stream(name, job, teacher, micro, rank, world) for name in names}
     return WorkerSetup(device, teacher, method, streams)
 
@@ -373,7 +374,7 @@ def data_stream(name: str, job: TrainJob, teacher: Checkpoint, micro: int, rank:
     stream = source_stream(image_source(job.data, rank=rank, world=world),
                            columns={"image": "x", "label": "c"},
                            name=job.data.path or job.data.source, **common)
-    autoencoder = teacher.autoencoder
+    autoencoder = teacher.conditioning.autoencoder
     if autoencoder is None:
         return stream
     return stream.map(lambda batch: {**batch, "x": autoencoder.encode(batch["x"])})
