@@ -32,6 +32,9 @@ from raydistill.config import (
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+    from raydistill.models.conditioning import Conditioning
+    from raydistill.models.sampling import SamplingPolicy
+
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 PLANNED = {
@@ -249,13 +252,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from raydistill.models import load_checkpoint, load_classifier
     from raydistill.sampling import sample_classes, save_arrays, save_grid
 
-    fields = {"steps": 1 if args.steps is None else args.steps,
-              "w": 1.0 if args.w is None else args.w, "solver": args.solver,
-              "spacing": args.spacing, "per_class": args.per_class}
-    try:
-        sampler = from_dict(SamplerConfig, fields)
-    except ConfigError as err:
-        raise ConfigError("--" + err.key.replace("_", "-"), err.message) from None
+    flags = _sampler_flags(args)
     if not os.path.isdir(args.checkpoint):
         raise ConfigError("--checkpoint", f"no such directory: {args.checkpoint}")
     if args.classifier and not os.path.isdir(args.classifier):
@@ -264,11 +261,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--out", f"must be a .png (grid) or .npz (arrays) file, got {args.out}")
     device = resolve_device(args.device, "--device")
     checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.config.kind not in ("unet", "diffusers"):
+        raise ConfigError("--checkpoint", "sample grids need an image model, not a "
+                                          f"{checkpoint.config.kind}")
     policy = checkpoint.sampling
-    if args.steps is None:
-        sampler = dataclasses.replace(sampler, steps=policy.default_steps(64))
-    if args.w is None:
-        sampler = dataclasses.replace(sampler, w=policy.default_w)
+    sampler, stochastic = _sampler(args, policy, flags)
+    conditioning = _conditioning(args, checkpoint.conditioning)
+    classifier = load_classifier(args.classifier)[0] if args.classifier else None
+    checkpoint.network.to(device)
+    if conditioning.autoencoder is not None:
+        conditioning.autoencoder.to(device)
+    images, labels = sample_classes(checkpoint.w_denoiser, checkpoint.denoiser.schedule,
+                                    shape=checkpoint.data_shape,
+                                    conditions=conditioning.conditions, sampler=sampler,
+                                    seed=args.seed, device=device,
+                                    stochastic=policy.stochastic_sampler if stochastic else None)
+    images = conditioning.images(images).clamp(-1, 1)       # a latent model's decoded
+    if args.out.lower().endswith(".npz"):
+        save_arrays(images, labels, args.out)
+    else:
+        save_grid(images, conditioning.num_classes, args.out)
+    how = policy.stochastic_solver if stochastic else sampler.solver
+    line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
+           f"w={sampler.w:g})"
+    if classifier is not None:
+        line += f"; classifier recognises {classifier.accuracy(images, labels):.1%} as intended"
+    print(line)
+    return 0
+
+
+def _sampler_flags(args: argparse.Namespace) -> SamplerConfig:
+    """The sampler `raydistill sample`'s flags give, checked before the model loads (the steps and
+    w not given are the model's: `_sampler`)."""
+    fields = {"steps": 1 if args.steps is None else args.steps,
+              "w": 1.0 if args.w is None else args.w, "solver": args.solver,
+              "spacing": args.spacing, "per_class": args.per_class}
+    try:
+        return from_dict(SamplerConfig, fields)
+    except ConfigError as err:
+        raise ConfigError("--" + err.key.replace("_", "-"), err.message) from None
+
+
+def _sampler(args: argparse.Namespace, policy: SamplingPolicy,
+             flags: SamplerConfig) -> tuple[SamplerConfig, bool]:
+    """The sampler and whether it is stochastic: the flags given, the model's sampling policy's
+    defaults for the rest, refused (naming the flag) where the policy forbids them unless
+    --force-sampler."""
+    sampler = dataclasses.replace(
+        flags, steps=policy.default_steps(64) if args.steps is None else flags.steps,
+        w=policy.default_w if args.w is None else flags.w)
     stochastic = policy.default_stochastic if args.stochastic is None else args.stochastic
     force = {"force": args.force_sampler, "force_key": "--force-sampler"}
     policy.check_guidance(sampler.w, sampler.w, "--w", **force)
@@ -276,14 +317,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          stochastic=stochastic, **force,
                          keys={"steps": "--steps", "solver": "--solver", "spacing": "--spacing",
                                "stochastic": "--stochastic" if stochastic else "--no-stochastic"})
-    checkpoint.network.to(device)
-    conditioning = checkpoint.conditioning
-    if conditioning.autoencoder is not None:
-        conditioning.autoencoder.to(device)
-    classifier = load_classifier(args.classifier)[0] if args.classifier else None
-    denoiser, model = checkpoint.denoiser, checkpoint.config
-    if model.kind not in ("unet", "diffusers"):
-        raise ConfigError("--checkpoint", f"sample grids need an image model, not a {model.kind}")
+    return sampler, stochastic
+
+
+def _conditioning(args: argparse.Namespace, conditioning: Conditioning) -> Conditioning:
+    """The model's conditioning with the prompt table --prompts gives (a text model needs one,
+    recorded or given), its problems named as --prompts'."""
     if args.prompts:
         if not conditioning.text:
             raise ConfigError("--prompts", "the model is not text-conditioned")
@@ -292,26 +331,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--prompts", "is required: the model is text-conditioned and records "
                                        "no prompt table")
     try:
-        conditions = conditioning.conditions
+        conditioning.conditions                                  # noqa: B018  (checks the table)
     except ConfigError as err:
         raise ConfigError("--prompts", err.message) from None
-    images, labels = sample_classes(checkpoint.w_denoiser, denoiser.schedule,
-                                    shape=checkpoint.data_shape,
-                                    conditions=conditions, sampler=sampler,
-                                    seed=args.seed, device=device,
-                                    stochastic=policy.stochastic_sampler if stochastic else None)
-    images = conditioning.images(images).clamp(-1, 1)       # a latent model's decoded
-    if args.out.lower().endswith(".npz"):
-        save_arrays(images, labels, args.out)
-    else:
-        save_grid(images, conditions.num_classes, args.out)
-    how = policy.stochastic_solver if stochastic else sampler.solver
-    line = f"sample: wrote {args.out} ({len(labels)} samples, {sampler.steps} {how} steps, " \
-           f"w={sampler.w:g})"
-    if classifier is not None:
-        line += f"; classifier recognises {classifier.accuracy(images, labels):.1%} as intended"
-    print(line)
-    return 0
+    return conditioning
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
