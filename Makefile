@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/dmd_step.py
 	$(BIN)/python benchmarks/checkpoint_cost.py
+	$(BIN)/python benchmarks/memory_levers.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks

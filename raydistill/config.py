@@ -530,6 +530,16 @@ class DeepSpeedConfig:
         require(self.grad_accum >= 1, "grad_accum", "must be at least 1")
 
 
+@dataclass
+class MemoryConfig:
+    """Levers that trade compute for memory on each rank."""
+
+    #: recompute the trained networks' activations in the backward pass instead of holding them
+    #: from the forward (a diffusers UNet's own gradient checkpointing; the built-in UNet's down
+    #: and up blocks): activation memory for about one more forward pass per step
+    activation_checkpointing: bool = False
+
+
 #: Keys of TrainJob that moved into the sections of the methods that read them (kd's and dmd's
 #: regression distance): a config or run written before loads unchanged (TrainJob.resolve)
 MOVED_TO_SECTION = ("distance", "lpips")
@@ -553,6 +563,7 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)   # steps: guided only (see halving)
     workers: TrainWorkers = field(default_factory=TrainWorkers)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     checkpoint_every: int = 100      # optimizer steps between checkpoints
     #: stop at this optimizer step (0: at the end) with a checkpoint and the student of that
     #: step; `--resume` with a later one (or 0) continues the same run

@@ -16,9 +16,10 @@ from diffusers_models import (
 )
 from safetensors.torch import save_file
 
-from raydistill.config import ConfigError, DiffusersTeacher, TeacherRef
+from raydistill.config import ConfigError, DiffusersTeacher, ModelConfig, TeacherRef, UNetConfig
 from raydistill.diffusion import NULL_CLASS, ddim, sample
-from raydistill.models.checkpoint import load_teacher
+from raydistill.models.checkpoint import build_network, load_teacher
+from raydistill.models.memory import checkpoint_activations, held_activation_bytes
 
 TOLERANCE = 1e-4
 
@@ -138,3 +139,47 @@ def test_bad_diffusers_directories_are_refused_by_key(tmp_path):
     write_model(tmp_path / "text", tiny_unet(text=True), scheduler())
     with pytest.raises(ConfigError, match="teacher.diffusers.null_embedding: is required"):
         teacher_from(tmp_path / "text")
+
+
+@pytest.mark.parametrize("kind", ["unet", "diffusers", "diffusers-text"])
+def test_activation_checkpointing_recomputes_the_same_gradients_from_fewer_held_bytes(tmp_path,
+                                                                                      kind):
+    """The built-in UNet (with dropout) and diffusers UNets (class and text conditioned) give the
+    same output and gradients with their activations recomputed, holding under 60% of the bytes
+    for the backward pass."""
+    if kind == "unet":
+        network = build_network(ModelConfig(kind="unet", unet=UNetConfig(
+            in_channels=1, resolution=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+            attention_resolutions=[4], dropout=0.1, num_classes=CLASSES)))
+    else:
+        text = kind == "diffusers-text"
+        directory = write_model(tmp_path / "model", tiny_unet(text=text), scheduler())
+        if text:
+            write_null_embedding(str(tmp_path / "null.npy"))
+        network = teacher_from(directory, **({"null_embedding": str(tmp_path / "null.npy")}
+                                             if text else {})).network
+    network.train()
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, generator=g)
+    cond = {"c": torch.arange(4) % CLASSES, "w": torch.ones(4)}
+    if kind == "diffusers-text":
+        cond["encoder_hidden_states"] = torch.randn(4, TOKENS, WIDTH, generator=g)
+
+    def step() -> torch.Tensor:
+        torch.manual_seed(1)                        # the same dropout masks in both runs
+        network.zero_grad()
+        out = network(z, t, cond)
+        out.square().mean().backward()
+        return out.detach()
+
+    def forward() -> torch.Tensor:
+        return network(z, t, cond)
+
+    held, out = held_activation_bytes(forward, network), step()
+    grads = [p.grad.clone() for p in network.parameters()]
+    checkpoint_activations(network, "student")
+    recomputed, again = held_activation_bytes(forward, network), step()
+    assert torch.equal(out, again)
+    for before, p in zip(grads, network.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, before, rtol=1e-5, atol=1e-7)
+    assert 0 < recomputed < 0.6 * held

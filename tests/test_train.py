@@ -336,6 +336,9 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
      "optim.modules.fake_score.warmup_steps: is 24, not below the 24 updates of fake_score in "
      "optim.steps = 12 steps (2 a step)"),
     (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
+    (ANALYTIC, ["memory.activation_checkpointing=true"],
+     "memory.activation_checkpointing: the student is a mlp network, which has no blocks to "
+     "recompute (the built-in UNet and diffusers UNets have)"),
 ])
 def test_bad_train_config_is_one_line_before_workers_start(cli_stderr, tmp_path, config, overrides,
                                                            message):
@@ -692,3 +695,42 @@ def test_the_step_bar_shows_the_last_step_posted(ray_local, capsys):
                                       "loss": 0.5, "samples_per_s": 100.0, "data_wait": 0.01})
     err = capsys.readouterr().err
     assert "train guided" in err and "20/40" in err and "loss 0.5" in err
+
+
+#: DMD with its GAN head into a small UNet generator of an 8x8 analytic mixture (the fake score a
+#: copy of the generator, so both trained networks are UNets, one inside FakeScore), with dropout
+UNET_DMD = ["teacher.analytic.dim=64", "teacher.analytic.shape=[1,8,8]", "student.kind=unet",
+            "student.unet={in_channels: 1, resolution: 8, base_channels: 8, channel_mult: [1, 2],"
+            " num_res_blocks: 1, attention_resolutions: [4], dropout: 0.1, num_classes: 3}",
+            "dmd.gan_weight=0.01", "dmd.gan_head_weight=0.01", "dmd.gan_head=conv",
+            "workers.num=1", "optim.steps=3", "optim.batch_size=8"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_activation_checkpointing_leaves_the_losses_as_they_were(single_process_group, stage):
+    """With memory.activation_checkpointing the generator and the fake score recompute their
+    blocks' activations in the backward pass; every logged loss, and the trained weights, are those
+    of the run that held them (dropout draws the same masks again), under ZeRO-2 and ZeRO-3."""
+    runs = []
+    for lever in (False, True):
+        torch.manual_seed(0)                   # dropout draws from torch's global generator
+        job = load(TrainJob, ANALYTIC_DMD, [*UNET_DMD, f"deepspeed.zero_stage={stage}",
+                                            f"memory.activation_checkpointing={lever}"])
+        plan = prepare(job)
+        setup = setup_worker(job, plan.student_config, 0, 1)
+        unets = [m for m in setup.method.fake_score.network.modules() if hasattr(m, "down")]
+        assert [u.checkpoint_activations for u in unets] == [lever]
+        losses = []
+        run_worker(job, setup.method, setup.streams,
+                   WorkerContext(0, 1, setup.device, lambda m, d: None,
+                                 logged=lambda m, losses=losses: losses.append(
+                                     {k: v for k, v in m.items() if "loss" in k})),
+                   plan.student_config, setup.teacher)
+        runs.append((losses, setup.method.modules()))
+    (held, held_nets), (recomputed, recomputed_nets) = runs
+    assert len(held) == 3 and held == recomputed
+    for name, network in held_nets.items():
+        for (key, a), b in zip(network.state_dict().items(),
+                               recomputed_nets[name].state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name}.{key}"
+

@@ -6,6 +6,10 @@ ModelDenoiser to get x_hat. Conditioning, all added to one embedding vector per 
   - c: a class embedding with one extra row for the null class (NULL_CLASS = -1), for CFG;
   - w (optional, Meng et al. 2023): Fourier features of W_SCALE w, then an MLP whose last layer
     starts at zero, so a w-conditioned student initialised from its teacher starts equal to it.
+
+With `checkpoint_activations` set (training's memory.activation_checkpointing), each down and up
+block recomputes its activations in the backward pass instead of holding them (the bottleneck's,
+the smallest, are held).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from raydistill.config import UNetConfig
 from raydistill.diffusion.guidance import NULL_CLASS, Cond, fourier_embedding
@@ -77,7 +82,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = config
+        self.config, self.checkpoint_activations = config, False
         ch = config.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -132,7 +137,7 @@ class UNet(nn.Module):
         h = self.stem(z_t.to(self.stem.weight.dtype))
         hs = [h]
         for layer in self.down:
-            h = self._run(layer, h, emb)
+            h = self._block_output(layer, h, emb)
             hs.append(h)
         for layer in self.mid:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -140,8 +145,13 @@ class UNet(nn.Module):
             if isinstance(layer, nn.Upsample):
                 h = layer(h)
             else:
-                h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb)
+                h = self._block_output(layer, torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+    def _block_output(self, layer: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(self._run, layer, h, emb, use_reentrant=False)
+        return self._run(layer, h, emb)
 
     @staticmethod
     def _run(layer: nn.Module, h: Tensor, emb: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distil
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher
 from raydistill.models.conditioning import model_data_shape
+from raydistill.models.memory import checkpoint_activations
 from raydistill.pairs.manifest import PairSet
 from raydistill.seeds import STUDENT_STREAM, derive_seed
 
@@ -127,6 +128,10 @@ def check_job(job: TrainJob, teacher: Checkpoint,
     check_warmup(job)
     config = student_config(job, teacher)
     require_distillable(config)
+    if job.memory.activation_checkpointing and config.kind not in ("unet", "diffusers"):
+        raise ConfigError("memory.activation_checkpointing",
+                          f"the student is a {config.kind} network, which has no blocks to "
+                          "recompute (the built-in UNet and diffusers UNets have)")
     if model_data_shape(config) != teacher.data_shape:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
@@ -201,11 +206,15 @@ def student_record(job: TrainJob, teacher: Checkpoint, index: int) -> dict:
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                  device: torch.device) -> Method:
     """The method with its student (on `device`) and the frozen teacher, whose evaluations it
-    counts: in no optimizer, and held in bf16 when training in bf16 (after the modules that start
-    from its weights have copied them in fp32)."""
+    counts; its trained networks recompute their activations if memory.activation_checkpointing
+    says so. The teacher is in no optimizer, and held in bf16 when training in bf16 (after the
+    modules that start from its weights have copied them in fp32)."""
     teacher.network.to(device).requires_grad_(False).eval()
     student = build_student(config, teacher, job.seed).to(device)
     method = method_spec(job.method).build(job, teacher, config, student)
+    if job.memory.activation_checkpointing:
+        for name, network in method.modules().items():
+            checkpoint_activations(network, name)
     method.count_evaluations(teacher.denoiser)
     if job.deepspeed.precision == "bf16" and teacher.config.kind != "gmm":
         teacher.network.to(torch.bfloat16)
