@@ -10,8 +10,10 @@ checkpoint), over the run's checkpoints but its last. The baseline, in this proc
 run: both networks and their torch AdamW state (moments allocated by one step) written with one
 `torch.save` to a file beside the run (the median of 5 saves). DeepSpeed's checkpoint holds more
 than that state (ZeRO-2 keeps an fp32 master partition of each network beside its weights), so
-the bytes ratio above 1 is what DeepSpeed stores, not a second copy. Prints one line per size and
-round and the median and range over rounds, and writes JSON (default
+the bytes ratio above 1 is what DeepSpeed stores, not a second copy. The same run again with
+`storage` a file:// URI (standing in for remote storage): each rank writes its part locally and Ray
+Train uploads it in the background, so the seconds training stops for are the local write's. Prints
+one line per size and round and the median and range over rounds, and writes JSON (default
 benchmarks/results/checkpoint_cost.json).
 """
 
@@ -36,15 +38,15 @@ SIZES = {"smoke": SMOKE_UNET, "digits": UNetConfig(base_channels=32, channel_mul
 EVERY = 10
 
 
-def loop_checkpoints(teacher: str, out: str, steps: int) -> list[dict]:
+def loop_checkpoints(teacher: str, out: str, steps: int, storage: str = "") -> list[dict]:
     """checkpoint_s and checkpoint_bytes of each checkpoint of a `raydistill train` run but its
-    last (each is logged with the step after it)."""
+    last (each is logged with the step after it), kept in `storage` (default: the run's)."""
     import ray
 
     from raydistill.train.driver import train
 
     job = dmd_job(teacher, **{"optim.steps": steps, "workers.num": 2, "deepspeed.zero_stage": 2,
-                              "checkpoint_every": EVERY, "log_every": EVERY})
+                              "checkpoint_every": EVERY, "log_every": EVERY, "storage": storage})
     train(job, out, progress=False)
     ray.shutdown()
     with open(os.path.join(out, "train_log.jsonl")) as f:
@@ -89,19 +91,26 @@ def main() -> None:
                 teacher = make_teacher(workdir, unet, name=f"teacher-{size}")
                 run = os.path.join(workdir, f"{size}-{r}")
                 loop = loop_checkpoints(teacher, run, args.steps)
+                uploaded = loop_checkpoints(teacher, run + "-uploaded", args.steps,
+                                            storage=f"file://{run}-storage")
                 bare = bare_save(teacher, os.path.join(workdir, f"bare-{size}.pt"))
                 figures = {"checkpoint_s": statistics.median(c["seconds"] for c in loop),
                            "checkpoint_bytes": statistics.median(c["bytes"] for c in loop),
+                           "uploaded_checkpoint_s": statistics.median(c["seconds"]
+                                                                      for c in uploaded),
                            "bare_save_s": bare["seconds"], "bare_bytes": bare["bytes"]}
                 figures["seconds_vs_bare"] = figures["checkpoint_s"] / figures["bare_save_s"]
                 figures["bytes_vs_bare"] = figures["checkpoint_bytes"] / figures["bare_bytes"]
+                figures["uploaded_vs_in_place"] = (figures["uploaded_checkpoint_s"]
+                                                   / figures["checkpoint_s"])
                 rounds[size].append(figures)
                 print(f"round {r} {size}: a checkpoint stops training {figures['checkpoint_s']:.3f} s "
                       f"({len(loop)} checkpoints, median) and holds "
                       f"{figures['checkpoint_bytes'] / 1e6:.2f} MB; torch.save of the networks and "
                       f"AdamW state {figures['bare_save_s']:.3f} s, {bare['bytes'] / 1e6:.2f} MB "
                       f"({figures['seconds_vs_bare']:.1f}x the time, "
-                      f"{figures['bytes_vs_bare']:.2f}x the bytes)", flush=True)
+                      f"{figures['bytes_vs_bare']:.2f}x the bytes); uploaded to file:// storage "
+                      f"{figures['uploaded_checkpoint_s']:.3f} s", flush=True)
     summary = {size: {key: spread(f[key] for f in figures) for key in figures[0]}
                for size, figures in rounds.items()}
     for size, s in summary.items():
@@ -111,7 +120,10 @@ def main() -> None:
               f"{s['checkpoint_bytes']['median'] / 1e6:.2f} MB; "
               f"{s['seconds_vs_bare']['median']:.1f}x ({s['seconds_vs_bare']['min']:.1f}.."
               f"{s['seconds_vs_bare']['max']:.1f}) a bare torch.save's time, "
-              f"{s['bytes_vs_bare']['median']:.2f}x its bytes")
+              f"{s['bytes_vs_bare']['median']:.2f}x its bytes; with an upload to file:// storage "
+              f"{s['uploaded_checkpoint_s']['median']:.3f} s "
+              f"({s['uploaded_checkpoint_s']['min']:.3f}..{s['uploaded_checkpoint_s']['max']:.3f}),"
+              f" {s['uploaded_vs_in_place']['median']:.2f}x in place")
     write_record(args.out, {"benchmark": "checkpoint_cost", "steps": args.steps, "every": EVERY,
                             "rounds": rounds, "summary": summary})
 

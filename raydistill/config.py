@@ -565,6 +565,11 @@ class TrainJob:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     checkpoint_every: int = 100      # optimizer steps between checkpoints
+    #: where Ray Train keeps the checkpoints: empty, the run directory's ray/ (every worker writes
+    #: its part there in place, so the workers must share that file system); a URI (s3://,
+    #: gs://, file://...), to which each worker uploads its part in the background while training
+    #: goes on, deleting its local copy once uploaded
+    storage: str = ""
     #: stop at this optimizer step (0: at the end) with a checkpoint and the student of that
     #: step; `--resume` with a later one (or 0) continues the same run
     until: int = 0
@@ -628,6 +633,9 @@ class TrainJob:
         for key in ("checkpoint_every", "log_every", "max_nan_steps"):
             require(getattr(self, key) >= 1, key, "must be at least 1")
         require(self.until >= 0, "until", "must be non-negative (0: train to the end)")
+        require(not self.storage or "://" in self.storage, "storage",
+                f"must be a URI (s3://bucket/path, file:///path, ...) or empty (the run "
+                f"directory), got {self.storage!r}")
         require(self.max_failures >= 0, "max_failures", "must be non-negative")
         if self.deepspeed.zero_stage == 3:
             require(self.optim.ema_decay == 0.0, "optim.ema_decay",

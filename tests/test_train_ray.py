@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -296,3 +297,36 @@ def test_two_runs_on_one_machine_each_use_their_own_ray_instance(tmp_path):
     for output in outputs:
         assert "multiple active Ray instances" not in output, output[-3000:]
         assert "PlacementGroupCleaner" not in output, output[-3000:]
+
+
+def test_checkpoints_upload_to_remote_storage_and_a_run_resumes_from_there(tmp_path, capsys):
+    """With `storage` a URI (file:// standing in for s3:// or gs://) each rank writes its part of a
+    checkpoint to a local directory that Ray Train uploads while training goes on and then
+    deletes: the storage keeps the two latest checkpoints with both ranks' parts, nothing is left
+    in the local directories or under DIR/ray, and a run stopped at `until` continues from the
+    uploaded checkpoint with --resume."""
+    remote, out = tmp_path / "remote", str(tmp_path / "run")
+
+    def staged() -> set[str]:
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "raydistill-ckpt-*")))
+
+    before = staged()
+    args = ["train", "--config", ANALYTIC, "--out", out, "--quiet", *LONG,
+            f"storage=file://{remote}"]
+    assert main([*args, "until=100"]) == 0
+    assert logged_steps(out)[-1] == 100
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert logged_steps(out)[-1] == 200
+    assert "resumed 1 times" in capsys.readouterr().out   # from the uploaded step-100 checkpoint
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    kept = sorted(glob.glob(os.path.join(remote, "*", "checkpoint-*")))
+    assert [os.path.basename(d) for d in kept] == ["checkpoint-00000175", "checkpoint-00000200"]
+    for checkpoint in kept:
+        assert sorted(os.listdir(os.path.join(checkpoint, "streams"))) == ["rank-0.json",
+                                                                           "rank-1.json"]
+    assert 0 < last["checkpoint_bytes"] < directory_bytes(kept[0])   # rank 0's part of it
+    assert not glob.glob(os.path.join(out, "ray", "*", "checkpoint-*"))
+    assert staged() == before
+    assert load_checkpoint(os.path.join(out, "student")).extra["train_steps"] == 200

@@ -54,20 +54,29 @@ class Progress:
     teacher_evaluations: int = 0     # samples the frozen teacher evaluated, over all ranks
 
 
+def directory_bytes(directory: str) -> int:
+    """Bytes of the files under `directory`."""
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(directory) for name in names)
+
+
 class Checkpointer:
     """Saves and restores one worker's training state (`engines`, the student's `ema`, the data
     `streams`' positions), and exports the consolidated student (`student`, the engine name of
     the student module), recording `teacher`'s fingerprint and what the student is sampled with.
     `report(metrics, directory)` hands a written checkpoint to Ray Train; every rank calls `save`
     alike. `place(step)` is where a checkpoint is written (the run's storage, which then holds
-    it); without one, a temporary directory removed once reported."""
+    it, or a directory an upload takes); without one, a temporary directory removed once
+    reported. `measure(directory)` is a reported checkpoint's bytes in storage."""
 
     def __init__(self, *, job: TrainJob, rank: int, engines: dict, student: str,
                  ema: StudentEMA | None, streams: dict[str, Stream], student_config: ModelConfig,
                  teacher: Checkpoint, report: Callable[[dict, str], None],
-                 place: Callable[[int], str] | None = None):
+                 place: Callable[[int], str] | None = None,
+                 measure: Callable[[str], int] = directory_bytes):
         self.job, self.rank, self.engines, self.student = job, rank, engines, student
         self.ema, self.streams, self.report, self.place = ema, streams, report, place
+        self.measure = measure
         self.student_config, self.teacher = student_config, teacher
         self.workdir = tempfile.mkdtemp(prefix="raydistill-train-")
 
@@ -124,7 +133,7 @@ class Checkpointer:
                     if round_name is not None:
                         shutil.copytree(student, os.path.join(directory, ROUNDS, round_name))
             self.report(metrics, directory)
-            return directory_bytes(directory)
+            return self.measure(directory)
         finally:
             if self.place is None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -178,12 +187,6 @@ class Checkpointer:
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def directory_bytes(directory: str) -> int:
-    """Bytes of the files under `directory`."""
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(directory) for name in names)
 
 
 def _flatten(weights: Weights) -> dict[str, Tensor]:

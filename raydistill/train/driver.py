@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ def _fit(job: TrainJob, student: ModelConfig, out: str, channel) -> Any:
                                                                **({"GPU": workers.gpus}
                                                                   if workers.gpus else {})}),
             torch_config=TorchConfig(backend="nccl" if workers.gpus > 0 else "gloo"),
-            run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
+            run_config=RunConfig(name=RUN_NAME, storage_path=job.storage or os.path.join(out, "ray"),
                                  failure_config=FailureConfig(max_failures=0),
                                  logging_config=LoggingConfig(log_level="WARNING"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -278,7 +279,7 @@ def worker_main(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
-    place, report = in_storage(context.get_storage())
+    place, report, measure = in_storage(context.get_storage(), remote=bool(job.storage))
 
     with engine_logs_to(os.path.join(plan.logs, f"train-rank{rank}.log")):
         setup = setup_worker(job, student_config, rank, world)
@@ -287,34 +288,57 @@ def worker_main(config: dict) -> None:
         with restored.as_directory() if restored else contextlib.nullcontext() as directory:
             show = None if channel is None else functools.partial(StepBar.put, channel)
             context = WorkerContext(rank, world, setup.device, report, directory, place=place,
-                                    logged=show,
+                                    measure=measure, logged=show,
                                     reached={"entered": entered, "set_up": set_up},
                                     events=plan.events)
             run_worker(job, setup.method, setup.streams, context, student_config,
                        setup.teacher)
 
 
-def in_storage(storage) -> tuple[Callable[[int], str], Callable[[dict, str], None]]:
-    """Where a worker writes the checkpoint of a step, and how it reports it: in the run's storage
-    (a file system every worker sees: `storage_path` is the run's directory), as
-    checkpoint-<step>, registered as it lies (no upload). Each rank writes its files before it
-    reports, and Ray Train registers the checkpoint once every rank has reported, so one that a
-    failure cut short is never taken for complete; Ray Train removes those past num_to_keep.
-    (Written to a temporary directory and uploaded, every checkpoint was written twice: 69 s for
-    an SD-sized generator and fake score, and two such runs filled a 64 GB disk.)"""
+def in_storage(storage, *, remote: bool) -> tuple[Callable[[int], str],
+                                                 Callable[[dict, str], None],
+                                                 Callable[[str], int]]:
+    """Where a worker writes the checkpoint of a step, how it reports it, and what the reported
+    checkpoint measures. In the run's storage where that is a file system every worker sees
+    (`storage_path` is the run's directory): as checkpoint-<step>, registered as it lies (no
+    upload). (Written to a temporary directory and uploaded, every checkpoint was written twice:
+    69 s for an SD-sized generator and fake score, and two such runs filled a 64 GB disk.) Where
+    the storage is `remote` (job.storage, a URI): into a local directory of its own, which Ray
+    Train uploads in the background while training goes on and deletes once uploaded; it measures
+    this rank's part, as written before the upload. Either way each rank writes its files before
+    it reports, and Ray Train registers a checkpoint once every rank's part is in storage, so one
+    that a failure cut short is never taken for complete; it removes those past num_to_keep."""
     import ray.train
 
+    from raydistill.train.checkpointer import directory_bytes
+
+    uploading: dict[str, int] = {}
+
     def place(step: int) -> str:
-        directory = storage.build_checkpoint_path_from_name(f"checkpoint-{step:08d}")
+        if remote:
+            return tempfile.mkdtemp(prefix=f"raydistill-ckpt-{step:08d}-")
+        directory = storage.build_checkpoint_path_from_name(checkpoint_name(step))
         os.makedirs(directory, exist_ok=True)
         return directory
 
     def report(metrics: dict, directory: str) -> None:
+        mode = ray.train.CheckpointUploadMode
+        if remote:
+            uploading[directory] = directory_bytes(directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=os.path.basename(directory),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+                         checkpoint_dir_name=checkpoint_name(metrics["step"]),
+                         checkpoint_upload_mode=mode.ASYNC if remote else mode.NO_UPLOAD,
+                         **({"delete_local_checkpoint_after_upload": True} if remote else {}))
 
-    return place, report
+    def measure(directory: str) -> int:
+        return uploading.pop(directory) if remote else directory_bytes(directory)
+
+    return place, report, measure
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint's directory in the run's storage."""
+    return f"checkpoint-{step:08d}"
 
 
 @dataclass

@@ -41,7 +41,7 @@ from raydistill.methods import Method, Phase
 from raydistill.methods.base import Round
 from raydistill.models.checkpoint import Checkpoint
 from raydistill.seeds import METHOD_STREAM, derive_seed
-from raydistill.train.checkpointer import Checkpointer, Progress
+from raydistill.train.checkpointer import Checkpointer, Progress, directory_bytes
 from raydistill.train.engine import StudentEMA, build_engine, evaluated_in_fp32, load_full_weights
 from raydistill.train.errors import FatalTrainingError
 from raydistill.train.metrics import MetricsSink
@@ -65,6 +65,9 @@ class WorkerContext:
     #: where every rank writes the checkpoint of a step, which `report` then owns (the run's
     #: storage, so it is written once); None: a temporary directory, removed after `report`
     place: Callable[[int], str] | None = None
+    #: a reported checkpoint's bytes in storage, every rank's files (`report` may have moved a
+    #: directory away: an upload deletes its local copy); default: the directory's files
+    measure: Callable[[str], int] = directory_bytes
     #: rank 0 hands it each logged step's metrics, with "total" and "start" (the step this
     #: attempt started from) added; the driver shows them (raydistill.train.progress)
     logged: Callable[[dict], None] | None = None
@@ -130,7 +133,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             job=job, rank=ctx.rank, engines=self.engines, student=self.student, ema=self.ema,
             streams=streams, student_config=student_config, teacher=teacher, report=ctx.report,
-            place=ctx.place)
+            place=ctx.place, measure=ctx.measure)
         self.progress, self.round_weights = Progress(method=job.method), {}
         if ctx.restored:
             self.progress, self.round_weights = self.checkpointer.restore(ctx.restored)
