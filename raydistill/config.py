@@ -538,6 +538,10 @@ class MemoryConfig:
     #: from the forward (a diffusers UNet's own gradient checkpointing; the built-in UNet's down
     #: and up blocks): activation memory for about one more forward pass per step
     activation_checkpointing: bool = False
+    #: keep the optimizer's fp32 master weights and moments in host memory and step them there
+    #: (DeepSpeed's ZeRO-Offload with its CPU Adam): the device holds the weights and gradients
+    #: only; needs deepspeed.zero_stage 1-3
+    offload_optimizer: bool = False
 
 
 #: Keys of TrainJob that moved into the sections of the methods that read them (kd's and dmd's
@@ -637,6 +641,9 @@ class TrainJob:
                 f"must be a URI (s3://bucket/path, file:///path, ...) or empty (the run "
                 f"directory), got {self.storage!r}")
         require(self.max_failures >= 0, "max_failures", "must be non-negative")
+        require(not self.memory.offload_optimizer or self.deepspeed.zero_stage > 0,
+                "memory.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3 (ZeRO-Offload "
+                                            "moves the optimizer state ZeRO partitions)")
         if self.deepspeed.zero_stage == 3:
             require(self.optim.ema_decay == 0.0, "optim.ema_decay",
                     "must be 0 with deepspeed.zero_stage 3 (the EMA is a full copy of the student "

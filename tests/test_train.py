@@ -336,6 +336,8 @@ def test_dmd_zero_stages_agree_on_both_engines(ray_local, tmp_path):
      "optim.modules.fake_score.warmup_steps: is 24, not below the 24 updates of fake_score in "
      "optim.steps = 12 steps (2 a step)"),
     (ANALYTIC_DMD, ["method=kd", "optim.modules={}"], "pairs: kd trains on ODE pairs"),
+    (ANALYTIC, ["memory.offload_optimizer=true", "deepspeed.zero_stage=0"],
+     "memory.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3"),
     (ANALYTIC, ["memory.activation_checkpointing=true"],
      "memory.activation_checkpointing: the student is a mlp network, which has no blocks to "
      "recompute (the built-in UNet and diffusers UNets have)"),
@@ -734,3 +736,28 @@ def test_activation_checkpointing_leaves_the_losses_as_they_were(single_process_
                                recomputed_nets[name].state_dict().values(), strict=True):
             assert torch.equal(a, b), f"{name}.{key}"
 
+
+
+def test_optimizer_offload_trains_as_the_optimizer_on_the_device_does(single_process_group):
+    """memory.offload_optimizer keeps ZeRO's fp32 partition and the moments in host memory and
+    steps DeepSpeed's CPU AdamW there: a ZeRO-2 run's losses follow those of the run with torch's
+    AdamW (the same update, another kernel)."""
+    runs = []
+    for lever in (False, True):
+        job = load(TrainJob, ANALYTIC, ["workers.num=1", "optim.steps=8", "log_every=1",
+                                        "optim.weight_decay=0.5",
+                                        "deepspeed.zero_stage=2",
+                                        f"memory.offload_optimizer={lever}"])
+        plan = prepare(job)
+        setup = setup_worker(job, plan.student_config, 0, 1)
+        losses = []
+        run_worker(job, setup.method, setup.streams,
+                   WorkerContext(0, 1, setup.device, lambda m, d: None,
+                                 logged=lambda m, losses=losses: losses.append(m["loss"])),
+                   plan.student_config, setup.teacher)
+        runs.append((losses, setup.method.student.engine))
+    (held, engine), (offloaded, offloading) = runs
+    assert offloading.zero_cpu_offload() and not engine.zero_cpu_offload()
+    assert type(offloading.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
+    assert len(held) == 8 and held[-1] < held[0]
+    torch.testing.assert_close(offloaded, held, rtol=1e-4, atol=0.0)

@@ -32,12 +32,20 @@ def deepspeed_config(job: TrainJob, world_size: int,
         "gradient_accumulation_steps": ds.grad_accum,
         "train_batch_size": micro * world_size * ds.grad_accum,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage, **offload(job)},
         "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     return _merge(config, ds.extra)
+
+
+def offload(job: TrainJob) -> dict[str, Any]:
+    """ZeRO-Offload's keys (memory.offload_optimizer): the optimizer state in host memory, pinned
+    where the workers have GPUs (faster copies to and from them)."""
+    if not job.memory.offload_optimizer:
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": job.workers.gpus > 0}}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -60,8 +68,9 @@ def _skip_cpu_shm_build() -> None:
 def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_size: int,
                  round_updates: int, on_cuda: bool,
                  lr_scales: dict[str, float] | None = None):
-    """A DeepSpeed engine for `module` trained with `optim` (AdamW from torch, warm-up + cosine LR
-    over `round_updates` of its own updates, restarting every round). `lr_scales`: the learning
+    """A DeepSpeed engine for `module` trained with `optim` (AdamW from torch, or DeepSpeed's CPU
+    AdamW under memory.offload_optimizer; warm-up + cosine LR over `round_updates` of its own
+    updates, restarting every round). `lr_scales`: the learning
     rate of the parameters under a submodule, as a multiple of optim.lr, by submodule name (e.g.
     DMD2's GAN head)."""
     import deepspeed
@@ -73,7 +82,11 @@ def build_engine(module: nn.Module, job: TrainJob, optim: OptimConfig, world_siz
     config = deepspeed_config(job, world_size, optim)
     adamw = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
     groups = param_groups(module, optim.lr, lr_scales or {})
-    if ds.zero_stage > 0 or ds.precision != "fp32":
+    if job.memory.offload_optimizer:          # steps on the host, where ZeRO-Offload keeps it
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, **adamw, adamw_mode=True)
+    elif ds.zero_stage > 0 or ds.precision != "fp32":
         optimizer = torch.optim.AdamW(groups, **adamw)
     else:       # FiniteAdamW clips with the norm it checks; DeepSpeed would compute it again
         optimizer = FiniteAdamW(groups, **adamw, max_norm=config["gradient_clipping"])
@@ -316,10 +329,11 @@ def tensor_bytes(module: nn.Module) -> int:
     return _storage_bytes([*module.parameters(), *module.buffers()])
 
 
-def state_bytes(engine) -> int:
+def state_bytes(engine, device_type: str | None = None) -> int:
     """Model + optimizer state this rank holds for an engine: its parameters (its ZeRO-3
     partition), the fp32 master partition ZeRO keeps, and the optimizer's moments (distinct
-    storages counted once; the moments exist from the first update)."""
+    storages counted once; the moments exist from the first update); with `device_type`, only
+    what lies on that kind of device (e.g. "cpu": what ZeRO-Offload keeps in host memory)."""
     tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
     optimizer = engine.optimizer
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",   # ZeRO 1-3
@@ -329,4 +343,6 @@ def state_bytes(engine) -> int:
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    if device_type is not None:
+        tensors = [t for t in tensors if t.device.type == device_type]
     return _storage_bytes(tensors)

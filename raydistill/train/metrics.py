@@ -8,7 +8,8 @@ whose loss was not finite, so far), grad_skipped (updates skipped), samples/s, l
 <module>/lr for the others), data_wait (the fraction of the window rank 0 spent waiting for data:
 near 0 unless input-bound), teacher_evaluations (samples the frozen teacher evaluated so far, all
 ranks; a resumed run counts the path it replays once), bytes/<name> (rank 0's weights and optimizer
-state per module, and each frozen network), checkpoint_s and checkpoint_bytes (the last checkpoint's
+state per module, and each frozen network; host_bytes/<name>, the part of it ZeRO-Offload keeps in
+host memory when training on GPUs), checkpoint_s and checkpoint_bytes (the last checkpoint's
 seconds of stopped training and its bytes on disk, from the step after the first), ...
 """
 
@@ -113,6 +114,9 @@ class MetricsSink:
         if not self.memory:
             self.memory = {f"bytes/{name}": state_bytes(engine)
                            for name, engine in self.engines.items()}
+            self.memory.update({f"host_bytes/{name}": state_bytes(engine, "cpu")   # offloaded
+                                for name, engine in self.engines.items()
+                                if engine.device.type != "cpu" and state_bytes(engine, "cpu")})
             self.memory.update({f"bytes/{name}": tensor_bytes(module)
                                 for name, module in self.method.frozen_modules().items()})
 
