@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/dmd_step.py
 	$(BIN)/python benchmarks/checkpoint_cost.py
 	$(BIN)/python benchmarks/memory_levers.py
+	$(BIN)/python benchmarks/gpu_scale.py
 
 lint: setup
 	$(BIN)/ruff check raydistill tests jobs benchmarks

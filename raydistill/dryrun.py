@@ -56,13 +56,16 @@ SD15_SCHEDULER = {
 
 LATENT_SIZE = 8                  # the tiny UNet's sample size
 TOKENS, PROMPTS = 4, 4
+FULL_TOKENS, FULL_PROMPTS = 77, 64   # a full-size teacher's: CLIP's sequence length
 DATA_SAMPLES = 16
 SEED = 0
 
 
-def dry_run_job(data: dict[str, Any], out: str) -> tuple[TrainJob, str]:
+def dry_run_job(data: dict[str, Any], out: str, *,
+                full_size: bool = False) -> tuple[TrainJob, str]:
     """The TrainJob of a dry run of the job `data` (a config file's mapping with its overrides
-    applied), its tiny teacher written to OUT/teacher; and a line saying what was built."""
+    applied), its tiny teacher written to OUT/teacher; and a line saying what was built. With
+    `full_size`, the random teacher has its family's own size (benchmarks/gpu_scale.py)."""
     data = copy.deepcopy(data)
     teacher = data.get("teacher") or {}
     if not isinstance(teacher, dict) or not isinstance(teacher.get("diffusers"), dict):
@@ -75,7 +78,7 @@ def dry_run_job(data: dict[str, Any], out: str) -> tuple[TrainJob, str]:
     source = teacher["diffusers"].get("path", "")
     family = _family(source)
     directory = os.path.join(out, "teacher")
-    built = _write_teacher(directory, *family)
+    built = _write_teacher(directory, *family, full_size=full_size)
     options = {k: v for k, v in teacher["diffusers"].items() if k == "null_class"}
     data["teacher"] = {"diffusers": {**options, "path": directory, **built["diffusers"]},
                        **({"prompts": built["prompts"]} if "prompts" in built else {})}
@@ -92,7 +95,8 @@ def dry_run_job(data: dict[str, Any], out: str) -> tuple[TrainJob, str]:
     unet = family[0]["_class_name"]
     origin = f"{source}'s configs" if os.path.isdir(source) else \
         f"Stable Diffusion 1.5's configs ({source or 'no path'} is not on this machine)"
-    line = (f"dry run: a tiny random {unet}{' + AutoencoderKL' if family[1] else ''} "
+    size = "full-size" if full_size else "tiny"
+    line = (f"dry run: a {size} random {unet}{' + AutoencoderKL' if family[1] else ''} "
             f"({built['parameters']:,} parameters) from {origin} in {directory}")
     return job, line
 
@@ -140,8 +144,14 @@ def tiny_vae_config(config: dict) -> dict:
 
 
 def _write_teacher(directory: str, unet_config: dict, vae_config: dict | None,
-                   scheduler: dict) -> dict[str, Any]:
-    """Write the tiny pipeline (unet/, vae/, scheduler/), its text inputs and its data."""
+                   scheduler: dict, *, full_size: bool = False) -> dict[str, Any]:
+    """Write the tiny pipeline (unet/, vae/, scheduler/), or with `full_size` one of the configs'
+    own size, its text inputs and its data."""
+    def as_given(config: dict) -> dict:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    unet_size = as_given if full_size else tiny_unet_config
+    vae_size = as_given if full_size else tiny_vae_config
     import diffusers
     from safetensors.torch import save_file
 
@@ -149,11 +159,11 @@ def _write_teacher(directory: str, unet_config: dict, vae_config: dict | None,
     generator = torch.Generator().manual_seed(SEED)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        unet = getattr(diffusers, unet_config["_class_name"])(**tiny_unet_config(unet_config))
+        unet = getattr(diffusers, unet_config["_class_name"])(**unet_size(unet_config))
         # diffusers zero-initialises the output convolution; a random teacher should not be 0
         torch.nn.init.normal_(unet.conv_out.weight, std=0.02)
         unet.save_pretrained(os.path.join(directory, "unet"))
-        vae = diffusers.AutoencoderKL(**tiny_vae_config(vae_config)) if vae_config else None
+        vae = diffusers.AutoencoderKL(**vae_size(vae_config)) if vae_config else None
         if vae is not None:
             vae.save_pretrained(os.path.join(directory, "vae"))
     os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
@@ -162,20 +172,21 @@ def _write_teacher(directory: str, unet_config: dict, vae_config: dict | None,
     built: dict[str, Any] = {"diffusers": {}, "parameters": sum(
         p.numel() for module in (unet, vae) if module is not None for p in module.parameters())}
     text = unet_config["_class_name"] == "UNet2DConditionModel"
+    tokens, prompts = (FULL_TOKENS, FULL_PROMPTS) if full_size else (TOKENS, PROMPTS)
     if text:
         width = unet.config.cross_attention_dim
         null = os.path.join(directory, "null_embedding.safetensors")
-        prompts = os.path.join(directory, "prompts.safetensors")
-        save_file({"encoder_hidden_states": torch.randn(TOKENS, width, generator=generator)},
+        table = os.path.join(directory, "prompts.safetensors")
+        save_file({"encoder_hidden_states": torch.randn(tokens, width, generator=generator)},
                   null)
-        save_file({"encoder_hidden_states": torch.randn(PROMPTS, TOKENS, width,
-                                                        generator=generator)}, prompts)
-        built["diffusers"]["null_embedding"], built["prompts"] = null, prompts
+        save_file({"encoder_hidden_states": torch.randn(prompts, tokens, width,
+                                                        generator=generator)}, table)
+        built["diffusers"]["null_embedding"], built["prompts"] = null, table
     if vae is not None:
         channels, size = vae.config.in_channels, vae.config.sample_size
     else:
         channels, size = unet.config.in_channels, unet.config.sample_size
-    labels = PROMPTS if text else max((unet.config.get("num_class_embeds") or 2) - 1, 1)
+    labels = prompts if text else max((unet.config.get("num_class_embeds") or 2) - 1, 1)
     rng = np.random.default_rng(SEED)
     path = os.path.join(directory, "data.npz")
     np.savez(path, images=rng.integers(0, 256, (DATA_SAMPLES, channels, size, size), np.uint8),

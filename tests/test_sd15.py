@@ -11,10 +11,18 @@ import pytest
 import ray
 import yaml
 from diffusers_models import CLASSES, scheduler, tiny_unet, write_model
+from safetensors.torch import load_file
 
 from raydistill.cli import main
 from raydistill.config import TrainJob, load
-from raydistill.dryrun import _family, _write_teacher, dry_run_job
+from raydistill.dryrun import (
+    FULL_PROMPTS,
+    FULL_TOKENS,
+    SD15_SCHEDULER,
+    _family,
+    _write_teacher,
+    dry_run_job,
+)
 from raydistill.models import load_checkpoint
 from raydistill.models.checkpoint import load_teacher
 
@@ -101,6 +109,23 @@ def test_a_dry_run_shrinks_the_teachers_own_family_when_its_directory_is_here(tm
     assert teacher.conditioning.num_classes == CLASSES and teacher.config.prediction == "v"
     assert teacher.config.diffusers.unet["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
     assert teacher.conditioning.autoencoder_path == "" and written["channels"] == 1
+
+
+def test_a_full_size_random_teacher_keeps_its_familys_configs(tmp_path):
+    """What benchmarks/gpu_scale.py writes: the family's own widths and depths (not shrunk), and a
+    text model's empty prompt and prompt table at CLIP's 77 tokens."""
+    unet = {**tiny_unet(text=True).config, "_class_name": "UNet2DConditionModel",
+            "block_out_channels": [32, 64], "layers_per_block": 2, "sample_size": 16}
+    written = _write_teacher(str(tmp_path / "full"), unet, None, SD15_SCHEDULER, full_size=True)
+    saved = json.load(open(tmp_path / "full" / "unet" / "config.json"))
+    assert saved["block_out_channels"] == list(unet["block_out_channels"])
+    assert saved["layers_per_block"] == unet["layers_per_block"]
+    assert written["resolution"] == unet["sample_size"]
+    table = load_file(written["prompts"])["encoder_hidden_states"]
+    assert tuple(table.shape) == (FULL_PROMPTS, FULL_TOKENS, unet["cross_attention_dim"])
+    tiny = _write_teacher(str(tmp_path / "tiny"), unet, None, SD15_SCHEDULER)
+    shrunk = json.load(open(tmp_path / "tiny" / "unet" / "config.json"))
+    assert (shrunk["block_out_channels"], tiny["resolution"]) == ([16, 32], 8)   # the dry run's
 
 
 def test_a_dry_run_needs_a_diffusers_teacher_and_a_new_out(tmp_path, cli_stderr):
