@@ -328,7 +328,7 @@ def in_storage(storage, *, remote: bool) -> tuple[Callable[[int], str],
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=checkpoint_name(metrics["step"]),
                          checkpoint_upload_mode=mode.ASYNC if remote else mode.NO_UPLOAD,
-                         **({"delete_local_checkpoint_after_upload": True} if remote else {}))
+                         delete_local_checkpoint_after_upload=remote)
 
     def measure(directory: str) -> int:
         return uploading.pop(directory) if remote else directory_bytes(directory)

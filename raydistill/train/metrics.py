@@ -114,9 +114,10 @@ class MetricsSink:
         if not self.memory:
             self.memory = {f"bytes/{name}": state_bytes(engine)
                            for name, engine in self.engines.items()}
-            self.memory.update({f"host_bytes/{name}": state_bytes(engine, "cpu")   # offloaded
-                                for name, engine in self.engines.items()
-                                if engine.device.type != "cpu" and state_bytes(engine, "cpu")})
+            for name, engine in self.engines.items():
+                host = state_bytes(engine, "cpu") if engine.device.type != "cpu" else 0
+                if host:                                   # what ZeRO-Offload keeps on the host
+                    self.memory[f"host_bytes/{name}"] = host
             self.memory.update({f"bytes/{name}": tensor_bytes(module)
                                 for name, module in self.method.frozen_modules().items()})
 
