@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
     p.add_argument("--format", required=True, choices=["diffusers"], help="the export format")
     p.add_argument("--out", required=True, help="directory to write: unet/, scheduler/, "
-                                                "raydistill.json")
+                                                "raydistill.json (and lora/ for a student "
+                                                "trained with memory.lora)")
     p.add_argument("--w", type=float, help="the guidance strength to build into a w-conditioned "
                                            "UNet2DModel student (it has no guidance input)")
     p.set_defaults(handler=cmd_export)
@@ -444,15 +445,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
     from raydistill.models.checkpoint import load_checkpoint
     from raydistill.models.export import export_diffusers
+    from raydistill.models.lora import ADAPTER_FILE
 
     if not os.path.isdir(args.checkpoint):
         raise ConfigError("--checkpoint", f"no such directory: {args.checkpoint}")
-    record = export_diffusers(load_checkpoint(args.checkpoint), args.out, w=args.w)
+    kept = os.path.join(args.checkpoint, ADAPTER_FILE)
+    record = export_diffusers(load_checkpoint(args.checkpoint), args.out, w=args.w,
+                              adapters=load_file(kept) if os.path.isfile(kept) else None)
     how = f"{record['steps']} DDIM steps" if record["steps"] else "any number of DDIM steps"
     built_in = f", w={record['w_built_in']:g} built in" if record["w_built_in"] is not None else ""
-    print(f"export: wrote {args.out} (diffusers {how}{built_in})")
+    lora = f"; its LoRA for the teacher's UNet: {record['lora']}" if record["lora"] else ""
+    print(f"export: wrote {args.out} (diffusers {how}{built_in}{lora})")
     return 0
 
 

@@ -531,6 +531,34 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021, through peft) on the trained networks' UNets:
+    their weights stay the teacher's, frozen, and each targeted layer W learns W + (alpha/rank) B A
+    with B [out, rank] starting at zero, so a student starts as its teacher; the optimizer holds
+    the adapters only. The run's student is written with the adapters merged into its weights
+    (and kept beside them, for `raydistill export`'s diffusers LoRA file)."""
+
+    rank: int = 0                    # the adapters' rank; 0: no adapters, every weight trains
+    alpha: float | None = None       # the adapters' scale is alpha / rank; None: rank (scale 1)
+    #: the layers that get adapters, by name as peft matches them (`to_q` matches every
+    #: `...attn1.to_q`); None: the network family's (raydistill.models.lora.DEFAULT_TARGETS)
+    targets: list[str] | None = None
+    #: the method's modules that get adapters (`student`, `generator`, `fake_score`); None: all
+    modules: list[str] | None = None
+
+    def validate(self) -> None:
+        require(self.rank >= 0, "rank", f"must be non-negative (0: no adapters), got {self.rank}")
+        require(self.alpha is None or self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        for key in ("targets", "modules"):
+            require(getattr(self, key) is None or bool(getattr(self, key)), key,
+                    "must name at least one (or be null: the default)")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass
 class MemoryConfig:
     """Levers that trade compute for memory on each rank."""
 
@@ -542,6 +570,8 @@ class MemoryConfig:
     #: (DeepSpeed's ZeRO-Offload with its CPU Adam): the device holds the weights and gradients
     #: only; needs deepspeed.zero_stage 1-3
     offload_optimizer: bool = False
+    #: train low-rank adapters on the frozen teacher's weights instead of every weight
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 #: Keys of TrainJob that moved into the sections of the methods that read them (kd's and dmd's

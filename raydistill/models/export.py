@@ -6,6 +6,11 @@
                                   diffusers' DDIM with N steps visits raydistill's uniform N-step
                                   grid (N dividing num_train_timesteps) and ends on x_hat
     DIR/raydistill.json           where it came from and how to sample it: steps, w
+    DIR/lora/                     a student trained with adapters (memory.lora) of a
+                                  UNet2DConditionModel teacher: the adapters alone, as the LoRA
+                                  file diffusers' loaders put on the teacher's UNet (DIR/unet is
+                                  the teacher's UNet with them merged). Not for a w-conditioned
+                                  student, whose w input is not the teacher's.
 
 Guidance: a w-conditioned UNet2DConditionModel keeps its `time_cond_proj_dim` input (feed it
 `timestep_cond = guidance_embedding(w)`, LCM's embedding of w = guidance_scale - 1). A UNet2DModel
@@ -30,6 +35,7 @@ import torch
 from raydistill.config import ConfigError, ModelConfig
 from raydistill.models.checkpoint import Checkpoint, check_replaceable
 from raydistill.models.diffusers_unet import PREDICTIONS, guidance_embedding
+from raydistill.models.lora import DIFFUSERS_LORA_FILE, write_diffusers_lora
 
 EXPORT_FORMAT = "raydistill-diffusers-export/1"
 SCHEDULER_PREDICTIONS = {ours: theirs for theirs, ours in PREDICTIONS.items()}
@@ -67,9 +73,11 @@ def _check(checkpoint: Checkpoint, w: float | None) -> None:
         checkpoint.sampling.check_guidance(w, w, "--w")
 
 
-def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None) -> dict:
-    """Write `out` (see the module docstring) for a student of a diffusers teacher; returns what
-    raydistill.json records. The directory appears complete or not at all."""
+def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None,
+                     adapters: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write `out` (see the module docstring) for a student of a diffusers teacher, with
+    `adapters` (the student's, where it was trained with them) as a diffusers LoRA where that
+    applies; returns what raydistill.json records. The directory appears complete or not at all."""
     _check(checkpoint, w)
     check_replaceable(out)
     network, config = checkpoint.network, checkpoint.config
@@ -81,6 +89,9 @@ def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None
               "w_built_in": w if w is not None else checkpoint.sampling.built_in_w,
               "guidance_input": "timestep_cond = guidance_embedding(w), w = guidance_scale - 1"
               if config.w_conditioned and w is None else None}
+    lora = adapters is not None and config.diffusers.model_class == "UNet2DConditionModel" \
+        and not config.w_conditioned
+    record["lora"] = f"lora/{DIFFUSERS_LORA_FILE}" if lora else None
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
@@ -90,6 +101,8 @@ def export_diffusers(checkpoint: Checkpoint, out: str, *, w: float | None = None
         scheduler = {"_class_name": "DDIMScheduler", **scheduler_config(checkpoint)}
         with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2)
+        if lora:
+            write_diffusers_lora(os.path.join(tmp, "lora"), adapters, checkpoint.extra["lora"])
         with open(os.path.join(tmp, "raydistill.json"), "w") as f:
             json.dump(record, f, indent=2)
         if os.path.isdir(out):

@@ -19,6 +19,7 @@ from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distil
 from raydistill.methods.registry import method_spec
 from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher
 from raydistill.models.conditioning import model_data_shape
+from raydistill.models.lora import add_adapters
 from raydistill.models.memory import checkpoint_activations
 from raydistill.pairs.manifest import PairSet
 from raydistill.seeds import STUDENT_STREAM, derive_seed
@@ -81,6 +82,32 @@ def check_fits(student: nn.Module, teacher: Checkpoint) -> None:
                                      "from the teacher's weights (leave `student` unset to copy it)")
 
 
+def check_lora(job: TrainJob, teacher: Checkpoint, config: ModelConfig) -> None:
+    """Adapters (memory.lora) train on the teacher's weights, in one round, without an EMA."""
+    lora = job.memory.lora
+    if not lora.rank:
+        return
+    spec = method_spec(job.method)
+    unknown = sorted(set(lora.modules or ()) - set(spec.modules))
+    if unknown:
+        raise ConfigError("memory.lora.modules", f"{unknown[0]} is not a module of method "
+                                                 f"{job.method} (its modules: {list(spec.modules)})")
+    if config.kind not in ("unet", "diffusers"):
+        raise ConfigError("memory.lora", f"the student is a {config.kind} network; adapters go "
+                                         "on the built-in UNet and diffusers UNets")
+    if not starts_from_teacher(config, teacher):
+        raise ConfigError("memory.lora", "needs a student that starts from the teacher's weights "
+                                         "(the adapters train on them, frozen)")
+    if spec.total_steps(job) != spec.round_length(job)[1]:
+        raise ConfigError("memory.lora", f"trains one round; this {job.method} job has several "
+                                         "(each round would start from the last one's student "
+                                         "with its adapters merged)")
+    if job.optim.ema_decay > 0:
+        raise ConfigError("optim.ema_decay", "must be 0 with memory.lora (the average would be a "
+                                             "full copy of the student, which adapters avoid)")
+    add_adapters(build_network(config, meta=True), "student", lora, config.kind)  # targets match
+
+
 def check_warmup(job: TrainJob) -> None:
     """Each module's warm-up (counted in its own updates) must end inside a round: a round of
     `round_length` steps makes that many times the module's updates per step."""
@@ -132,6 +159,7 @@ def check_job(job: TrainJob, teacher: Checkpoint,
         raise ConfigError("memory.activation_checkpointing",
                           f"the student is a {config.kind} network, which has no blocks to "
                           "recompute (the built-in UNet and diffusers UNets have)")
+    check_lora(job, teacher, config)
     if model_data_shape(config) != teacher.data_shape:
         raise ConfigError("student", f"denoises samples of shape {model_data_shape(config)}, the "
                                      f"teacher {teacher.data_shape}")
@@ -206,12 +234,18 @@ def student_record(job: TrainJob, teacher: Checkpoint, index: int) -> dict:
 def build_method(job: TrainJob, teacher: Checkpoint, config: ModelConfig,
                  device: torch.device) -> Method:
     """The method with its student (on `device`) and the frozen teacher, whose evaluations it
-    counts; its trained networks recompute their activations if memory.activation_checkpointing
-    says so. The teacher is in no optimizer, and held in bf16 when training in bf16 (after the
-    modules that start from its weights have copied them in fp32)."""
+    counts; its trained networks get adapters where memory.lora says, and recompute their
+    activations if memory.activation_checkpointing says so. The teacher is in no optimizer, and
+    held in bf16 when training in bf16 (after the modules that start from its weights have
+    copied them in fp32)."""
     teacher.network.to(device).requires_grad_(False).eval()
     student = build_student(config, teacher, job.seed).to(device)
     method = method_spec(job.method).build(job, teacher, config, student)
+    lora = job.memory.lora
+    if lora.rank:
+        for name, network in method.modules().items():
+            if lora.modules is None or name in lora.modules:
+                add_adapters(network, name, lora, config.kind)
     if job.memory.activation_checkpointing:
         for name, network in method.modules().items():
             checkpoint_activations(network, name)

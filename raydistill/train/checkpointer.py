@@ -12,7 +12,8 @@ A checkpoint directory (Ray Train merges the ranks' files):
     train_log.jsonl       the run's logged steps so far (raydistill.train.metrics)
     rounds/<N>-steps/     the student after each finished progressive round (a model checkpoint)
     student/              the consolidated student (the run's last checkpoint only: at the end,
-                          or at `until`)
+                          or at `until`); with memory.lora, its adapters merged in and kept
+                          beside it (lora.safetensors)
 
 Files that outlive one checkpoint (the log, the round students) are kept in the checkpointer's
 work directory and copied into each checkpoint rank 0 writes.
@@ -28,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from raydistill.config import ModelConfig, TrainJob
 from raydistill.models.checkpoint import Checkpoint, build_network, save_checkpoint
+from raydistill.models.lora import ADAPTER_FILE, adapters, lora_record, merged
 from raydistill.train.build import student_record
 from raydistill.train.engine import StudentEMA, full_state_dict
 from raydistill.train.stream import Position, Stream
@@ -95,11 +98,18 @@ class Checkpointer:
 
     def export_student(self, directory: str, weights: dict[str, Tensor], round_index: int,
                        steps: int) -> None:
-        """The student as a model checkpoint, recording the round it finished and its steps."""
+        """The student as a model checkpoint, recording the round it finished and its steps; a
+        student with adapters with them merged into its weights, and kept beside them
+        (ADAPTER_FILE, recorded as `lora`)."""
+        extra = {**student_record(self.job, self.teacher, round_index), "train_steps": steps}
+        files, lora = {}, self.job.memory.lora
+        if lora.rank and (lora.modules is None or self.student in lora.modules):
+            files[ADAPTER_FILE] = save_tensors(adapters(weights))
+            extra["lora"] = lora_record(lora, self.student_config.kind)
+            weights = merged(self.student_config, lora, weights)
         network = build_network(self.student_config)
         network.load_state_dict(weights)
-        extra = {**student_record(self.job, self.teacher, round_index), "train_steps": steps}
-        save_checkpoint(directory, network, self.student_config, extra=extra)
+        save_checkpoint(directory, network, self.student_config, extra=extra, extra_files=files)
 
     def keep_round_student(self, name: str, weights: dict[str, Tensor], round_index: int,
                            steps: int) -> None:
