@@ -192,3 +192,19 @@ def test_a_lora_generator_of_a_text_teacher_exports_as_a_diffusers_lora(single_p
                                for unet in (merged_unet, with_lora, teacher))
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(plain, ours, atol=1e-4)
+
+
+def test_a_restored_lora_run_continues_exactly(single_process_group, tmp_path):
+    """Restored from its step-2 checkpoint (the engines' adapters and their optimizer state), a
+    LoRA run logs the same losses at steps 3-4 and writes the same merged student."""
+    from resume_harness import run_and_resume
+
+    job = lora_job(tmp_path, ["memory.lora.rank=4", "optim.steps=4", "checkpoint_every=2",
+                              "log_every=1"])
+    run = run_and_resume(job, prepare(job), str(tmp_path), at=2,
+                         losses=lambda m: {k: v for k, v in m.items() if "loss" in k})
+    assert run.resumed_losses == {step: run.losses[step] for step in (3, 4)}
+    student = load_file(os.path.join(run.checkpoints[4], "student", "model.safetensors"))
+    again = load_file(os.path.join(run.resumed, "student", "model.safetensors"))
+    assert again.keys() == student.keys()
+    assert all(torch.equal(again[name], value) for name, value in student.items())
