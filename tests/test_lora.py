@@ -25,6 +25,18 @@ UNET = ModelConfig(kind="unet", unet=UNetConfig(
     attention_resolutions=[4], num_classes=10))
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """The Ray instance the GAN head's real digits are read with, shut down after this module."""
+    import ray
+
+    from raydistill.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 def random_network(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """A network with every weight drawn (a fresh UNet's zero-initialised layers would hide a
     merge that drops them)."""
@@ -97,7 +109,7 @@ def train(job: TrainJob, tmp_path, probe=outputs):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_trains_the_adapters_and_writes_the_student_with_them_merged(
-        single_process_group, tmp_path, stage):
+        local_ray, single_process_group, tmp_path, stage):
     """With memory.lora the generator's and the fake score's UNet weights stay the teacher's (the
     GAN head trains in full), the adapters move, the optimizer holds a fraction of the state, and
     the written student is the generator with its adapters merged, the adapters kept beside it."""
@@ -194,7 +206,7 @@ def test_a_lora_generator_of_a_text_teacher_exports_as_a_diffusers_lora(single_p
     assert not torch.allclose(plain, ours, atol=1e-4)
 
 
-def test_a_restored_lora_run_continues_exactly(single_process_group, tmp_path):
+def test_a_restored_lora_run_continues_exactly(local_ray, single_process_group, tmp_path):
     """Restored from its step-2 checkpoint (the engines' adapters and their optimizer state), a
     LoRA run logs the same losses at steps 3-4 and writes the same merged student."""
     from resume_harness import run_and_resume

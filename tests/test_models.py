@@ -211,3 +211,22 @@ def test_analytic_teacher_identity_survives_schema_growth(monkeypatch):
     changed = config_module.from_dict(TeacherRef, {"analytic": {"num_classes": 3, "dim": 4,
                                                                 "spread": 3, "added": 1}})
     assert load_teacher(changed).fingerprint != before
+
+
+def test_a_network_holding_given_weights_takes_them_whole_in_its_own_dtypes():
+    """network_holding builds a network around its weights without drawing initial values:
+    every tensor is the given one (cast to the network's dtype), trainable, and a missing one is
+    refused rather than left unset."""
+    config = ModelConfig(kind="unet", unet=UNetConfig(
+        in_channels=1, resolution=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+        attention_resolutions=[4], num_classes=3))
+    weights = {name: torch.randn_like(value)
+               for name, value in build_network(config).state_dict().items()}
+    network = checkpoint_module.network_holding(
+        config, {name: value.bfloat16() for name, value in weights.items()})
+    for name, value in network.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, weights[name].bfloat16().float())
+    assert all(param.requires_grad for param in network.parameters())
+    with pytest.raises(RuntimeError, match='Missing key.*"stem.weight"'):
+        checkpoint_module.network_holding(config, {name: value for name, value in weights.items()
+                                                   if name != "stem.weight"})

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -48,6 +49,26 @@ from raydistill.models.unet import UNet
 FORMAT = "raydistill-model/2"
 READABLE_FORMATS = ("raydistill-model/1", FORMAT)
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def network_holding(config: ModelConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The network `config` describes, holding `weights` (its whole state dict, in the dtypes
+    the network is built with; tensors already in them are taken as they are: pass copies of
+    tensors that must stay apart), built without drawing the initial values they replace (at
+    Stable Diffusion's size, seconds of a worker's start-up)."""
+    if config.kind == "gmm":                 # built from its seed: nothing drawn is replaced
+        network = build_network(config)
+        network.load_state_dict(weights)
+        return network
+    network = build_network(config, meta=True)
+    dtypes = {name: value.dtype for name, value in network.state_dict().items()}
+    network.load_state_dict({name: value.to(dtypes.get(name, value.dtype))
+                             for name, value in weights.items()}, assign=True)
+    left = [name for name, tensor in itertools.chain(network.named_parameters(),
+                                                     network.named_buffers()) if tensor.is_meta]
+    if left:
+        raise ValueError(f"{left[0]} is not in the state dict (a tensor it does not save)")
+    return network
 
 
 def build_network(config: ModelConfig, *, meta: bool = False) -> nn.Module:
@@ -226,8 +247,7 @@ def load_checkpoint(directory: str, *, verify: bool = True) -> Checkpoint:
     from the config as written: format 1's unused sections are read and ignored)."""
     meta, tensors = read_weights_dir(directory, READABLE_FORMATS)
     config = from_dict(ModelConfig, meta["model"])
-    network = build_network(config)
-    network.load_state_dict(tensors)
+    network = network_holding(config, tensors)
     digest = fingerprint(network, meta["model"])
     if verify and digest != meta["fingerprint"]:
         raise ConfigError(directory, "fingerprint mismatch: weights or config were modified")

@@ -17,7 +17,7 @@ from raydistill.data.units import require_shards_per_worker
 from raydistill.methods import Method
 from raydistill.methods.base import DATA, PAIRS, eps_distillable, require_distillable
 from raydistill.methods.registry import method_spec
-from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher
+from raydistill.models.checkpoint import Checkpoint, build_network, load_teacher, network_holding
 from raydistill.models.conditioning import model_data_shape
 from raydistill.models.lora import add_adapters
 from raydistill.models.memory import checkpoint_activations
@@ -60,7 +60,11 @@ def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Mod
     """A fresh student, initialised from the teacher's weights when `starts_from_teacher` (a new w
     embedding stays zero-initialised, so the student starts as the w = 0 teacher); what is not
     copied is drawn from its own stream of `seed` (the same on every rank), not torch's global
-    generator."""
+    generator. A student that is all teacher is built straight from copies of its weights."""
+    if starts_from_teacher(config, teacher) and not config.w_conditioned:
+        check_fits(build_network(config, meta=True), teacher)
+        return network_holding(config, {name: value.detach().clone() for name, value in
+                                        teacher.network.state_dict().items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, STUDENT_STREAM))
         student = build_network(config)
