@@ -17,6 +17,8 @@ step. Measured, the JSON under --out rewritten as each part finishes:
             ratio to it; the final checkpoint and shutdown (an upper bound on the seconds a
             checkpoint blocks: only the final one is written, two would not fit a 64 GB disk);
             rank 0's bytes per engine;
+  lora      the same run for 2 steps with rank-64 adapters (memory.lora) on the generator and
+            the fake score: bytes per engine, seconds per iteration;
   offload   the same run for 2 steps with memory.offload_optimizer: bytes per engine on the GPU
             and in host memory.
 CUDA only: elsewhere it prints one line and exits 0. `--tiny` runs every part it can on the dry
@@ -41,11 +43,16 @@ import time
 import torch
 from _record import write_record
 
-from raydistill.config import TrainJob, read_config
+from raydistill.config import LoraConfig, TrainJob, read_config
 from raydistill.dryrun import dry_run_job
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "sd15", "dmd.yaml")
+
+
+#: the runs of 2 steps with a memory lever: rank-64 adapters on the generator and the fake score
+#: (DMD2's SDXL LoRA rank) and ZeRO-Offload of the optimizer state
+LEVERS = {"lora": {"lora": LoraConfig(rank=64)}, "offload": {"offload_optimizer": True}}
 
 
 def matmul_tflops(device: torch.device, size: int = 8192, repeat: int = 10) -> float:
@@ -238,12 +245,14 @@ def main() -> None:
               f"checkpoint and shutdown {run['final_checkpoint_and_shutdown_s']:.0f} s",
               flush=True)
         write_record(args.out, record)
-        offload = dataclasses.replace(
-            job, optim=dataclasses.replace(job.optim, steps=2), checkpoint_every=3,
-            memory=dataclasses.replace(job.memory, offload_optimizer=True))
-        record["offload"] = train_figures(offload, os.path.join(workdir, "offload"))
-        print(f"offload: bytes {record['offload']['bytes']}", flush=True)
-        write_record(args.out, record)
+        for name, lever in LEVERS.items():
+            short = dataclasses.replace(
+                job, optim=dataclasses.replace(job.optim, steps=2, ema_decay=0.0),
+                checkpoint_every=3, memory=dataclasses.replace(job.memory, **lever))
+            record[name] = figures = train_figures(short, os.path.join(workdir, name))
+            print(f"{name}: bytes {figures['bytes']}, {figures['iteration_s']:.2f} s an "
+                  "iteration", flush=True)
+            write_record(args.out, record)
 
 
 if __name__ == "__main__":
