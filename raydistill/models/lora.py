@@ -43,11 +43,11 @@ def lora_record(lora: LoraConfig, kind: str) -> dict:
             "targets": lora.targets or DEFAULT_TARGETS[kind]}
 
 
-def write_diffusers_lora(directory: str, adapters: dict[str, Tensor], record: dict) -> str:
+def write_diffusers_lora(directory: str, adapters: dict[str, Tensor], record: dict) -> None:
     """A diffusers UNet2DConditionModel's adapters (a DiffusersUNet's state keys) as the LoRA file
     diffusers' loaders read onto the teacher's UNet (`pipeline.load_lora_weights(directory)`,
     `unet.load_lora_adapter(directory, prefix="unet", weight_name=...)`), its scale in the
-    file's metadata; returns the file's name."""
+    file's metadata."""
     import diffusers
 
     layers = {key.removeprefix("unet.").replace(".default.", "."): value
@@ -57,7 +57,6 @@ def write_diffusers_lora(directory: str, adapters: dict[str, Tensor], record: di
     diffusers.StableDiffusionPipeline.save_lora_weights(
         directory, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(),
         weight_name=DIFFUSERS_LORA_FILE)
-    return DIFFUSERS_LORA_FILE
 
 
 def add_adapters(network: nn.Module, name: str, lora: LoraConfig, kind: str) -> None:
