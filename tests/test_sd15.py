@@ -61,13 +61,16 @@ def test_an_sd15_config_validates_at_its_real_values(name, tmp_path):
         load(TrainJob, CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("guided", marks=pytest.mark.slow), pytest.param("progressive", marks=pytest.mark.slow),
-    "dmd"])      # the suite runs the two-engine one (20-35 s each); test-all runs them all
-def test_dry_run_trains_one_step_of_an_sd15_config(local_ray, name, tmp_path, capsys):
+@pytest.mark.parametrize("name, overrides", [
+    pytest.param("guided", [], marks=pytest.mark.slow),
+    pytest.param("progressive", [], marks=pytest.mark.slow),
+    ("dmd", []), ("dmd", ["memory.lora.rank=8"])])
+# the suite runs the two-engine one, as it is and with LoRA adapters in bf16 (20-35 s each);
+# test-all runs them all
+def test_dry_run_trains_one_step_of_an_sd15_config(local_ray, name, overrides, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(["train", "--config", CONFIGS[name], "--out", str(out), "--dry-run",
-                 "--quiet"]) == 0
+                 "--quiet", *overrides]) == 0
     said = capsys.readouterr().out
     assert "dry run: a tiny random UNet2DConditionModel + AutoencoderKL" in said
     assert "Stable Diffusion 1.5's configs (/shared/models/stable-diffusion-v1-5 is not on this " \
@@ -89,6 +92,7 @@ def test_dry_run_trains_one_step_of_an_sd15_config(local_ray, name, tmp_path, ca
     assert unet.unet["down_block_types"][0] == "CrossAttnDownBlock2D"
     assert student.config.prediction == "eps"          # SD's eps UNet, started from its weights
     assert student.conditioning.autoencoder_path == str(out / "teacher" / "vae")
+    assert student.extra.get("lora", {}).get("rank") == (8 if overrides else None)
     grid = out / "grid.png"
     assert main(["sample", "--checkpoint", str(out / "run" / "student"), "--out", str(grid),
                  "--per-class", "1"]) == 0
