@@ -554,8 +554,9 @@ class LoraConfig:
                     "must name at least one (or be null: the default)")
 
     @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+    def lora_alpha(self) -> float:
+        """alpha, or rank where it is not given (scale 1)."""
+        return self.alpha if self.alpha is not None else float(self.rank)
 
 
 @dataclass

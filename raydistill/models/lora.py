@@ -33,13 +33,13 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 def peft_config(lora: LoraConfig, kind: str):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.rank * lora.scale,
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha,
                           target_modules=lora.targets or DEFAULT_TARGETS[kind])
 
 
 def lora_record(lora: LoraConfig, kind: str) -> dict:
     """What a student's checkpoint records of its adapters (`lora`, beside ADAPTER_FILE)."""
-    return {"rank": lora.rank, "alpha": lora.rank * lora.scale,
+    return {"rank": lora.rank, "alpha": lora.lora_alpha,
             "targets": lora.targets or DEFAULT_TARGETS[kind]}
 
 
@@ -92,14 +92,15 @@ def adapters(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def merged(config: ModelConfig, lora: LoraConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The plain weights of the network `config` describes whose state with `lora`'s adapters is
     `state`: each adapted layer's weight plus its adapters' product (peft's merge, computed on a
-    CPU fp32 copy), under the names the network has without adapters."""
+    CPU fp32 copy, built without drawing initial values), under the names the network has
+    without adapters. `state` is left as it was."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from raydistill.models.checkpoint import build_network
 
-    network = build_network(config)
+    network = build_network(config, meta=True)
     add_adapters(network, "student", lora, config.kind)
-    network.load_state_dict(state)
+    network.to_empty(device="cpu").load_state_dict(state)
     for layer in network.modules():
         if isinstance(layer, BaseTunerLayer):
             layer.merge()

@@ -60,9 +60,9 @@ def build_student(config: ModelConfig, teacher: Checkpoint, seed: int) -> nn.Mod
     """A fresh student, initialised from the teacher's weights when `starts_from_teacher` (a new w
     embedding stays zero-initialised, so the student starts as the w = 0 teacher); what is not
     copied is drawn from its own stream of `seed` (the same on every rank), not torch's global
-    generator. A student that is all teacher is built straight from copies of its weights."""
+    generator. A student that is all teacher is built straight from copies of its weights (which
+    must fit it: check_job's check_fits)."""
     if starts_from_teacher(config, teacher) and not config.w_conditioned:
-        check_fits(build_network(config, meta=True), teacher)
         return network_holding(config, {name: value.detach().clone() for name, value in
                                         teacher.network.state_dict().items()})
     with torch.random.fork_rng(devices=[]):
