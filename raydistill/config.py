@@ -911,7 +911,8 @@ class TuneJob:
     reduction_factor: int = 2        # ASHA: the best 1/reduction_factor at a rung go on
     concurrent: int = 1              # trials at once (each needs its Ray Train workers)
     #: EvalJob keys for each score (features and data are required for an image teacher; w
-    #: defaults to the job's one w when it distils one); teacher and students come from the trial
+    #: defaults to the job's one w when it distils one; with w_sweep, the score is the geometric
+    #: mean of FID over w and the sweep's); teacher and students come from the trial
     eval: dict[str, Any] = field(default_factory=dict)
     seed: int = 0                    # the searcher's draws
 

@@ -1,6 +1,7 @@
 """Evaluation: FID / KID through torchmetrics in a pluggable feature space, exact distances on the
 analytic teacher, and `raydistill eval` drawing its sample sets on the pairs actor pool."""
 
+import dataclasses
 import json
 import os
 
@@ -9,9 +10,10 @@ import ray
 import torch
 
 from raydistill.cli import main
-from raydistill.config import DataConfig, FeaturesConfig
+from raydistill.config import DataConfig, EvalJob, FeaturesConfig, load
 from raydistill.data import load_images
 from raydistill.eval.distances import class_moments, exact_distances, fid_kid
+from raydistill.eval.evaluate import plan_rows
 from raydistill.eval.features import load_features
 from raydistill.models.gmm import GaussianMixture
 
@@ -176,6 +178,10 @@ def test_the_guidance_sweep_scores_the_teacher_ddim_and_w_students_at_each_w(loc
     pairs = json.load(open(out / "samples" / "guided-ddim-8-w0" / "pairs.json"))
     assert pairs["identity"]["guidance"] == {"w_min": 0.0, "w_max": 0.0}
     assert rows[6]["frechet"] != rows[2]["frechet"]
+    # scoring the students alone (a tuning trial's score) keeps their sweep rows and only theirs
+    alone = dataclasses.replace(load(EvalJob, str(job)), students_only=True)
+    assert [(r.name, r.w, r.sweep) for r in plan_rows(alone)] == [
+        ("guided", 1.0, False), ("kd", 1.0, False), ("guided", 0.0, True)]
 
 
 def test_a_re_run_after_a_student_changed_replaces_its_sample_set_only(local_ray, tmp_path,

@@ -5,6 +5,7 @@ analytic teacher); the poor trial is stopped at its first rung, the results and 
 written, and a search interrupted between trials continues with --resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 
 from raydistill.cli import main
 from raydistill.config import TrainJob, from_dict
+from raydistill.pipeline.tune import row_metrics, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = {"analytic": {"num_classes": 4, "components_per_class": 2, "dim": 16,
@@ -123,3 +125,25 @@ def test_an_interrupted_search_continues_with_resume(kd_job, tmp_path):
     assert len(results["trials"]) == 2 and results["best"] == finished
     assert all(t["scores"] for t in results["trials"])
     assert os.path.getmtime(out / "trials" / finished / "eval-40" / "eval.json") == trained
+
+
+def test_a_score_over_several_w_ranks_trials_by_their_ratios_to_the_teacher():
+    """With eval.w_sweep a trial is scored at several w, where FID differs by an order of
+    magnitude (the digits teacher: 0.15 at w = 0, 2.9 at w = 4): the geometric mean ranks trials
+    as their FID / the teacher's does. The plain mean (the wrong variant) ranks by the largest."""
+    teacher = {0.0: 0.2, 1.0: 1.0, 4.0: 3.0}
+    off_at_0 = {0.0: 0.4, 1.0: 1.0, 4.0: 3.0}          # 2x the teacher's at w = 0, equal elsewhere
+    off_at_4 = {0.0: 0.2, 1.0: 1.0, 4.0: 3.6}          # 1.2x at w = 4
+
+    def rows(fids):
+        return [{"name": "trial", "w": w, "fid": f, "kid": 0.0} for w, f in fids.items()]
+
+    assert score(rows(off_at_4)) < score(rows(off_at_0))
+    assert sum(off_at_4.values()) > sum(off_at_0.values())   # what the plain mean would rank
+    ratio = {name: math.prod(fids[w] / teacher[w] for w in teacher) for name, fids in
+             (("off_at_4", off_at_4), ("off_at_0", off_at_0))}
+    assert ratio["off_at_4"] < ratio["off_at_0"]
+    assert score(rows({1.0: 0.7})) == pytest.approx(0.7)              # one w: its FID
+    assert row_metrics(rows({1.0: 0.7})) == {"fid": 0.7, "kid": 0.0}
+    assert row_metrics(rows(teacher))["fid_w4"] == 3.0
+

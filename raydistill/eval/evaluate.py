@@ -68,7 +68,8 @@ class Row:
 def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teacher) -> list[Row]:
     """The rows of the evaluation; `load` gives a student's checkpoint (what it records decides
     how it is sampled). The guidance sweep's rows follow, w by w: the teacher, plain DDIM at
-    `sweep_steps` and each w-conditioned student distilled for that w."""
+    `sweep_steps` (neither with `students_only`) and each w-conditioned student distilled for
+    that w."""
     w = job.w
     rows = [] if job.students_only else [Row("teacher", job.teacher, "ddim", job.teacher_steps, w)]
     rows += [Row(solver, job.teacher, solver, steps, w)
@@ -83,9 +84,10 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
         rows += [Row(student.name, ref, solver, n, w) for n in steps]
         if model.config.w_conditioned:
             sweeping.append((student.name, ref, model, solver, steps))
-    for w in [] if job.students_only else job.w_sweep:
-        rows += [Row("teacher", job.teacher, "ddim", job.teacher_steps, w, True),
-                 Row("ddim", job.teacher, "ddim", job.sweep_steps, w, True)]
+    for w in job.w_sweep:
+        if not job.students_only:
+            rows += [Row("teacher", job.teacher, "ddim", job.teacher_steps, w, True),
+                     Row("ddim", job.teacher, "ddim", job.sweep_steps, w, True)]
         for name, ref, model, solver, steps in sweeping:
             if _distilled_for(model, w):
                 rows += [Row(name, ref, solver, n, w, True) for n in steps]

@@ -12,7 +12,8 @@
 A trial is the job with its sampled values, trained in `rungs` legs: leg k stops at k/rungs of
 its steps (TrainJob.until; each leg resumes the last, so the learning-rate schedule is the
 whole run's), and its student is then scored as the evaluation scores students (FID and KID on
-the same features, or exact distances on an analytic teacher) and reported to Tune. ASHA stops a
+the same features, or exact distances on an analytic teacher) and reported to Tune; a student
+of a range of w (guided) scored at several (`eval.w_sweep`) reports their geometric mean. ASHA stops a
 trial at a rung where its score is not among the best 1/reduction_factor of the trials that
 reached that rung. Trials run as Ray Train runs on the cluster Ray is connected to, `concurrent`
 at once (each needs its Train workers' resources).
@@ -53,7 +54,7 @@ from raydistill.train.driver import JOB_FILE, ensure_teacher, train
 
 EXPERIMENT, TRIALS, REFERENCE = "tune", "trials", "reference"
 RESULTS, BEST = "results", "best.yaml"
-METRIC = "score"          # what ASHA minimises: a row's FID, or its Frechet distance (analytic)
+METRIC = "score"          # what ASHA minimises: score(rows)
 
 
 def trial_job(base: TrainJob, values: dict[str, Any]) -> TrainJob:
@@ -77,8 +78,20 @@ def eval_job(job: TuneJob, train: TrainJob, student: str, reference: str) -> Eva
         raise err.under("eval") from None
 
 
-def score(row: dict) -> float:
-    return row["fid"] if "fid" in row else row["frechet"]
+def score(rows: list[dict]) -> float:
+    """A trial's score: its row's FID (Frechet distance to the exact distribution, analytic), or
+    with `eval.w_sweep` the geometric mean over the w it was scored at. The teacher's FID at each w
+    is the same for every trial, so this ranks trials as the mean of log(FID / the teacher's) does,
+    where the plain mean would rank them by the w whose FID is largest."""
+    values = [row["fid"] if "fid" in row else row["frechet"] for row in rows]
+    return math.exp(sum(math.log(max(v, 1e-12)) for v in values) / len(values))
+
+
+def row_metrics(rows: list[dict]) -> dict[str, float]:
+    """The rows' float scores for Tune's results: as named for one row, suffixed _w<w> for several."""
+    return {key + ("" if len(rows) == 1 else f"_w{row['w']:g}"): value
+            for row in rows for key, value in row.items() if isinstance(value, float)
+            and key != "w"}
 
 
 def run_trial(values: dict[str, Any], *, base: dict, job: dict, out: str) -> None:
@@ -97,15 +110,15 @@ def run_trial(values: dict[str, Any], *, base: dict, job: dict, out: str) -> Non
         if _student_steps(run) != until:
             train(dataclasses.replace(train_job, until=until), run,
                   resume=os.path.isfile(os.path.join(run, JOB_FILE)), progress=False)
-        row = evaluate(eval_job(tune_job, train_job, os.path.join(run, "student"),
-                                os.path.join(out, REFERENCE)),
-                       os.path.join(directory, f"eval-{until}"), progress=False,
-                       log=lambda line: None)["rows"][0]
+        rows = evaluate(eval_job(tune_job, train_job, os.path.join(run, "student"),
+                                 os.path.join(out, REFERENCE)),
+                        os.path.join(directory, f"eval-{until}"), progress=False,
+                        log=lambda line: None)["rows"]
         with tempfile.TemporaryDirectory() as reported:
             with open(os.path.join(reported, "rung.json"), "w") as f:
                 json.dump({"rung": rung}, f)
-            ray.tune.report({METRIC: score(row), "step": until, "rung": rung,
-                             **{k: v for k, v in row.items() if isinstance(v, float)}},
+            ray.tune.report({METRIC: score(rows), "step": until, "rung": rung,
+                             **row_metrics(rows)},
                             checkpoint=ray.tune.Checkpoint.from_directory(reported))
 
 
@@ -191,7 +204,7 @@ def tune(job: TuneJob, out: str, *, resume: bool = False, address: str | None = 
             run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=out, verbose=0,
                                           callbacks=[] if quiet else [Lines(job.rungs)]))
     grid = tuner.fit()
-    results = summarize(grid, job)
+    results = summarize(grid, job, scoring)
     write_results(out, results, base, job)
     return results
 
@@ -225,7 +238,7 @@ def _values(config: dict) -> str:
                      for key, value in sorted(config.items()))
 
 
-def summarize(grid, job: TuneJob) -> dict:
+def summarize(grid, job: TuneJob, scoring: EvalJob) -> dict:
     """Every trial's values, scores by rung and outcome, and the best finished trial."""
     trials = []
     for result in grid:
@@ -239,9 +252,13 @@ def summarize(grid, job: TuneJob) -> dict:
                        "stopped_early": result.error is None and len(scores) < job.rungs})
     finished = [t for t in trials if len(t["scores"]) == job.rungs]
     best = min(finished, key=lambda t: t["scores"][-1][METRIC]) if finished else None
-    exact = any(result.metrics and "frechet" in result.metrics for result in grid)
-    return {"metric": METRIC, "measure": "Frechet distance to the exact distribution" if exact
-            else "FID", "rungs": job.rungs, "trials": trials,
+    exact = any(result.metrics and any(key.startswith("frechet") for key in result.metrics)
+                for result in grid)
+    measure = "Frechet distance to the exact distribution" if exact else "FID"
+    if scoring.w_sweep:
+        ws = ", ".join(f"{w:g}" for w in [scoring.w, *scoring.w_sweep])
+        measure = f"{measure}, the geometric mean over w = {ws}"
+    return {"metric": METRIC, "measure": measure, "rungs": job.rungs, "trials": trials,
             "best": best["trial"] if best else None}
 
 
