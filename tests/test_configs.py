@@ -48,6 +48,7 @@ KINDS = {
     "digits/classifier.yaml": "classifier",
     "digits/dmd.yaml": "train",
     "digits/dmd2.yaml": "train",
+    "digits/guided.yaml": "train",
     "digits/kd.yaml": "train",
     "digits/pairs_ode.yaml": "pairs",
     "digits/pipeline.yaml": "pipeline",
@@ -76,6 +77,7 @@ KINDS = {
     "tests/analytic_guided.yaml": "train",
     "tune/dmd.yaml": "tune",
     "tune/dmd2.yaml": "tune",
+    "tune/guided.yaml": "tune",
     "tune/kd.yaml": "tune",
 }
 #: the pairs config whose output a train config reads (the README's order of commands)
