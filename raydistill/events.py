@@ -39,7 +39,11 @@ class EventWriter:
         os.makedirs(directory, exist_ok=True)
         # File names carry the second they were opened in: a nanosecond suffix keeps two writers
         # of one second (a quick retry) from sharing a file, and sorts them in opening order.
-        self._writer = SummaryWriter(directory, purge_step=purge_step, flush_secs=10,
+        # The queue to tensorboardX's writing thread is unbounded (max_queue 0): that thread dies
+        # on a write error it cannot report (a full disk), and a bounded queue would then block
+        # the training loop forever at its next logged step, the other ranks waiting on it; this
+        # way the run goes on to its own next write, which fails and stops it with one line.
+        self._writer = SummaryWriter(directory, purge_step=purge_step, flush_secs=10, max_queue=0,
                                      filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def write(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 from event_files import read_scalars
 
@@ -26,3 +28,22 @@ def test_event_files_round_trip_and_a_resume_purges_replayed_steps(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2
     with pytest.raises(KeyError):
         read_scalars(str(tmp_path))["step"]
+
+
+def test_a_writer_whose_thread_died_does_not_block_the_run(tmp_path):
+    """tensorboardX writes from a thread that dies on a write error (a full disk fills while it
+    flushes) without telling anyone: logging must not then block the training loop (a full-disk
+    run hung this way, its other rank waiting on it). The wrong variant, tensorboardX's default
+    queue of 10, blocks at the first row."""
+    writer = EventWriter(str(tmp_path))
+    writer._writer._get_file_writer().event_writer._worker.stop()     # the thread, gone
+    logged = threading.Event()
+
+    def log():
+        for step in range(5):
+            writer.write({f"metric{i}": float(i) for i in range(20)}, step)
+        logged.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    assert logged.wait(timeout=20), "logging blocked on the dead writer thread's queue"
+
