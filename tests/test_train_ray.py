@@ -46,10 +46,18 @@ def _command(proc: psutil.Process) -> str:
         return ""
 
 
+def finished(out: str) -> bool:
+    """Whether the run in `out` has written its student (it ended without the failure a test
+    meant to cause)."""
+    return os.path.isdir(os.path.join(out, "student"))
+
+
 def kill_a_worker_after_a_checkpoint(out: str, killed: list) -> threading.Thread:
     def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
+        # no short deadline: on a loaded machine the first checkpoint can take minutes to come
+        # (a 240 s one once expired before it); a run that ends unkilled ends the wait
+        deadline = time.time() + 1200
+        while time.time() < deadline and not killed and not finished(out):
             # Ray Train writes its snapshot once the controller has registered a checkpoint; a
             # kill before that loses the checkpoint and the run restarts from step 0
             if glob.glob(os.path.join(out, "ray", "**", SNAPSHOT), recursive=True):
@@ -247,8 +255,8 @@ def small_disk(tmp_path):
 def fill_after_a_checkpoint(out: str, filler: str) -> threading.Thread:
     """Fill the disk `out` is on once the run has its first checkpoint."""
     def fill():
-        deadline = time.time() + 240
-        while time.time() < deadline:
+        deadline = time.time() + 1200
+        while time.time() < deadline and not finished(out):
             if glob.glob(os.path.join(out, "ray", "**", SNAPSHOT), recursive=True):
                 with open(filler, "wb") as f:
                     try:
