@@ -46,4 +46,3 @@ def test_a_writer_whose_thread_died_does_not_block_the_run(tmp_path):
 
     threading.Thread(target=log, daemon=True).start()
     assert logged.wait(timeout=20), "logging blocked on the dead writer thread's queue"
-
