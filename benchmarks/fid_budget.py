@@ -9,7 +9,9 @@ run starts with hard links to the finished run's pair sets and evaluation sample
 pipeline reuses those whose identity (teacher fingerprint, solver, count, seed) still matches, the
 teacher's and the baselines', and draws again those of the retrained students, so only the students
 and their rows run again. The finished run is the point f = 1.
-Writes OUT/budget.json (every row's FID and its ratio to the teacher's at each budget),
+Writes OUT/budget.json (every row's FID, its ratio to the teacher's and its FID to the teacher's
+samples at each budget: a student that drifts from its teacher can score a lower FID against the
+data, so the two read together),
 OUT/budget.md and OUT/fid_vs_budget.png (one line per student row: FID / teacher's against its
 training steps).
 
@@ -109,7 +111,7 @@ def main() -> None:
                               "training_steps": round(fraction * steps[r["name"]]),
                               "fid": r["fid"], "teacher_fid": teacher["fid"],
                               "ratio": r["fid"] / teacher["fid"], "kid": r["kid"],
-                              "kid_std": r["kid_std"]})
+                              "kid_std": r["kid_std"], "fid_to_teacher": r.get("fid_to_teacher")})
     os.makedirs(args.out, exist_ok=True)
     write_record(os.path.join(args.out, "budget.json"),
                  {"benchmark": "fid_budget", "config": args.config, "preset": args.preset,
@@ -152,10 +154,12 @@ def markdown(table: list[dict], args: argparse.Namespace) -> str:
              "trained again at fractions of its steps (warm-ups scaled too), from the same "
              "teacher, scored with the same classifier features; the ratio is to the teacher's "
              "FID in the same evaluation.", "",
-             "| row | sampling steps | training steps | FID | KID | FID / teacher's |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| row | sampling steps | training steps | FID | KID | FID / teacher's "
+             "| FID to the teacher's samples |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {t['row']} | {t['sampling_steps']} | {t['training_steps']} | {t['fid']:.3f} | "
-              f"{t['kid']:.4f} ± {t['kid_std']:.4f} | {t['ratio']:.2f} |"
+              f"{t['kid']:.4f} ± {t['kid_std']:.4f} | {t['ratio']:.2f} | "
+              f"{'' if t.get('fid_to_teacher') is None else format(t['fid_to_teacher'], '.3f')} |"
               for t in sorted(table, key=lambda t: (t["row"], t["sampling_steps"],
                                                     t["training_steps"]))]
     return "\n".join(lines + ["", "![FID against training budget](fid_vs_budget.png)", ""])
