@@ -752,6 +752,12 @@ class EvalJob:
     #: score the students alone: no teacher or baseline rows, so no FID to the teacher's samples
     #: (a tuning trial's score)
     students_only: bool = False
+    #: draw the teacher's samples again at seed + 1, at the evaluation's w and each of the sweep's
+    #: (a `floor` row): their FID to the teacher's samples is what two independent draws of the
+    #: same distribution score at `num_samples`, the least a sampler whose samples are not paired
+    #: with the teacher's by their noise (a stochastic one) can reach; their FID to the data, how
+    #: far FID itself moves with the seed
+    floor: bool = False
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self) -> None:
@@ -775,6 +781,10 @@ class EvalJob:
                     "is required for an image teacher (kind classifier or inception, and path)")
         require(not self.students_only or bool(self.students), "students_only",
                 "needs students to score")
+        require(not (self.floor and self.students_only), "floor",
+                "needs the teacher's rows, which students_only leaves out")
+        require(not self.floor or self.teacher.analytic is None, "floor",
+                "is for an image teacher (an analytic one is scored by exact distances)")
 
 
 @dataclass

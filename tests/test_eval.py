@@ -10,7 +10,16 @@ import ray
 import torch
 
 from raydistill.cli import main
-from raydistill.config import DataConfig, EvalJob, FeaturesConfig, load
+from raydistill.config import (
+    ConfigError,
+    DataConfig,
+    EvalJob,
+    EvalStudent,
+    FeaturesConfig,
+    MixtureConfig,
+    TeacherRef,
+    load,
+)
 from raydistill.data import load_images
 from raydistill.eval.distances import class_moments, exact_distances, fid_kid
 from raydistill.eval.evaluate import plan_rows
@@ -126,7 +135,7 @@ def test_eval_scores_image_samplers_with_cached_reference_features(local_ray, cl
     config.write_text(
         f"teacher: {{checkpoint: {teacher}}}\nteacher_steps: 16\nbaseline_steps: [1]\n"
         f"baseline_solvers: [ddim, dpmpp_2m]\nw: 1\nnum_samples: 400\nsamples_per_shard: 200\n"
-        f"data: {{resolution: 16}}\nfeatures: {{path: {classifier}}}\n")
+        f"data: {{resolution: 16}}\nfeatures: {{path: {classifier}}}\nfloor: true\n")
     assert main(["eval", "--config", str(config), "--out", str(out / "eval"), "--quiet"]) == 0
     report = json.load(open(out / "eval" / "eval.json"))
     rows = {(row["name"], row["steps"]): row for row in report["rows"]}
@@ -135,6 +144,15 @@ def test_eval_scores_image_samplers_with_cached_reference_features(local_ray, cl
     assert rows["teacher", 16]["fid"] < rows["ddim", 1]["fid"]
     assert rows["teacher", 16]["fid_to_teacher"] == pytest.approx(0, abs=1e-6)
     assert 0 < rows["dpmpp_2m", 1]["fid_to_teacher"] and 0 < rows["ddim", 1]["fid_to_teacher"]
+    # the floor: the teacher's own sampler at seed + 1, so its samples share no noise with the
+    # teacher's row and its FID to them is the finite-sample floor, far above the same draw's 0
+    floor = rows["floor", 16]
+    assert floor["sample_set"] == "floor-ddim-16" and floor["nfe"] == rows["teacher", 16]["nfe"]
+    drawn = {name: json.load(open(out / "eval" / "samples" / f"{name}-ddim-16" / "pairs.json"))
+             for name in ("teacher", "floor")}
+    assert (drawn["teacher"]["identity"]["seed"], drawn["floor"]["identity"]["seed"]) == (0, 1)
+    assert floor["fid_to_teacher"] > 1e-3
+    assert floor["fid"] == pytest.approx(rows["teacher", 16]["fid"], rel=0.5)
     cached = os.listdir(out / "eval" / "reference")
     assert len(cached) == 1 and cached[0].endswith(".pt")
 
@@ -182,6 +200,23 @@ def test_the_guidance_sweep_scores_the_teacher_ddim_and_w_students_at_each_w(loc
     alone = dataclasses.replace(load(EvalJob, str(job)), students_only=True)
     assert [(r.name, r.w, r.sweep) for r in plan_rows(alone)] == [
         ("guided", 1.0, False), ("kd", 1.0, False), ("guided", 0.0, True)]
+
+
+def test_the_floor_follows_the_teacher_at_each_w_and_needs_an_image_teachers_rows(tmp_path):
+    """With `floor`, each w's teacher row is followed by the teacher drawn again at a second seed;
+    it is refused where there are no teacher rows, or where exact distances replace FID."""
+    job = EvalJob(teacher=TeacherRef(checkpoint=str(tmp_path / "teacher")), teacher_steps=8,
+                  baseline_steps=[1], baseline_solvers=["ddim"], w_sweep=[0.0], floor=True,
+                  features=FeaturesConfig(path=str(tmp_path / "classifier")))
+    job.validate()
+    assert [(r.name, r.steps, r.w, r.sweep) for r in plan_rows(job)] == [
+        ("teacher", 8, 1.0, False), ("floor", 8, 1.0, False), ("ddim", 1, 1.0, False),
+        ("teacher", 8, 0.0, True), ("floor", 8, 0.0, True), ("ddim", 16, 0.0, True)]
+    with pytest.raises(ConfigError, match="floor: needs the teacher's rows"):
+        dataclasses.replace(job, students_only=True, students=[
+            EvalStudent(name="kd", checkpoint=str(tmp_path / "kd"))]).validate()
+    with pytest.raises(ConfigError, match="floor: is for an image teacher"):
+        dataclasses.replace(job, teacher=TeacherRef(analytic=MixtureConfig())).validate()
 
 
 def test_a_re_run_after_a_student_changed_replaces_its_sample_set_only(local_ray, tmp_path,

@@ -4,7 +4,7 @@ each w of its guidance sweep, held against the teacher or plain DDIM at the same
 import pytest
 
 from raydistill.config import Goal
-from raydistill.pipeline.report import goals
+from raydistill.pipeline.report import fidelity, goals
 
 
 def row(name, steps, nfe, fid, w=1.0, to_teacher=None, sweep=False):
@@ -42,3 +42,15 @@ def test_every_students_row_and_the_guidance_sweep():
     assert [(g["w"], g["ratio"], g["met"]) for g in swept] == [
         (4.0, pytest.approx(1.1), False), (4.0, pytest.approx(0.02 / 0.03), True)]
     assert goals(ROWS, [Goal(row="kd", fid_vs_teacher=1.05)])[0]["met"]
+
+
+def test_the_floor_is_no_students_row_and_sets_the_scale_of_fidelity():
+    """The floor row (the teacher at a second seed) is held to no goal, and each 4-step student's
+    FID to the teacher's samples is stated against it as well as against plain DDIM's."""
+    floored = [*ROWS[:1], row("floor", 64, 128, 1.03, to_teacher=0.06), *ROWS[1:]]
+    assert [g["row"] for g in goals(floored, [Goal(row="*", fid_vs_teacher=2.0)])] == [
+        "progressive", "progressive", "kd"]
+    [found] = fidelity(floored, {"progressive", "kd"})
+    assert found["ratio"] == pytest.approx(0.09 / 0.2)
+    assert (found["floor_fid_to_teacher"], found["floor_ratio"]) == (0.06, pytest.approx(1.5))
+    assert "floor_ratio" not in fidelity(ROWS, {"progressive"})[0]

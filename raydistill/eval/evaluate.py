@@ -1,7 +1,8 @@
 """`raydistill eval`: every sampler scored the same way, at one w and the same seeds.
 
 Rows: the teacher at its full step count, plain DDIM and DPM-Solver++(2M) (`baseline_solvers`) on
-the teacher at `baseline_steps`, and each student as it was distilled. A row's samples are an `ode`
+the teacher at `baseline_steps`, and each student as it was distilled; with `floor`, the teacher
+again at a second seed (FLOOR). A row's samples are an `ode`
 pair set drawn on the pairs actor pool (raydistill.pairs.pool: elastic, exactly-once, resumable)
 under DIR/samples/ROW with the job's seed, so every row sees the same noise and classes, and a
 re-run reuses the sample sets it already has. Each row is then scored against the reference
@@ -47,6 +48,7 @@ from raydistill.pairs.reader import PairReader
 from raydistill.sampling import save_grid
 
 GRID_SAMPLES = 50                    # per row's grid: 5 rows of 10
+FLOOR = "floor"                      # the teacher's samples drawn again at seed + 1
 STOCHASTIC = ("stochastic", "renoise")  # the rows' samplers with re-noise draws
 
 
@@ -71,7 +73,7 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
     `sweep_steps` (neither with `students_only`) and each w-conditioned student distilled for
     that w."""
     w = job.w
-    rows = [] if job.students_only else [Row("teacher", job.teacher, "ddim", job.teacher_steps, w)]
+    rows = [] if job.students_only else _teacher_rows(job, w, sweep=False)
     rows += [Row(solver, job.teacher, solver, steps, w)
              for solver in job.baseline_solvers for steps in job.baseline_steps
              if not job.students_only]
@@ -86,12 +88,19 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
             sweeping.append((student.name, ref, model, solver, steps))
     for w in job.w_sweep:
         if not job.students_only:
-            rows += [Row("teacher", job.teacher, "ddim", job.teacher_steps, w, True),
+            rows += [*_teacher_rows(job, w, sweep=True),
                      Row("ddim", job.teacher, "ddim", job.sweep_steps, w, True)]
         for name, ref, model, solver, steps in sweeping:
             if _distilled_for(model, w):
                 rows += [Row(name, ref, solver, n, w, True) for n in steps]
     return rows
+
+
+def _teacher_rows(job: EvalJob, w: float, sweep: bool) -> list[Row]:
+    """The teacher's row at w (the first, whose samples the later rows at w are compared with),
+    and its floor row."""
+    names = ["teacher", FLOOR] if job.floor else ["teacher"]
+    return [Row(name, job.teacher, "ddim", job.teacher_steps, w, sweep) for name in names]
 
 
 def _distilled_for(model: Checkpoint, w: float) -> bool:
@@ -129,7 +138,7 @@ def sample_job(job: EvalJob, row: Row) -> PairsJob:
                     guidance=GuidanceRange(w_min=row.w, w_max=row.w),
                     num_shards=job.num_samples // job.samples_per_shard,
                     samples_per_shard=job.samples_per_shard, batch_size=job.samples_per_shard,
-                    seed=job.seed, workers=job.workers)
+                    seed=job.seed + 1 if row.name == FLOOR else job.seed, workers=job.workers)
 
 
 def sample_plan(job: EvalJob, row: Row, out: str, log) -> PairsPlan:

@@ -129,12 +129,13 @@ class Planner:
                 check_pairs_job(sample_job(job, row), self.model(row.model))
             except ConfigError as err:
                 raise ConfigError("eval", f"row {row.key}: {err}") from None
-        baselines = sum(row.model == job.teacher and not row.sweep for row in rows) - 1
+        baselines = len(job.baseline_solvers) * len(job.baseline_steps)
+        teacher = "the teacher and its floor" if job.floor else "the teacher"
         features = f"{job.features.kind} features" if job.features is not None else \
             "exact distances"
         sweep = f"; a guidance sweep at w = {', '.join(f'{w:g}' for w in job.w_sweep)}" \
             if job.w_sweep else ""
-        return f"the teacher, {baselines} baselines and the students of {len(job.students)} " \
+        return f"{teacher}, {baselines} baselines and the students of {len(job.students)} " \
                f"stages: {job.num_samples} samples a row at w = {job.w:g}, {features}{sweep}"
 
 

@@ -5,7 +5,9 @@ The quality goals are the pipeline's `goals:` (raydistill.config.Goal), each sta
 measured ratio and whether it is met; beside them, each 4-step progressive student's FID to the
 teacher's samples against plain DDIM's at 4 steps: FID against the data also falls when a student
 drifts from its teacher towards the data (e.g. a guided student that has not learned w), and this
-line shows it. The evaluation's guidance sweep (rows at other w) has its own table.
+line shows it; and, where the evaluation drew the floor (EvalJob.floor), against the floor, the
+least a sampler unpaired with the teacher's noise can score. The evaluation's guidance sweep (rows
+at other w) has its own table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from raydistill.config import Goal
 from raydistill.diffusion.solvers import SOLVERS  # a baseline row is named by its solver
+from raydistill.eval.evaluate import FLOOR
 from raydistill.events import DIRECTORY as EVENTS
 from raydistill.events import write_evaluation
 from raydistill.pipeline.lineage import read_record
@@ -42,7 +45,7 @@ def goals(rows: list[dict], wanted: list[Goal]) -> list[dict]:
             ddim = sorted((r for r in at_w if r["name"] == "ddim"), key=lambda r: r["nfe"])
             for row in at_w:
                 named = row["name"] == goal.row or (goal.row == "*" and row["name"] not in
-                                                    ("teacher", *SOLVERS))
+                                                    ("teacher", FLOOR, *SOLVERS))
                 if not named or (goal.steps and row["steps"] != goal.steps):
                     continue
                 where = {"row": row["name"], "steps": row["steps"], "w": row["w"]}
@@ -76,14 +79,17 @@ def _by_w(rows: list[dict], sweep: bool) -> list[list[dict]]:
 
 def fidelity(rows: list[dict], students: set[str]) -> list[dict]:
     """Beside the goals: each distilled student's FID to the teacher's samples at 4 steps against
-    plain DDIM's at 4 steps (not a goal of the issue; the context its goals need). `students`:
-    the rows of trained students, by stage name."""
+    plain DDIM's at 4 steps, and against the floor's where there is one (not a goal of the issue;
+    the context its goals need). `students`: the rows of trained students, by stage name."""
     ddim4 = _ddim4(rows)
     if ddim4 is None:
         return []
+    floor = next((r for r in rows if r["name"] == FLOOR), None)
     return [{"row": row["name"], "fid_to_teacher": row["fid_to_teacher"],
              "ddim4_fid_to_teacher": ddim4["fid_to_teacher"],
-             "ratio": row["fid_to_teacher"] / ddim4["fid_to_teacher"]}
+             "ratio": row["fid_to_teacher"] / ddim4["fid_to_teacher"],
+             **({"floor_fid_to_teacher": floor["fid_to_teacher"],
+                 "floor_ratio": row["fid_to_teacher"] / floor["fid_to_teacher"]} if floor else {})}
             for row in _four_step_students(rows, students, "fid_to_teacher")]
 
 
@@ -189,6 +195,13 @@ def _markdown(metrics: dict, rows: list[dict], sweep: list[dict]) -> str:
                       "domain classifier); FID to the teacher's samples measures how faithfully "
                       "a sampler reproduces the teacher, which FID against the data cannot tell "
                       "apart from a change of guidance strength."]
+            if any(r["name"] == FLOOR for r in rows):
+                lines[-1] += (f" The {FLOOR} row is the teacher drawn again at a second seed: its "
+                              "FID to the teacher's samples is what two independent draws of one "
+                              "distribution score at this sample count, the least a sampler whose "
+                              "samples are not paired with the teacher's by their noise (a "
+                              "stochastic one) can reach; its FID against the data, how far FID "
+                              "moves with the seed alone.")
         lines += ["", f"![{'FID' if not exact else 'Fréchet distance'} against NFE]({PLOT})", ""]
         if sweep and not exact:
             lines += _sweep_table(sweep)
@@ -207,6 +220,8 @@ def _markdown(metrics: dict, rows: list[dict], sweep: list[dict]) -> str:
                   for g in metrics["goals"]]
         lines += [f"- {f['row']}, beside them: FID to the teacher's samples {f['fid_to_teacher']:.3f}"
                   f" = {f['ratio']:.2f}x plain DDIM's at 4 steps ({f['ddim4_fid_to_teacher']:.3f})"
+                  + (f", {f['floor_ratio']:.2f}x the floor's ({f['floor_fid_to_teacher']:.3f})"
+                     if "floor_ratio" in f else "")
                   for f in metrics["fidelity"]]
         lines.append("")
     lines += ["## Stages", "", "Wall time as the stage last ran; outside the loop: Ray Train and "
