@@ -723,6 +723,9 @@ class EvalStudent:
         require(all(n >= 1 for n in self.steps), "steps", "must all be at least 1")
 
 
+FLOOR_ROW = "floor"                  # the evaluation's row of the teacher at a second seed
+
+
 @dataclass
 class EvalJob:
     """`raydistill eval`: every sampler scored the same way, at one w and the same seeds.
@@ -776,6 +779,9 @@ class EvalJob:
         entries = [(student.name, student.checkpoint) for student in self.students]
         require(len(set(entries)) == len(entries), "students",
                 "lists one checkpoint twice under one name")
+        taken = {"teacher", FLOOR_ROW, *self.baseline_solvers} & {s.name for s in self.students}
+        require(not taken, "students", f"names a student {', '.join(sorted(taken))}, the name of "
+                                       "the evaluation's own row")
         if self.teacher.analytic is None:
             require(self.features is not None, "features",
                     "is required for an image teacher (kind classifier or inception, and path)")

@@ -217,6 +217,11 @@ def test_the_floor_follows_the_teacher_at_each_w_and_needs_an_image_teachers_row
             EvalStudent(name="kd", checkpoint=str(tmp_path / "kd"))]).validate()
     with pytest.raises(ConfigError, match="floor: is for an image teacher"):
         dataclasses.replace(job, teacher=TeacherRef(analytic=MixtureConfig())).validate()
+    os.makedirs(tmp_path / "kd")
+    with pytest.raises(ConfigError, match="students: names a student floor, the name of the "
+                                          "evaluation's own row"):
+        dataclasses.replace(job, students=[EvalStudent(name="floor",
+                                                       checkpoint=str(tmp_path / "kd"))]).validate()
 
 
 def test_a_re_run_after_a_student_changed_replaces_its_sample_set_only(local_ray, tmp_path,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from raydistill.config import (
+    FLOOR_ROW,
     ConfigError,
     EvalJob,
     GuidanceRange,
@@ -48,7 +49,7 @@ from raydistill.pairs.reader import PairReader
 from raydistill.sampling import save_grid
 
 GRID_SAMPLES = 50                    # per row's grid: 5 rows of 10
-FLOOR = "floor"                      # the teacher's samples drawn again at seed + 1
+FLOOR = FLOOR_ROW                    # the teacher's samples drawn again at seed + 1
 STOCHASTIC = ("stochastic", "renoise")  # the rows' samplers with re-noise draws
 
 
