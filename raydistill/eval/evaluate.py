@@ -2,7 +2,7 @@
 
 Rows: the teacher at its full step count, plain DDIM and DPM-Solver++(2M) (`baseline_solvers`) on
 the teacher at `baseline_steps`, and each student as it was distilled; with `floor`, the teacher
-again at a second seed (FLOOR). A row's samples are an `ode`
+again at a second seed (FLOOR_ROW). A row's samples are an `ode`
 pair set drawn on the pairs actor pool (raydistill.pairs.pool: elastic, exactly-once, resumable)
 under DIR/samples/ROW with the job's seed, so every row sees the same noise and classes, and a
 re-run reuses the sample sets it already has. Each row is then scored against the reference
@@ -49,7 +49,6 @@ from raydistill.pairs.reader import PairReader
 from raydistill.sampling import save_grid
 
 GRID_SAMPLES = 50                    # per row's grid: 5 rows of 10
-FLOOR = FLOOR_ROW                    # the teacher's samples drawn again at seed + 1
 STOCHASTIC = ("stochastic", "renoise")  # the rows' samplers with re-noise draws
 
 
@@ -100,7 +99,7 @@ def plan_rows(job: EvalJob, load: Callable[[TeacherRef], Checkpoint] = load_teac
 def _teacher_rows(job: EvalJob, w: float, sweep: bool) -> list[Row]:
     """The teacher's row at w (the first, whose samples the later rows at w are compared with),
     and its floor row."""
-    names = ["teacher", FLOOR] if job.floor else ["teacher"]
+    names = ["teacher", FLOOR_ROW] if job.floor else ["teacher"]
     return [Row(name, job.teacher, "ddim", job.teacher_steps, w, sweep) for name in names]
 
 
@@ -139,7 +138,7 @@ def sample_job(job: EvalJob, row: Row) -> PairsJob:
                     guidance=GuidanceRange(w_min=row.w, w_max=row.w),
                     num_shards=job.num_samples // job.samples_per_shard,
                     samples_per_shard=job.samples_per_shard, batch_size=job.samples_per_shard,
-                    seed=job.seed + 1 if row.name == FLOOR else job.seed, workers=job.workers)
+                    seed=job.seed + 1 if row.name == FLOOR_ROW else job.seed, workers=job.workers)
 
 
 def sample_plan(job: EvalJob, row: Row, out: str, log) -> PairsPlan:

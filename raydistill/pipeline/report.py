@@ -18,9 +18,8 @@ import platform
 import sys
 from typing import Any
 
-from raydistill.config import Goal
+from raydistill.config import FLOOR_ROW, Goal
 from raydistill.diffusion.solvers import SOLVERS  # a baseline row is named by its solver
-from raydistill.eval.evaluate import FLOOR
 from raydistill.events import DIRECTORY as EVENTS
 from raydistill.events import write_evaluation
 from raydistill.pipeline.lineage import read_record
@@ -45,7 +44,7 @@ def goals(rows: list[dict], wanted: list[Goal]) -> list[dict]:
             ddim = sorted((r for r in at_w if r["name"] == "ddim"), key=lambda r: r["nfe"])
             for row in at_w:
                 named = row["name"] == goal.row or (goal.row == "*" and row["name"] not in
-                                                    ("teacher", FLOOR, *SOLVERS))
+                                                    ("teacher", FLOOR_ROW, *SOLVERS))
                 if not named or (goal.steps and row["steps"] != goal.steps):
                     continue
                 where = {"row": row["name"], "steps": row["steps"], "w": row["w"]}
@@ -84,7 +83,7 @@ def fidelity(rows: list[dict], students: set[str]) -> list[dict]:
     ddim4 = _ddim4(rows)
     if ddim4 is None:
         return []
-    floor = next((r for r in rows if r["name"] == FLOOR), None)
+    floor = next((r for r in rows if r["name"] == FLOOR_ROW), None)
     return [{"row": row["name"], "fid_to_teacher": row["fid_to_teacher"],
              "ddim4_fid_to_teacher": ddim4["fid_to_teacher"],
              "ratio": row["fid_to_teacher"] / ddim4["fid_to_teacher"],
@@ -195,8 +194,8 @@ def _markdown(metrics: dict, rows: list[dict], sweep: list[dict]) -> str:
                       "domain classifier); FID to the teacher's samples measures how faithfully "
                       "a sampler reproduces the teacher, which FID against the data cannot tell "
                       "apart from a change of guidance strength."]
-            if any(r["name"] == FLOOR for r in rows):
-                lines[-1] += (f" The {FLOOR} row is the teacher drawn again at a second seed: its "
+            if any(r["name"] == FLOOR_ROW for r in rows):
+                lines[-1] += (f" The {FLOOR_ROW} row is the teacher drawn again at a second seed: its "
                               "FID to the teacher's samples is what two independent draws of one "
                               "distribution score at this sample count, the least a sampler whose "
                               "samples are not paired with the teacher's by their noise (a "
